@@ -1,0 +1,196 @@
+"""The run's settings: plain dataclasses, read from and written to TOML."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import SamesheepError
+
+
+@dataclass
+class CorpusConfig:
+    """Which documents the run reads, and how many."""
+
+    source: str = "wiki"
+    """"wiki" (shipped English Wikipedia leads), "wiki:fr", "wiki:es", a .txt file (documents
+    split at blank lines), a folder (one document per .txt/.md file), a .jsonl or .parquet file,
+    or "hf:<dataset>[:<config>][@<split>]" (Hugging Face datasets, streamed; needs a network)."""
+    text_column: str = "text"
+    """Column holding the text in JSONL, Parquet and datasets sources."""
+    max_tokens: int = 120_000
+    """Training budget in tokens of the first model's tokenizer; 0 means no limit."""
+    max_docs: int = 0
+    """Training budget in documents; 0 means no limit."""
+    heldout_tokens: int = 20_000
+    """Tokens of held-out documents, never used for training, kept for evaluation."""
+    seed: int = 0
+    """Seed of the document shuffle; the same seed gives the same documents on every machine."""
+
+
+@dataclass
+class ExtractConfig:
+    """How activations are computed and stored."""
+
+    context_length: int = 256
+    """Tokens per window, special tokens included; longer documents are split into windows."""
+    batch_tokens: int = 4096
+    """Padded tokens per forward batch (windows are grouped by length to waste little)."""
+    shard_tokens: int = 32_768
+    """Tokens per activation shard; a killed run resumes from its last complete shard."""
+    dtype: str = "auto"
+    """Compute dtype: "auto" (bfloat16 where the hardware runs it fast, else float32),
+    "bfloat16", "float32" or "float16"."""
+    store_dtype: str = "bfloat16"
+    """Dtype on disk: "bfloat16", "float32" or "float16" (float16 fails on values past 65,504)."""
+    device: str = "auto"
+    """"auto" (CUDA if present, else CPU), "cpu", "cuda", "cuda:1", ..."""
+    threads: int = 0
+    """CPU threads for torch; 0 means one per core."""
+    add_bos: str = "auto"
+    """"auto" keeps what the tokenizer adds; "yes" prepends BOS (or end-of-text where the
+    tokenizer has no BOS) to every window; "no" adds nothing."""
+
+
+@dataclass
+class Config:
+    """A whole run: models, layers, corpus and per-stage settings."""
+
+    run_dir: str = "runs/default"
+    """Where every stage writes its files."""
+    models: list[str] = field(default_factory=lambda: ["gemma-3-270m", "smollm2-135m-instruct"])
+    """Model sources: a shipped preset, "random:<source>", a GGUF file, a local Hugging Face
+    directory or a hub id."""
+    layers: list[Any] = field(default_factory=lambda: ["2/3"])
+    """Layers for every model: an index (negative counts from the end) or a depth fraction
+    ("2/3" or 0.66); layer L is the residual stream after decoder block L."""
+    trust_remote_code: bool = False
+    """Allow hub models whose code lives in their repository."""
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+
+
+_SECTIONS = {"corpus": CorpusConfig, "extract": ExtractConfig}
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise SamesheepError(f"unknown setting {where}{unknown[0]!r} (known: {', '.join(names)})")
+    kwargs = {}
+    for key, value in data.items():
+        if key in _SECTIONS and isinstance(value, dict):
+            kwargs[key] = _build(_SECTIONS[key], value, f"{key}.")
+            continue
+        default = getattr(cls(), key)
+        if isinstance(default, bool) != isinstance(value, bool) or (
+            isinstance(default, (int, str, list)) and not isinstance(value, type(default))
+        ):
+            raise SamesheepError(
+                f"setting {where}{key} must be {type(default).__name__}, got {value!r}"
+            )
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Build a Config from nested dicts, rejecting unknown keys and wrong types."""
+    return _build(Config, data, "")
+
+
+def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a TOML config (or the defaults) and apply `section.key=value` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise SamesheepError(f"config file {path} does not exist") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise SamesheepError(f"config file {path} is not valid TOML: {e}") from None
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise SamesheepError(f"--set takes key=value, got {item!r}")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw  # a bare word is a string
+        *parents, leaf = key.strip().split(".")
+        node = data
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return from_dict(data)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """The config as nested plain dicts."""
+    return dataclasses.asdict(cfg)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Each field's docstring, read from the source, to comment the written TOML."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(cls))
+    docs: dict[str, str] = {}
+    body = tree.body[0].body
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+        ):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def to_toml(cfg: Config, comments: bool = True) -> str:
+    """The config as TOML, every default written out, each setting commented."""
+    lines: list[str] = []
+
+    def section(obj: Any) -> None:
+        docs = _field_docs(type(obj)) if comments else {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                continue
+            if f.name in docs:
+                lines.append(f"# {docs[f.name]}")
+            lines.append(f"{f.name} = {_toml_value(value)}")
+
+    lines.append("# samesheep run configuration")
+    section(cfg)
+    for name in _SECTIONS:
+        lines.append("")
+        lines.append(f"[{name}]")
+        section(getattr(cfg, name))
+    return "\n".join(lines) + "\n"
+
+
+def settings_hash(*parts: Any) -> str:
+    """A stable short hash of settings and input hashes, for stage manifests."""
+    import hashlib
+
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
