@@ -1,0 +1,63 @@
+"""samesheep: do different language models learn to represent the same concepts?"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import Config, CorpusConfig, ExtractConfig
+from .config import load as load_config
+from .errors import SamesheepError
+from .models import LoadedModel, capture, load_model, resolve_layer
+from .store import Shard, Store, open_store
+
+__all__ = [
+    "Config",
+    "CorpusConfig",
+    "ExtractConfig",
+    "LoadedModel",
+    "SamesheepError",
+    "Shard",
+    "Store",
+    "capture",
+    "extract",
+    "load_config",
+    "load_model",
+    "open_store",
+    "resolve_layer",
+    "run",
+]
+
+
+def extract(config: Config | str | None = None, **overrides: Any) -> dict[str, Any]:
+    """Sample the corpus and extract activations, as `samesheep extract` does.
+
+    `config` is a Config, a TOML path or None (defaults); keyword overrides use the
+    CLI's dotted names with "__" for the dot, e.g. corpus__max_tokens=10_000."""
+    from .pipeline import extract_stage
+
+    return extract_stage(_config(config, overrides))
+
+
+def run(config: Config | str | None = None, **overrides: Any) -> dict[str, Any]:
+    """Run every stage, as `samesheep run` does."""
+    from .pipeline import run as run_all
+
+    return run_all(_config(config, overrides))
+
+
+def _config(config: Config | str | None, overrides: dict[str, Any]) -> Config:
+    import dataclasses
+
+    if isinstance(config, Config):
+        data = dataclasses.asdict(config)
+    else:
+        data = dataclasses.asdict(load_config(config))
+    for key, value in overrides.items():
+        *parents, leaf = key.split("__")
+        node = data
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    from .config import from_dict
+
+    return from_dict(data)

@@ -1,0 +1,107 @@
+"""The `samesheep` command: one subcommand per stage, plus `run` and `init`. Thin: parse,
+call the stage, print."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import config as config_mod
+from .errors import SamesheepError
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="TOML config file (default: the built-in defaults)")
+    p.add_argument(
+        "--set",
+        "-s",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting, e.g. --set corpus.max_tokens=0 --set 'layers=[6, \"2/3\"]'",
+    )
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="samesheep",
+        description="Do different language models learn the same concepts? Train SAEs on two "
+        "models' hidden states and compare them on the same text.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("init", help="write a commented default config")
+    p.add_argument("path", nargs="?", default="samesheep.toml", help="where to write it")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    for name, text in [
+        ("run", "run every stage (now: corpus, extract), skipping what is up to date"),
+        ("corpus", "sample the corpus into the run directory"),
+        ("extract", "extract activations of every model and layer into the run directory"),
+    ]:
+        _common(sub.add_parser(name, help=text, description=text))
+
+    p = sub.add_parser("info", help="describe an activation store folder")
+    p.add_argument("store", help="a <run>/<model>/layer_<L>/acts folder")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def _init(args: argparse.Namespace) -> None:
+    path = Path(args.path)
+    if path.exists() and not args.force:
+        raise SamesheepError(f"{path} exists; pass --force to overwrite it")
+    from .files import write_text
+
+    write_text(path, config_mod.to_toml(config_mod.Config()))
+    print(f"wrote {path}; run it with: samesheep run --config {path}")
+
+
+def _info(args: argparse.Namespace) -> None:
+    from .store import open_store
+
+    store = open_store(args.store)
+    m = store.manifest
+    print(f"model {m['model']}  layer {m['layer']} of {m['n_layers']}  d_model {m['d_model']}")
+    print(f"stored as {m['dtype']} (computed in {m['compute_dtype']} on {m['device']})")
+    for split in ("train", "heldout"):
+        n = len(store.shard_names(split))
+        print(f"{split}: {store.num_tokens(split):,} tokens in {n} shards")
+    print("complete" if store.complete else "incomplete: rerun extract to finish it")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `samesheep` command."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "init":
+            _init(args)
+        elif args.command == "info":
+            _info(args)
+        else:
+            from . import pipeline
+
+            cfg = config_mod.load(args.config, args.set)
+            stage = {
+                "run": pipeline.run,
+                "corpus": pipeline.corpus_stage,
+                "extract": pipeline.extract_stage,
+            }[args.command]
+            stage(cfg)
+    except SamesheepError as e:
+        if args.debug:
+            raise
+        print(f"samesheep: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("samesheep: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Device and dtype, chosen in one place, and the machine's measured matmul rates."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from functools import cache
+
+import torch
+
+from .errors import SamesheepError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (empty where /proc/cpuinfo is not readable)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+@cache
+def cpu_model() -> str:
+    """The CPU's model name, as the OS reports it."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def choose_device(pref: str = "auto") -> torch.device:
+    """The device to compute on: CUDA where present (for "auto"), else the CPU."""
+    if pref == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(pref)
+    except RuntimeError:
+        raise SamesheepError(f"unknown device {pref!r} (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SamesheepError(f"device {pref!r} asked for, but torch sees no CUDA GPU")
+    return device
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bfloat16 matrix products run fast here (AMX, AVX512-BF16, ARM BF16, or CUDA)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(cpu_flags() & {"amx_bf16", "avx512_bf16", "bf16"})
+
+
+def choose_dtype(pref: str, device: torch.device) -> torch.dtype:
+    """The compute dtype: "auto" means bfloat16 where the hardware runs it fast, else float32."""
+    if pref == "auto":
+        return torch.bfloat16 if fast_bf16(device) else torch.float32
+    if pref not in DTYPES:
+        raise SamesheepError(f"unknown dtype {pref!r} (use auto, {', '.join(DTYPES)})")
+    return DTYPES[pref]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """ "bfloat16" for torch.bfloat16, and so on."""
+    return str(dtype).removeprefix("torch.")
+
+
+def set_threads(threads: int) -> int:
+    """Use `threads` CPU threads (0: one per core available to this process); return the count."""
+    n = threads
+    if n <= 0:
+        n = (
+            len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else os.cpu_count() or 1
+        )
+    torch.set_num_threads(n)
+    return n
+
+
+def matmul_gflops(dtype: torch.dtype, device: torch.device | None = None, n: int = 2048) -> float:
+    """Measured GFLOP/s of an n x n matrix product in `dtype` (best of several runs)."""
+    device = device or torch.device("cpu")
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    best = float("inf")
+    for _ in range(5):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9

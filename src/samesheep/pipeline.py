@@ -1,0 +1,81 @@
+"""The stages in order, each reading the previous stage's files from the run directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from . import config as config_mod
+from .config import Config
+from .corpus import build_corpus
+from .errors import SamesheepError
+from .extraction import extract_model
+from .files import write_text
+from .models import RANDOM_PREFIX, load_tokenizer, safe_name
+from .progress import say
+
+
+def prepare_run_dir(cfg: Config) -> Path:
+    """Create the run directory (failing clearly where it cannot be written) and record
+    the resolved config in it."""
+    run = Path(cfg.run_dir).expanduser()
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        write_text(run / "config.toml", config_mod.to_toml(cfg))
+    except OSError as e:
+        raise SamesheepError(f"cannot write to run directory {run}: {e.strerror}") from None
+    names = [safe_name(m) for m in cfg.models]
+    if not cfg.models:
+        raise SamesheepError("no models configured (set models = [...])")
+    if len(set(names)) != len(names):
+        raise SamesheepError(f"two models share a folder name: {names}")
+    if not cfg.layers:
+        raise SamesheepError("no layers configured (set layers = [...])")
+    return run
+
+
+def corpus_stage(cfg: Config) -> dict[str, Any]:
+    """Sample the corpus into run_dir/corpus (skipped when unchanged)."""
+    run = prepare_run_dir(cfg)
+    counter = cfg.models[0].removeprefix(RANDOM_PREFIX)
+    tokenizer = None
+
+    def count_tokens(texts: list[str]) -> list[int]:
+        nonlocal tokenizer
+        if tokenizer is None:
+            tokenizer = load_tokenizer(counter, cfg.trust_remote_code)
+        enc = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [len(ids) for ids in enc]
+
+    manifest = build_corpus(cfg.corpus, run / "corpus", count_tokens, counter)
+    return manifest
+
+
+def extract_stage(cfg: Config) -> dict[str, dict[str, Any]]:
+    """Extract activations of every model at every layer (resumes; skipped when unchanged)."""
+    corpus = corpus_stage(cfg)
+    run = Path(cfg.run_dir).expanduser()
+    results = {}
+    for source in cfg.models:
+        result = extract_model(
+            source,
+            cfg.layers,
+            run / "corpus",
+            run / safe_name(source),
+            cfg.extract,
+            corpus["hash"],
+            cfg.trust_remote_code,
+        )
+        verb = "unchanged, skipped" if result["skipped"] else "extracted"
+        toks = result["tokens"]
+        say(
+            f"{source}: layers {result['layers']} {verb} "
+            f"({toks.get('train', 0):,} train + {toks.get('heldout', 0):,} held-out tokens)"
+        )
+        results[source] = result
+    return results
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Run every stage in order."""
+    return {"extract": extract_stage(cfg)}

@@ -1,0 +1,183 @@
+"""On-disk activation store: safetensors shards, a Parquet token table per shard, a manifest.
+
+A store is one folder per model and layer:
+
+    manifest.json                  what is complete; a shard exists only once listed here
+    train-00000.safetensors        {"acts": [tokens, d]} in the store dtype
+    train-00000.tokens.parquet     one row per token: doc_index, doc_id, window, position,
+                                   token_id, char_start, char_end, special
+    heldout-00000...               the same for held-out documents
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .device import DTYPES
+from .errors import SamesheepError
+from .files import atomic_path, read_json, remove_stale_temporaries, write_json
+
+MANIFEST = "manifest.json"
+FLOAT16_MAX = 65504.0
+
+TOKEN_SCHEMA = pa.schema(
+    [
+        ("doc_index", pa.int32()),  # line of the document in corpus/<split>.jsonl
+        ("doc_id", pa.string()),
+        ("window", pa.int32()),  # window of the document (long documents have several)
+        ("position", pa.int32()),  # position in the window; 0 is the attention sink
+        ("token_id", pa.int32()),
+        ("char_start", pa.int32()),  # character span of the token in the document text
+        ("char_end", pa.int32()),
+        ("special", pa.bool_()),  # BOS/EOS/pad and other special tokens
+    ]
+)
+
+
+@dataclass
+class Shard:
+    """One shard: activations and the token table, row for row."""
+
+    name: str
+    split: str
+    acts: torch.Tensor  # [tokens, d]
+    tokens: pa.Table  # TOKEN_SCHEMA, one row per activation row
+
+    def mask(self, skip_special: bool = True, skip_first: bool = True) -> torch.Tensor:
+        """Rows to keep: by default neither special tokens nor position 0 (attention sinks)."""
+        keep = np.ones(self.tokens.num_rows, dtype=bool)
+        if skip_special:
+            keep &= ~self.tokens.column("special").to_numpy(zero_copy_only=False)
+        if skip_first:
+            keep &= self.tokens.column("position").to_numpy() != 0
+        return torch.from_numpy(keep)
+
+
+def to_store_dtype(acts: torch.Tensor, dtype: str, where: str) -> torch.Tensor:
+    """Cast activations for storage, failing (shard named) on values that are or would be
+    non-finite: never write inf or NaN."""
+    if not torch.isfinite(acts).all():
+        raise SamesheepError(f"non-finite activations in {where}: refusing to write them")
+    if dtype == "float16" and acts.abs().max().item() > FLOAT16_MAX:
+        peak = acts.abs().max().item()
+        raise SamesheepError(
+            f"{where}: |x| reaches {peak:,.0f}, past float16's 65,504; "
+            'use store_dtype = "bfloat16" or "float32"'
+        )
+    if dtype not in DTYPES:
+        raise SamesheepError(f"unknown store dtype {dtype!r} (use {', '.join(DTYPES)})")
+    return acts.to(DTYPES[dtype]).contiguous()
+
+
+class StoreWriter:
+    """Writes shards atomically and records each in the manifest once it is whole."""
+
+    def __init__(self, folder: Path, header: dict[str, Any]):
+        self.folder = Path(folder)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SamesheepError(f"cannot write to {self.folder}: {e.strerror}") from None
+        remove_stale_temporaries(self.folder)
+        old = read_json(self.folder / MANIFEST)
+        if old is not None and old.get("key") == header["key"]:
+            self.manifest = old
+        else:  # new settings or inputs: what is here belongs to another run
+            for p in self.folder.glob("*-*.safetensors"):
+                p.unlink()
+            for p in self.folder.glob("*-*.tokens.parquet"):
+                p.unlink()
+            self.manifest = {**header, "shards": [], "complete": False}
+            write_json(self.folder / MANIFEST, self.manifest)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest.get("complete"))
+
+    def has(self, name: str) -> bool:
+        """Whether shard `name` is complete on disk."""
+        return any(s["name"] == name for s in self.manifest["shards"])
+
+    def write(self, name: str, split: str, acts: torch.Tensor, tokens: pa.Table, **info: Any):
+        """Write one shard (activations already in the store dtype) and list it."""
+        assert acts.shape[0] == tokens.num_rows, "one token row per activation row"
+        meta = {"name": name, "split": split, "layer": str(self.manifest["layer"])}
+        with atomic_path(self.folder / f"{name}.safetensors") as tmp:
+            save_file({"acts": acts.cpu()}, str(tmp), metadata=meta)
+        with atomic_path(self.folder / f"{name}.tokens.parquet") as tmp:
+            pq.write_table(tokens, tmp, compression="zstd")
+        entry = {"name": name, "split": split, "tokens": int(acts.shape[0]), **info}
+        self.manifest["shards"].append(entry)
+        write_json(self.folder / MANIFEST, self.manifest)
+
+    def finish(self, **totals: Any) -> None:
+        """Mark the store complete."""
+        self.manifest.update(totals, complete=True)
+        write_json(self.folder / MANIFEST, self.manifest)
+
+
+class Store:
+    """Reads a store: its manifest, and its shards one at a time."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        manifest = read_json(self.folder / MANIFEST)
+        if manifest is None:
+            raise SamesheepError(f"no activation store at {self.folder}: run `samesheep extract`")
+        self.manifest: dict[str, Any] = manifest
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest.get("complete"))
+
+    @property
+    def d_model(self) -> int:
+        return int(self.manifest["d_model"])
+
+    @property
+    def layer(self) -> int:
+        return int(self.manifest["layer"])
+
+    def shard_names(self, split: str | None = "train") -> list[str]:
+        """Names of the complete shards of a split (all splits for None)."""
+        return [s["name"] for s in self.manifest["shards"] if split in (None, s["split"])]
+
+    def num_tokens(self, split: str | None = "train") -> int:
+        """Stored tokens in a split, special tokens included."""
+        return sum(s["tokens"] for s in self.manifest["shards"] if split in (None, s["split"]))
+
+    def read(self, name: str) -> Shard:
+        """Load one shard."""
+        entry = next((s for s in self.manifest["shards"] if s["name"] == name), None)
+        if entry is None:
+            raise SamesheepError(f"{self.folder} has no complete shard {name!r}")
+        path = self.folder / f"{name}.safetensors"
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                acts = f.get_tensor("acts")
+            tokens = pq.read_table(self.folder / f"{name}.tokens.parquet")
+        except Exception as e:  # a damaged file surfaces as many exception types
+            raise SamesheepError(f"cannot read shard {path}: {e}") from None
+        if acts.shape[0] != tokens.num_rows or acts.shape[0] != entry["tokens"]:
+            raise SamesheepError(f"shard {path} does not match its token table (corrupt?)")
+        return Shard(name, entry["split"], acts, tokens)
+
+    def shards(self, split: str | None = "train") -> Iterator[Shard]:
+        """Yield the shards of a split in order, one in memory at a time."""
+        for name in self.shard_names(split):
+            yield self.read(name)
+
+
+def open_store(folder: str | Path) -> Store:
+    """Open an activation store folder for reading."""
+    return Store(folder)
