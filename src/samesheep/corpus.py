@@ -238,7 +238,7 @@ def _iter_hf(name: str, config: str | None, split: str, text_column: str) -> Ite
     try:
         ds = datasets.load_dataset(name, config, split=split, streaming=True)
     # Network, unknown dataset/config/split: all user-fixable, and datasets raises many types.
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise SamesheepError(f"cannot load Hugging Face dataset {name!r}: {first}") from None
     where = f"Hugging Face dataset {name!r}"
@@ -293,7 +293,7 @@ def _counted(docs: list[Document], count_tokens: CountTokens) -> Iterator[tuple[
         counts = list(count_tokens([d.text for d in chunk]))
         if len(counts) != len(chunk):
             raise ValueError(f"count_tokens returned {len(counts)} counts for {len(chunk)} texts")
-        yield from zip(chunk, counts)
+        yield from zip(chunk, counts, strict=False)
 
 
 def _sample(

@@ -73,7 +73,9 @@ def windows_of(
     )
     specials = set(tokenizer.all_special_ids)
     out = []
-    for (index, doc), ids, offsets in zip(docs, enc["input_ids"], enc["offset_mapping"]):
+    for (index, doc), ids, offsets in zip(
+        docs, enc["input_ids"], enc["offset_mapping"], strict=False
+    ):
         ids_np = np.asarray(ids, dtype=np.int64)
         spans = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
         for w, lo in enumerate(range(0, len(ids_np), body)):
@@ -205,11 +207,15 @@ def extract_model(
     )
     state_path = model_dir / "extract.json"
     state = read_json(state_path)
-    if state and state.get("key") == key and state.get("complete"):
-        if all(
+    if (
+        state
+        and state.get("key") == key
+        and state.get("complete")
+        and all(
             (model_dir / f"layer_{L}" / "acts" / "manifest.json").is_file() for L in state["layers"]
-        ):
-            return {**state, "skipped": True}
+        )
+    ):
+        return {**state, "skipped": True}
 
     set_threads(cfg.threads)
     lm = load_model(source, dtype, device, trust_remote_code, seed)
@@ -233,7 +239,7 @@ def extract_model(
     totals = {"tokens": {}, "documents": {}}
     for split in SPLITS:
         path = corpus_dir / f"{split}.jsonl"
-        n_docs = sum(1 for _ in open(path, "rb")) if path.exists() else 0
+        n_docs = count_lines(path)
         tokens = 0
         with progress() as bar:
             task = bar.add_task(f"{lm.source} {split}", total=n_docs, rate="")
@@ -266,6 +272,14 @@ def extract_model(
     state = {"key": key, "model": source, "layers": layers, "complete": True, **totals}
     write_json(state_path, state)
     return {**state, "skipped": False}
+
+
+def count_lines(path: Path) -> int:
+    """Lines in a file (0 where it does not exist), read in blocks."""
+    if not path.exists():
+        return 0
+    with open(path, "rb") as f:
+        return sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 20), b""))
 
 
 class _Clock:

