@@ -34,9 +34,14 @@ def tiny_configs(vocab: int, eos: int) -> dict:
         ),
         "gpt2": GPT2Config(n_embd=32, n_layer=4, n_head=4, n_positions=512, **common),
         "opt": OPTConfig(
-            hidden_size=32, num_hidden_layers=4, num_attention_heads=4, ffn_dim=64,
-            word_embed_proj_dim=32, max_position_embeddings=512, **common,
-        ),  # fmt: skip
+            hidden_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            ffn_dim=64,
+            word_embed_proj_dim=32,
+            max_position_embeddings=512,
+            **common,
+        ),
         "gpt_neox": GPTNeoXConfig(**TINY, max_position_embeddings=512, **common),
     }
 

@@ -1,0 +1,165 @@
+"""Extraction into the store: values, windows, offsets, batching, dtypes."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import samesheep
+from samesheep.corpus import read_documents
+from samesheep.errors import SamesheepError
+from samesheep.extraction import Window, bos_prefix, length_batches, windows_of
+from samesheep.models import capture, load_model
+from samesheep.store import to_store_dtype
+
+
+def run_extract(tmp_path, model, corpus_file, **over):
+    settings = dict(
+        run_dir=str(tmp_path / "run"),
+        models=[str(model)],
+        layers=[1, -1],
+        corpus__source=str(corpus_file),
+        corpus__max_tokens=2000,
+        corpus__heldout_tokens=300,
+        extract__shard_tokens=400,
+        extract__context_length=48,
+        extract__batch_tokens=256,
+        extract__dtype="float32",
+        extract__store_dtype="float32",
+    )
+    settings.update(over)
+    return samesheep.extract(None, **settings)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_store_holds_the_model_activations(tmp_path, tiny_models, corpus_file, arch):
+    result = run_extract(tmp_path, tiny_models[arch], corpus_file)
+    (info,) = result.values()
+    assert info["layers"] == [1, 3] and not info["skipped"]
+    lm = load_model(str(tiny_models[arch]))
+    run = tmp_path / "run"
+    docs = {"train": list(read_documents(run / "corpus" / "train.jsonl"))}
+    store = samesheep.open_store(run / tiny_models[arch].name / "layer_3" / "acts")
+    assert store.complete and store.d_model == 32 and store.layer == 3
+    assert store.num_tokens("train") == info["tokens"]["train"] >= 2000
+    assert len(store.shard_names("train")) >= 4  # shard_tokens 400 of >= 2000 tokens
+    checked = 0
+    for shard in store.shards("train"):
+        t = shard.tokens.to_pydict()
+        starts = [i for i, p in enumerate(t["position"]) if p == 0] + [len(t["position"])]
+        for a, b in itertools.pairwise(starts):
+            assert b - a <= 48
+            ids = torch.tensor(t["token_id"][a:b])[None]
+            want = capture(lm.model, [3], ids)[3][0]
+            torch.testing.assert_close(shard.acts[a:b], want, rtol=0, atol=1e-5)
+            doc = docs["train"][t["doc_index"][a]]
+            assert doc.id == t["doc_id"][a]
+            for tid, s, e in zip(
+                t["token_id"][a:b], t["char_start"][a:b], t["char_end"][a:b], strict=True
+            ):
+                assert lm.tokenizer.decode([tid]) == doc.text[s:e]
+            checked += 1
+    assert checked >= 10
+
+
+def test_long_documents_are_windowed(tiny_models):
+    lm = load_model(str(tiny_models["llama"]))
+    text = "The cat sat on the mat. " * 30
+    (doc,) = [d for d in [samesheep.corpus.Document("d", text)]]
+    wins = windows_of([(0, doc)], lm.tokenizer, [295], context_length=16)
+    total = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert all(len(w.ids) <= 16 and w.ids[0] == 295 and w.special[0] for w in wins)
+    assert [w.window for w in wins] == list(range(len(wins)))
+    assert np.concatenate([w.ids[1:] for w in wins]).tolist() == total
+    # every token's span, window after window, rebuilds the text
+    assert (
+        "".join(text[s:e] for w in wins for s, e in zip(w.starts[1:], w.ends[1:], strict=True))
+        == text
+    )
+
+
+def test_padding_and_batching_do_not_change_values(tmp_path, tiny_models, corpus_file):
+    a = tmp_path / "a"
+    b = tmp_path / "b"
+    run_extract(a, tiny_models["qwen2"], corpus_file, extract__batch_tokens=48)  # one window
+    run_extract(b, tiny_models["qwen2"], corpus_file, extract__batch_tokens=4096)  # padded
+    name = tiny_models["qwen2"].name
+    sa = samesheep.open_store(a / "run" / name / "layer_1" / "acts")
+    sb = samesheep.open_store(b / "run" / name / "layer_1" / "acts")
+    for x, y in zip(sa.shards(None), sb.shards(None), strict=True):
+        assert x.tokens.equals(y.tokens)
+        torch.testing.assert_close(x.acts, y.acts, rtol=0, atol=1e-5)
+
+
+def test_length_batches_respect_budget():
+    wins = [Window(0, "d", 0, np.zeros(n, int), None, None, None) for n in [5, 9, 3, 9, 7, 1]]
+    batches = length_batches(wins, batch_tokens=18)
+    assert sorted(i for b in batches for i in b) == list(range(6))
+    for b in batches:
+        lens = [len(wins[i].ids) for i in b]
+        assert lens == sorted(lens, reverse=True)
+        assert len(b) == 1 or max(lens) * len(b) <= 18
+
+
+def test_bos_prefix(tiny_models, tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    assert bos_prefix(tok, "auto") == []  # this tokenizer adds nothing
+    assert bos_prefix(tok, "yes") == [tok.bos_token_id]
+    assert bos_prefix(tok, "no") == []
+    with pytest.raises(SamesheepError):
+        bos_prefix(tok, "maybe")
+
+
+def test_bos_marks_position_zero_special(tmp_path, tiny_models, corpus_file):
+    run_extract(tmp_path, tiny_models["gpt2"], corpus_file, extract__add_bos="yes")
+    store = samesheep.open_store(tmp_path / "run" / tiny_models["gpt2"].name / "layer_1" / "acts")
+    shard = next(store.shards())
+    t = shard.tokens.to_pydict()
+    first = [i for i, p in enumerate(t["position"]) if p == 0]
+    assert all(t["special"][i] and t["char_start"][i] == t["char_end"][i] for i in first)
+    assert sum(t["special"]) == len(first)
+    kept = shard.mask()
+    assert int(kept.sum()) == len(t["position"]) - len(first)
+
+
+def test_store_dtypes_and_manifest(tmp_path, tiny_models, corpus_file):
+    run_extract(tmp_path, tiny_models["llama"], corpus_file, extract__store_dtype="bfloat16")
+    folder = tmp_path / "run" / tiny_models["llama"].name / "layer_1" / "acts"
+    shard = next(samesheep.open_store(folder).shards())
+    assert shard.acts.dtype == torch.bfloat16
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["dtype"] == "bfloat16" and manifest["compute_dtype"] == "float32"
+    assert manifest["complete"] and manifest["tokens"]["heldout"] >= 300
+
+
+def test_never_writes_non_finite_or_overflowing_values():
+    x = torch.tensor([[1.0, 88_000.0]])
+    assert torch.equal(to_store_dtype(x, "float32", "s"), x)
+    assert to_store_dtype(x, "bfloat16", "s").dtype == torch.bfloat16
+    with pytest.raises(SamesheepError, match="float16"):
+        to_store_dtype(x, "float16", "gemma/layer_12/acts/train-00003")
+    with pytest.raises(SamesheepError, match="train-00007"):
+        to_store_dtype(torch.tensor([[1.0, float("nan")]]), "float32", "m/layer_1/acts/train-00007")
+    with pytest.raises(SamesheepError, match="non-finite"):
+        to_store_dtype(torch.tensor([[float("inf")]]), "bfloat16", "x")
+
+
+def test_auto_dtype_follows_hardware(monkeypatch):
+    from samesheep import device
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(device, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
+    assert device.choose_dtype("auto", cpu) == torch.bfloat16
+    monkeypatch.setattr(device, "cpu_flags", lambda: frozenset({"avx2", "amx_bf16"}))
+    assert device.choose_dtype("auto", cpu) == torch.bfloat16
+    monkeypatch.setattr(device, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert device.choose_dtype("auto", cpu) == torch.float32
+    assert device.choose_dtype("float16", cpu) == torch.float16
+    with pytest.raises(SamesheepError):
+        device.choose_dtype("int8", cpu)
