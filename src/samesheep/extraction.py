@@ -191,6 +191,7 @@ def extract_model(
     corpus_hash: str,
     trust_remote_code: bool = False,
     seed: int = 0,
+    lm: LoadedModel | None = None,
 ) -> dict[str, Any]:
     """Extract one model's activations at the given layers for every corpus split;
     resumes from complete shards and does nothing when inputs and settings are unchanged."""
@@ -218,7 +219,8 @@ def extract_model(
         return {**state, "skipped": True}
 
     set_threads(cfg.threads)
-    lm = load_model(source, dtype, device, trust_remote_code, seed)
+    if lm is None:  # a caller may pass the model it already loaded (same source and dtype)
+        lm = load_model(source, dtype, device, trust_remote_code, seed)
     layers = sorted({resolve_layer(s, lm.n_layers) for s in layer_specs})
     prefix = bos_prefix(lm.tokenizer, cfg.add_bos)
     header = {

@@ -128,6 +128,7 @@ def _convert_gguf(path: Path, out: Path) -> None:
 
     print(f"converting {path.name} to safetensors once (cached in {out.parent})", flush=True)
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(
@@ -276,6 +277,7 @@ def load_model(
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # samesheep shows its own progress
     is_random = source.startswith(RANDOM_PREFIX)
     base = source[len(RANDOM_PREFIX) :] if is_random else source
     if is_random and base.startswith(RANDOM_PREFIX):

@@ -1,0 +1,56 @@
+"""The shipped real models, loaded for real from their PyPI packages (marked `real`).
+
+They use the user cache for the converted models (the first load converts, about a minute
+for Gemma), so CI pays the conversion once per machine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from samesheep.extraction import bos_prefix
+from samesheep.models import capture, load_model
+
+pytestmark = pytest.mark.real
+
+PROMPT = "France is a country in Western Europe. The capital of France is"
+
+
+@pytest.fixture(autouse=True)
+def _user_cache(monkeypatch):
+    monkeypatch.delenv("SAMESHEEP_CACHE", raising=False)
+
+
+@pytest.fixture(scope="module", params=["gemma-3-270m", "smollm2-135m-instruct"])
+def real(request):
+    return load_model(request.param, torch.bfloat16)
+
+
+def test_ranks_paris_among_top_next_tokens(real):
+    ids = real.tokenizer(PROMPT, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        logits = real.model(input_ids=ids).logits[0, -1]
+    top = [real.tokenizer.decode([t]).strip() for t in logits.topk(10).indices.tolist()]
+    assert "Paris" in top, top
+
+
+def test_layer_two_thirds_deep_and_attention_sink(real):
+    layer = {18: 12, 30: 20}[real.n_layers]
+    prefix = bos_prefix(real.tokenizer, "auto")
+    assert prefix == ([2] if real.n_layers == 18 else [])  # Gemma adds <bos>; SmolLM2 nothing
+    text = "The Moon is Earth's only natural satellite, orbiting at about 384,400 km."
+    ids = real.tokenizer(text, return_tensors="pt").input_ids
+    h = capture(real.model, [layer], ids)[layer][0].float()  # [seq, d]
+    norms = h.norm(dim=-1)
+    assert torch.isfinite(h).all()
+    # Position 0 is an attention sink: its norm dwarfs the median of the rest.
+    assert norms[0] > 5 * norms[1:].median(), norms
+
+
+def test_offsets_cover_the_text(real):
+    text = "Marie Curie (1867\u20131934) won Nobel Prizes in physics and chemistry."
+    enc = real.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    spans = enc["offset_mapping"]
+    assert spans[0][0] == 0 and spans[-1][1] == len(text)
+    assert all(a <= b for a, b in spans)
+    assert all(spans[i][1] <= spans[i + 1][1] for i in range(len(spans) - 1))
