@@ -21,7 +21,12 @@ def _common(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a setting, e.g. --set corpus.max_tokens=0 --set 'layers=[6, \"2/3\"]'",
     )
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    _debug(p)
+
+
+def _debug(p: argparse.ArgumentParser) -> None:
+    # SUPPRESS: a subcommand's flag must not reset `samesheep --debug COMMAND` to False.
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="tracebacks")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("init", help="write a commented default config")
     p.add_argument("path", nargs="?", default="samesheep.toml", help="where to write it")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    _debug(p)
 
     for name, text in [
         ("run", "run every stage (now: corpus, extract), skipping what is up to date"),
@@ -47,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="describe an activation store folder")
     p.add_argument("store", help="a <run>/<model>/layer_<L>/acts folder")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    _debug(p)
     return parser
 
 

@@ -39,7 +39,7 @@ class ExtractConfig:
 
     context_length: int = 256
     """Tokens per window, special tokens included; longer documents are split into windows."""
-    batch_tokens: int = 4096
+    batch_tokens: int = 2048
     """Padded tokens per forward batch (windows are grouped by length to waste little)."""
     shard_tokens: int = 32_768
     """Tokens per activation shard; a killed run resumes from its last complete shard."""
@@ -82,7 +82,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(names))
     if unknown:
-        raise SamesheepError(f"unknown setting {where}{unknown[0]!r} (known: {', '.join(names)})")
+        raise SamesheepError(f"unknown setting {where}{unknown[0]} (known: {', '.join(names)})")
     kwargs = {}
     for key, value in data.items():
         if key in _SECTIONS and isinstance(value, dict):

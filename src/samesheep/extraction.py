@@ -198,29 +198,27 @@ def extract_model(
     device = choose_device(cfg.device)
     dtype = choose_dtype(cfg.dtype, device)
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("threads", "device")}
-    key = settings_hash(
-        corpus_hash,
-        fingerprint(source, seed),
-        [str(s) for s in layer_specs],
-        settings,
-        dtype_name(dtype),
-        device.type,
-    )
+
+    def settings_key() -> str:
+        return settings_hash(
+            corpus_hash, fingerprint(source, seed), [str(s) for s in layer_specs], settings,
+            dtype_name(dtype), device.type,
+        )  # fmt: skip
+
     state_path = model_dir / "extract.json"
-    state = read_json(state_path)
+    state = read_json(state_path, corrupt_is_missing=True)
     if (
         state
-        and state.get("key") == key
+        and state.get("key") == settings_key()
         and state.get("complete")
-        and all(
-            (model_dir / f"layer_{L}" / "acts" / "manifest.json").is_file() for L in state["layers"]
-        )
+        and all(_store_intact(model_dir / f"layer_{L}" / "acts") for L in state["layers"])
     ):
         return {**state, "skipped": True}
 
     set_threads(cfg.threads)
     if lm is None:  # a caller may pass the model it already loaded (same source and dtype)
         lm = load_model(source, dtype, device, trust_remote_code, seed)
+    key = settings_key()  # again: a hub model's revision is known once it is downloaded
     layers = sorted({resolve_layer(s, lm.n_layers) for s in layer_specs})
     prefix = bos_prefix(lm.tokenizer, cfg.add_bos)
     header = {
@@ -274,6 +272,17 @@ def extract_model(
     state = {"key": key, "model": source, "layers": layers, "complete": True, **totals}
     write_json(state_path, state)
     return {**state, "skipped": False}
+
+
+def _store_intact(folder: Path) -> bool:
+    """Whether a store is complete and every shard it lists is still on disk."""
+    manifest = read_json(folder / "manifest.json", corrupt_is_missing=True)
+    if not manifest or not manifest.get("complete"):
+        return False
+    names = [s["name"] for s in manifest["shards"]]
+    return all((folder / f"{n}.safetensors").is_file() for n in names) and all(
+        (folder / f"{n}.tokens.parquet").is_file() for n in names
+    )
 
 
 def count_lines(path: Path) -> int:

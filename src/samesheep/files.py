@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .errors import SamesheepError
+
 TMP_SUFFIX = ".tmp"
 
 
@@ -45,12 +47,19 @@ def write_json(path: str | Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def read_json(path: str | Path) -> Any | None:
-    """Read a JSON file, or None where it does not exist."""
+def read_json(path: str | Path, corrupt_is_missing: bool = False) -> Any | None:
+    """Read a JSON file, or None where it does not exist (or is damaged, if
+    corrupt_is_missing: a stage's own state file is then rebuilt rather than trusted)."""
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        if corrupt_is_missing:
+            return None
+        raise SamesheepError(
+            f"{path} is corrupt ({e}); delete it and run the stage again"
+        ) from None
 
 
 def remove_stale_temporaries(folder: str | Path) -> None:

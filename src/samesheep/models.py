@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .errors import SamesheepError
+from .progress import say
 
 RANDOM_PREFIX = "random:"
 
@@ -126,9 +127,9 @@ def _convert_gguf(path: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    print(f"converting {path.name} to safetensors once (cached in {out.parent})", flush=True)
+    say(f"converting {path.name} to safetensors once (cached in {out.parent})")
     hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    hf_logging.enable_progress_bar()  # the one slow step: show transformers' own progress
     try:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(
@@ -136,6 +137,8 @@ def _convert_gguf(path: Path, out: Path) -> None:
         )
     except (ValueError, KeyError, RuntimeError) as e:
         raise SamesheepError(f"transformers cannot load {path}: {str(e).splitlines()[0]}") from None
+    finally:
+        hf_logging.disable_progress_bar()
     # The weights are plain float tensors now; forget the GGUF origin so they can be saved.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -242,8 +245,32 @@ def fingerprint(source: str, seed: int = 0) -> str:
         return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file())
-        return f"{path.resolve()}:" + ",".join(f"{p.name}:{p.stat().st_size}" for p in files)
-    return source
+        stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+        return f"{path.resolve()}:" + ",".join(f"{n}:{size}:{t}" for n, size, t in stats)
+    return f"{source}@{_hub_revision(source)}"
+
+
+def _hub_revision(repo_id: str) -> str:
+    """The commit of a hub model in the local hub cache ("" before its first download)."""
+    from huggingface_hub import constants
+
+    ref = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "refs" / "main"
+    try:
+        return ref.read_text().strip()
+    except OSError:
+        return ""
+
+
+def model_depth(source: str, trust_remote_code: bool = False) -> int:
+    """The number of decoder blocks of a model source, read from its config (no weights)."""
+    from transformers import AutoConfig
+
+    where = resolve_source(source.removeprefix(RANDOM_PREFIX))
+    try:
+        config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _hub_error(source, e) from None
+    return int(config.get_text_config().num_hidden_layers)
 
 
 def _hub_error(source: str, e: Exception) -> SamesheepError:

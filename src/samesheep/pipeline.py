@@ -11,7 +11,7 @@ from .corpus import build_corpus
 from .errors import SamesheepError
 from .extraction import extract_model
 from .files import write_text
-from .models import RANDOM_PREFIX, load_tokenizer, safe_name
+from .models import RANDOM_PREFIX, load_tokenizer, model_depth, resolve_layer, safe_name
 from .progress import say
 
 
@@ -21,7 +21,10 @@ def prepare_run_dir(cfg: Config) -> Path:
     run = Path(cfg.run_dir).expanduser()
     try:
         run.mkdir(parents=True, exist_ok=True)
-        write_text(run / "config.toml", config_mod.to_toml(cfg))
+        text = config_mod.to_toml(cfg)
+        recorded = run / "config.toml"
+        if not recorded.is_file() or recorded.read_text(encoding="utf-8") != text:
+            write_text(recorded, text)
     except OSError as e:
         raise SamesheepError(f"cannot write to run directory {run}: {e.strerror}") from None
     names = [safe_name(m) for m in cfg.models]
@@ -51,8 +54,21 @@ def corpus_stage(cfg: Config) -> dict[str, Any]:
     return manifest
 
 
+def check_layers(cfg: Config) -> None:
+    """Fail before any work where a layer does not exist in a model."""
+    for source in cfg.models:
+        depth = model_depth(source, cfg.trust_remote_code)
+        for spec in cfg.layers:
+            try:
+                resolve_layer(spec, depth)
+            except SamesheepError as e:
+                raise SamesheepError(f"{source}: {e}") from None
+
+
 def extract_stage(cfg: Config) -> dict[str, dict[str, Any]]:
     """Extract activations of every model at every layer (resumes; skipped when unchanged)."""
+    prepare_run_dir(cfg)
+    check_layers(cfg)
     corpus = corpus_stage(cfg)
     run = Path(cfg.run_dir).expanduser()
     results = {}

@@ -89,7 +89,7 @@ class StoreWriter:
         except OSError as e:
             raise SamesheepError(f"cannot write to {self.folder}: {e.strerror}") from None
         remove_stale_temporaries(self.folder)
-        old = read_json(self.folder / MANIFEST)
+        old = read_json(self.folder / MANIFEST, corrupt_is_missing=True)
         if old is not None and old.get("key") == header["key"]:
             self.manifest = old
         else:  # new settings or inputs: what is here belongs to another run
