@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .errors import SamesheepError
+from .files import read_json, write_json
 from .progress import say
 
 RANDOM_PREFIX = "random:"
@@ -158,12 +159,23 @@ def _converted(sha: str) -> Path:
     return cache_dir() / "models" / f"gguf-{sha[:20]}"
 
 
+def _known_sha256(path: Path) -> str:
+    """A GGUF file's SHA-256, remembered by path, size and mtime (hashing takes seconds)."""
+    if not path.is_file():
+        raise SamesheepError(f"GGUF file {path} does not exist")
+    st = path.stat()
+    memo_path = cache_dir() / "sha256.json"
+    memo = read_json(memo_path, corrupt_is_missing=True) or {}
+    key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    if key not in memo:
+        memo[key] = sha256_file(path)
+        write_json(memo_path, memo)
+    return memo[key]
+
+
 def gguf_folder(path: Path, sha: str | None = None) -> Path:
     """The converted Hugging Face folder of a GGUF file, converting it on first use."""
-    if sha is None:
-        _check_gguf(path)
-        sha = sha256_file(path)
-    out = _converted(sha)
+    out = _converted(sha or _known_sha256(path))
     if not (out / "config.json").is_file():
         _check_gguf(path)
         _convert_gguf(path, out)
