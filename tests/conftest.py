@@ -3,11 +3,11 @@ text corpus. Nothing here touches a network or the shipped real models."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import write_corpus
 from tiny_gguf import write_tiny_llama_gguf
 from transformers import (
     AutoModelForCausalLM,
@@ -77,24 +77,10 @@ def tiny_models(tokenizer_dir, tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-SENTENCES = [
-    "The cat sat on the mat and looked at the sea.",
-    "Paris is the capital and largest city of France, on the Seine.",
-    "In 1969 the first people walked on the Moon; millions watched.",
-    "Rivers run to the sea, and the sea is never full.",
-    "A sparse autoencoder learns a dictionary of directions.",
-]
-
-
 @pytest.fixture()
 def corpus_file(tmp_path) -> Path:
     """A JSONL corpus of 40 short documents, some long enough to need several windows."""
-    path = tmp_path / "docs.jsonl"
-    with open(path, "w", encoding="utf-8") as f:
-        for i in range(40):
-            text = " ".join(SENTENCES[(i + j) % len(SENTENCES)] for j in range(1 + i % 7))
-            f.write(json.dumps({"id": f"doc{i}", "text": text, "title": f"Doc {i}"}) + "\n")
-    return path
+    return write_corpus(tmp_path / "docs.jsonl", titles=True)
 
 
 @pytest.fixture(autouse=True)

@@ -15,18 +15,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import flat, sets, write_corpus
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 ERROR_PREFIX = "samesheep: error: "
 HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
-SENTENCES = [
-    "The cat sat on the mat and looked at the sea.",
-    "Paris is the capital and largest city of France, on the Seine.",
-    "In 1969 the first people walked on the Moon; millions watched.",
-    "Rivers run to the sea, and the sea is never full.",
-    "A sparse autoencoder learns a dictionary of directions.",
-]
 
 
 # ---------------------------------------------------------------- helpers
@@ -52,35 +46,6 @@ def cli_parallel(
     with ThreadPoolExecutor(max_workers=4) as pool:
         futures = {name: pool.submit(cli, *args, env=env) for name, (args, env) in jobs.items()}
         return {name: f.result() for name, f in futures.items()}
-
-
-def sets(run_dir: Path, model: str | Path, corpus: Path, **extra: str) -> list[str]:
-    """--set arguments for a small run; values are TOML."""
-    values = {
-        "corpus.source": json.dumps(str(corpus)),
-        "corpus.max_tokens": "3000",
-        "corpus.heldout_tokens": "500",
-        "extract.shard_tokens": "500",
-        "models": json.dumps([str(model)]),
-        "layers": "[1]",
-        "run_dir": json.dumps(str(run_dir)),
-        **extra,
-    }
-    return [a for key, value in values.items() for a in ("--set", f"{key}={value}")]
-
-
-def write_corpus(path: Path, n: int = 40) -> Path:
-    """A JSONL corpus of n short documents, some long enough for several windows."""
-    with open(path, "w", encoding="utf-8") as f:
-        for i in range(n):
-            text = " ".join(SENTENCES[(i + j) % len(SENTENCES)] for j in range(1 + i % 7))
-            f.write(json.dumps({"id": f"doc{i}", "text": text}) + "\n")
-    return path
-
-
-def flat(text: str) -> str:
-    """Whitespace collapsed: rich wraps long status lines at 80 columns when not on a TTY."""
-    return " ".join(text.split())
 
 
 def assert_one_line_error(res: subprocess.CompletedProcess) -> None:

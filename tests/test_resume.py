@@ -18,17 +18,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import flat, sets, write_corpus
 from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-SENTENCES = [
-    "The cat sat on the mat and looked at the sea.",
-    "Paris is the capital and largest city of France, on the Seine.",
-    "In 1969 the first people walked on the Moon; millions watched.",
-    "Rivers run to the sea, and the sea is never full.",
-    "A sparse autoencoder learns a dictionary of directions.",
-]
 KILL_TIMEOUT_S = 60
 
 
@@ -50,35 +44,6 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         command(*args), capture_output=True, text=True, env=cli_env(), timeout=300
     )
-
-
-def sets(run_dir: Path, model: Path, corpus: Path, **extra: str) -> list[str]:
-    """--set arguments for a small run; values are TOML."""
-    values = {
-        "corpus.source": json.dumps(str(corpus)),
-        "corpus.max_tokens": "3000",
-        "corpus.heldout_tokens": "500",
-        "extract.shard_tokens": "500",
-        "models": json.dumps([str(model)]),
-        "layers": "[1]",
-        "run_dir": json.dumps(str(run_dir)),
-        **extra,
-    }
-    return [a for key, value in values.items() for a in ("--set", f"{key}={value}")]
-
-
-def write_corpus(path: Path, n: int = 40) -> Path:
-    """A JSONL corpus of n short documents, some long enough for several windows."""
-    with open(path, "w", encoding="utf-8") as f:
-        for i in range(n):
-            text = " ".join(SENTENCES[(i + j) % len(SENTENCES)] for j in range(1 + i % 7))
-            f.write(json.dumps({"id": f"doc{i}", "text": text}) + "\n")
-    return path
-
-
-def flat(text: str) -> str:
-    """Whitespace collapsed: rich wraps long status lines at 80 columns when not on a TTY."""
-    return " ".join(text.split())
 
 
 def store_of(run_dir: Path, model: Path, layer: int = 1) -> Path:

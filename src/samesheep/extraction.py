@@ -44,8 +44,9 @@ def bos_prefix(tokenizer: Any, add_bos: str) -> list[int]:
     if add_bos == "no":
         return []
     if add_bos == "yes":
-        tid = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else None
-        tid = tid if tid is not None else tokenizer.eos_token_id
+        tid = tokenizer.bos_token_id
+        if tid is None:
+            tid = tokenizer.eos_token_id
         if tid is None:
             raise SamesheepError("add_bos = yes, but the tokenizer has neither BOS nor EOS")
         return [int(tid)]
@@ -74,7 +75,7 @@ def windows_of(
     specials = set(tokenizer.all_special_ids)
     out = []
     for (index, doc), ids, offsets in zip(
-        docs, enc["input_ids"], enc["offset_mapping"], strict=False
+        docs, enc["input_ids"], enc["offset_mapping"], strict=True
     ):
         ids_np = np.asarray(ids, dtype=np.int64)
         spans = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
