@@ -82,12 +82,13 @@ def safe_name(source: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", source.replace("/", "--")).strip("-") or "model"
 
 
-def sha256_file(path: Path) -> str:
-    """The SHA-256 of a file, read in 8 MiB blocks."""
+def sha256_files(paths: list[Path]) -> str:
+    """The SHA-256 of files joined end to end, read in 8 MiB blocks."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(8 << 20):
-            h.update(block)
+    for path in paths:
+        with open(path, "rb") as f:
+            while block := f.read(8 << 20):
+                h.update(block)
     return h.hexdigest()
 
 
@@ -159,23 +160,24 @@ def _converted(sha: str) -> Path:
     return cache_dir() / "models" / f"gguf-{sha[:20]}"
 
 
-def _known_sha256(path: Path) -> str:
-    """A GGUF file's SHA-256, remembered by path, size and mtime (hashing takes seconds)."""
-    if not path.is_file():
-        raise SamesheepError(f"GGUF file {path} does not exist")
-    st = path.stat()
+def _known_sha256(paths: list[Path]) -> str:
+    """The SHA-256 of GGUF files joined end to end, remembered by their paths, sizes and
+    mtimes (hashing hundreds of MB takes seconds)."""
+    for path in paths:
+        if not path.is_file():
+            raise SamesheepError(f"GGUF file {path} does not exist")
     memo_path = cache_dir() / "sha256.json"
     memo = read_json(memo_path, corrupt_is_missing=True) or {}
-    key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    key = ",".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in paths)
     if key not in memo:
-        memo[key] = sha256_file(path)
+        memo[key] = sha256_files(paths)
         write_json(memo_path, memo)
     return memo[key]
 
 
 def gguf_folder(path: Path, sha: str | None = None) -> Path:
     """The converted Hugging Face folder of a GGUF file, converting it on first use."""
-    out = _converted(sha or _known_sha256(path))
+    out = _converted(sha or _known_sha256([path]))
     if not (out / "config.json").is_file():
         _check_gguf(path)
         _convert_gguf(path, out)
@@ -205,13 +207,16 @@ def _smollm_folder(preset: Preset) -> Path:
 
 def _qwen_folder(preset: Preset) -> Path:
     parts = [Path(_import_package(m, preset.pip).get_part_path()) for m in preset.packages]
+    sha = _known_sha256(parts)  # the joined file's hash, without joining the parts
+    if (_converted(sha) / "config.json").is_file():
+        return _converted(sha)
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
         gguf_path = Path(tmp) / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
         with open(gguf_path, "wb") as out:
             for part in parts:
                 with open(part, "rb") as f:
                     shutil.copyfileobj(f, out, 8 << 20)
-        return gguf_folder(gguf_path)
+        return gguf_folder(gguf_path, sha)
 
 
 _PRESET_FOLDERS = {
