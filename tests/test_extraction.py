@@ -58,8 +58,12 @@ def test_store_holds_the_model_activations(tmp_path, tiny_models, corpus_file, a
             torch.testing.assert_close(shard.acts[a:b], want, rtol=0, atol=1e-5)
             doc = docs["train"][t["doc_index"][a]]
             assert doc.id == t["doc_id"][a]
+            assert t["special"][a] and t["char_start"][a] == t["char_end"][a]  # BOS, no text
             for tid, s, e in zip(
-                t["token_id"][a:b], t["char_start"][a:b], t["char_end"][a:b], strict=True
+                t["token_id"][a + 1 : b],
+                t["char_start"][a + 1 : b],
+                t["char_end"][a + 1 : b],
+                strict=True,
             ):
                 assert lm.tokenizer.decode([tid]) == doc.text[s:e]
             checked += 1
@@ -109,15 +113,15 @@ def test_bos_prefix(tiny_models, tokenizer_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    assert bos_prefix(tok, "auto") == []  # this tokenizer adds nothing
-    assert bos_prefix(tok, "yes") == [tok.bos_token_id]
+    assert bos_prefix(tok, "tokenizer") == []  # this tokenizer adds nothing
+    assert bos_prefix(tok, "auto") == [tok.bos_token_id]  # so auto puts BOS there
     assert bos_prefix(tok, "no") == []
     with pytest.raises(SamesheepError):
         bos_prefix(tok, "maybe")
 
 
 def test_bos_marks_position_zero_special(tmp_path, tiny_models, corpus_file):
-    run_extract(tmp_path, tiny_models["gpt2"], corpus_file, extract__add_bos="yes")
+    run_extract(tmp_path, tiny_models["gpt2"], corpus_file, extract__add_bos="auto")
     store = samesheep.open_store(tmp_path / "run" / tiny_models["gpt2"].name / "layer_1" / "acts")
     shard = next(store.shards())
     t = shard.tokens.to_pydict()

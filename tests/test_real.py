@@ -36,15 +36,20 @@ def test_ranks_paris_among_top_next_tokens(real):
 
 def test_layer_two_thirds_deep_and_attention_sink(real):
     layer = {18: 12, 30: 20}[real.n_layers]
-    prefix = bos_prefix(real.tokenizer, "auto")
-    assert prefix == ([2] if real.n_layers == 18 else [])  # Gemma adds <bos>; SmolLM2 nothing
+    own = bos_prefix(real.tokenizer, "tokenizer")
+    assert own == ([2] if real.n_layers == 18 else [])  # Gemma adds <bos>; SmolLM2 nothing
+    assert bos_prefix(real.tokenizer, "auto") == [2 if real.n_layers == 18 else 1]
     text = "The Moon is Earth's only natural satellite, orbiting at about 384,400 km."
-    ids = real.tokenizer(text, return_tensors="pt").input_ids
-    h = capture(real.model, [layer], ids)[layer][0].float()  # [seq, d]
-    norms = h.norm(dim=-1)
-    assert torch.isfinite(h).all()
-    # Position 0 is an attention sink: its norm dwarfs the median of the rest.
-    assert norms[0] > 5 * norms[1:].median(), norms
+    words = real.tokenizer(text, add_special_tokens=False).input_ids
+    for prefix in (own, bos_prefix(real.tokenizer, "auto")):
+        ids = torch.tensor([prefix + words])
+        h = capture(real.model, [layer], ids)[layer][0].float()  # [seq, d]
+        norms = h.norm(dim=-1)
+        assert torch.isfinite(h).all()
+        # Position 0 is an attention sink, whatever sits there: its norm dwarfs the median.
+        assert norms[0] > 5 * norms[1:].median(), norms
+    # With "auto", the sink is the special token, and the first word is an ordinary token.
+    assert norms[1] < 2 * norms[2:].median(), norms
 
 
 def test_offsets_cover_the_text(real):

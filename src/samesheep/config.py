@@ -53,8 +53,9 @@ class ExtractConfig:
     threads: int = 0
     """CPU threads for torch; 0 means one per core."""
     add_bos: str = "auto"
-    """"auto" keeps what the tokenizer adds; "yes" prepends BOS (or end-of-text where the
-    tokenizer has no BOS) to every window; "no" adds nothing."""
+    """What starts every window: "auto" is what the tokenizer adds, or its BOS (else EOS)
+    token where it adds nothing, so the attention sink at position 0 is a special token;
+    "tokenizer" is exactly what the tokenizer adds; "no" is nothing."""
 
 
 @dataclass

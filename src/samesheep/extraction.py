@@ -23,6 +23,8 @@ from .progress import progress
 from .store import TOKEN_SCHEMA, StoreWriter, to_store_dtype
 
 SPLITS = ("train", "heldout")
+STORE_VERSION = 2
+"""Bump when what a store holds changes for the same settings, so old stores are rebuilt."""
 
 
 @dataclass
@@ -39,24 +41,26 @@ class Window:
 
 
 def bos_prefix(tokenizer: Any, add_bos: str) -> list[int]:
-    """Token ids put before every window: what the tokenizer adds ("auto"), BOS or
-    end-of-text ("yes"), or nothing ("no")."""
+    """Token ids put before every window.
+
+    "tokenizer": what the tokenizer itself adds (Gemma: <bos>; SmolLM2: nothing).
+    "auto": the same, but where the tokenizer adds nothing, its BOS token (else EOS), so that
+    the attention sink at position 0 falls on a special token rather than on the first word.
+    "no": nothing."""
+    if add_bos not in ("auto", "tokenizer", "no"):
+        raise SamesheepError(f"add_bos must be auto, tokenizer or no, not {add_bos!r}")
     if add_bos == "no":
         return []
-    if add_bos == "yes":
-        tid = tokenizer.bos_token_id
-        if tid is None:
-            tid = tokenizer.eos_token_id
-        if tid is None:
-            raise SamesheepError("add_bos = yes, but the tokenizer has neither BOS nor EOS")
-        return [int(tid)]
-    if add_bos != "auto":
-        raise SamesheepError(f"add_bos must be auto, yes or no, not {add_bos!r}")
     with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    n = len(with_special) - len(plain)
-    # Only what comes before the text: an appended EOS would cut windows in the middle.
-    return [int(t) for t in with_special[: with_special.index(plain[0])]] if n > 0 else []
+    # Only what comes before the text: an appended EOS would sit in the middle of a document.
+    own = [int(t) for t in with_special[: with_special.index(plain[0])]]
+    if own or add_bos == "tokenizer":
+        return own
+    tid = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if tid is None:
+        raise SamesheepError('the tokenizer has neither BOS nor EOS; set add_bos = "tokenizer"')
+    return [int(tid)]
 
 
 def windows_of(
@@ -201,10 +205,10 @@ def extract_model(
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("threads", "device")}
 
     def settings_key() -> str:
-        return settings_hash(
-            corpus_hash, fingerprint(source, seed), [str(s) for s in layer_specs], settings,
-            dtype_name(dtype), device.type,
-        )  # fmt: skip
+        layers = [str(s) for s in layer_specs]
+        model = fingerprint(source, seed)
+        where = (dtype_name(dtype), device.type)
+        return settings_hash(STORE_VERSION, corpus_hash, model, layers, settings, where)
 
     state_path = model_dir / "extract.json"
     state = read_json(state_path, corrupt_is_missing=True)
