@@ -336,8 +336,9 @@ def load_model(
                 config, dtype=torch.float32, trust_remote_code=trust_remote_code
             )
         else:
+            # Cast while loading: never holds a float32 copy beside a bfloat16 one.
             model = AutoModelForCausalLM.from_pretrained(
-                where, dtype=torch.float32, trust_remote_code=trust_remote_code
+                where, dtype=dtype, trust_remote_code=trust_remote_code
             )
     except (OSError, ValueError) as e:
         raise _hub_error(source, e) from None
