@@ -167,3 +167,18 @@ def test_auto_dtype_follows_hardware(monkeypatch):
     assert device.choose_dtype("float16", cpu) == torch.float16
     with pytest.raises(SamesheepError):
         device.choose_dtype("int8", cpu)
+
+
+def test_writer_clears_what_a_killed_writer_left(tmp_path):
+    from samesheep.store import StoreWriter
+
+    folder = tmp_path / "acts"
+    folder.mkdir()
+    left = [folder / ".tmpX1b2C3", folder / ".train-00003.safetensors.4242.tmp"]
+    for p in left:
+        p.write_bytes(b"partial")
+    keep = folder / "notes.txt"
+    keep.write_text("mine")
+    StoreWriter(folder, {"key": "k", "layer": 1})
+    assert not any(p.exists() for p in left)
+    assert keep.exists()

@@ -63,8 +63,11 @@ def read_json(path: str | Path, corrupt_is_missing: bool = False) -> Any | None:
 
 
 def remove_stale_temporaries(folder: str | Path) -> None:
-    """Delete temporary files a killed process left behind."""
+    """Delete temporary files a killed process left behind: ours (".name.pid.tmp") and
+    those of writers that stage files themselves (safetensors writes ".tmpXXXXXX")."""
     folder = Path(folder)
     if folder.is_dir():
-        for p in folder.glob(f".*{TMP_SUFFIX}"):
-            p.unlink(missing_ok=True)
+        for pattern in (f".*{TMP_SUFFIX}", ".tmp*"):
+            for p in folder.glob(pattern):
+                if p.is_file():
+                    p.unlink(missing_ok=True)
