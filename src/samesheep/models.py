@@ -254,8 +254,8 @@ def fingerprint(source: str, seed: int = 0) -> str:
     """A string that changes when the model's weights may have changed, without loading it."""
     if source.startswith(RANDOM_PREFIX):
         return f"random(seed={seed}):{fingerprint(source[len(RANDOM_PREFIX) :])}"
-    if source in PRESETS:
-        return source
+    if source in PRESETS:  # the converted folder is named by the GGUF's hash
+        return f"{source}:{Path(resolve_source(source)).name}"
     path = Path(source).expanduser()
     if path.is_file():
         st = path.stat()
