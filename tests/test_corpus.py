@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import sys
 import types
 from collections import Counter
@@ -161,6 +162,77 @@ def test_hf_source_parsed_and_streamed(monkeypatch):
     ]
     list(iter_source("hf:user/data"))
     assert calls[-1] == ("user/data", None, "train", True)
+
+
+class FakeStream:
+    """A streamed dataset that counts the rows it hands out; shuffle as datasets does it:
+    a seeded buffer, refilled from the stream."""
+
+    def __init__(self, n: int, log: dict, seed: int | None = None, buffer_size: int = 0):
+        self.n, self.log, self.seed, self.buffer_size = n, log, seed, buffer_size
+
+    def shuffle(self, seed: int, buffer_size: int) -> FakeStream:
+        self.log["shuffle"].append((seed, buffer_size))
+        return FakeStream(self.n, self.log, seed, buffer_size)
+
+    def _rows(self):
+        for i in range(self.n):
+            self.log["read"] += 1
+            yield {"id": f"r{i}", "text": f"row {i} has five words"}
+
+    def __iter__(self):
+        if self.seed is None:
+            yield from self._rows()
+            return
+        rng = random.Random(self.seed)
+        buffer = []
+        for row in self._rows():
+            if len(buffer) < self.buffer_size:
+                buffer.append(row)
+                continue
+            i = rng.randrange(len(buffer))
+            yield buffer[i]
+            buffer[i] = row
+        rng.shuffle(buffer)
+        yield from buffer
+
+
+@pytest.fixture
+def fake_stream(monkeypatch):
+    log = {"read": 0, "shuffle": []}
+
+    def load_dataset(name, config, split, streaming):
+        return FakeStream(5_000, log)
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    monkeypatch.setattr(corpus, "SHUFFLE_BUFFER", 100)
+    return log
+
+
+def test_hf_stream_sampled_with_bounded_buffer(tmp_path, fake_stream):
+    cfg = CorpusConfig(source="hf:user/data", max_tokens=50, heldout_tokens=20, seed=7)
+    m = build_corpus(cfg, tmp_path / "a", words, "t")
+    assert m["train"] == {"documents": 10, "tokens": 50}
+    assert m["heldout"] == {"documents": 4, "tokens": 20}
+    assert fake_stream["shuffle"] == [(7, 100)]
+    assert fake_stream["read"] < 1_000  # buffer + one counting batch, not the whole stream
+    ids = [d.id for d in read_documents(tmp_path / "a" / "train.jsonl")]
+    assert ids != [f"r{i}" for i in range(4, 14)]  # shuffled, not the stream's front
+
+    build_corpus(cfg, tmp_path / "b", words, "t")
+    for name in ("train.jsonl", "heldout.jsonl"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    other = CorpusConfig(source="hf:user/data", max_tokens=50, heldout_tokens=20, seed=8)
+    build_corpus(other, tmp_path / "c", words, "t")
+    assert [d.id for d in read_documents(tmp_path / "c" / "train.jsonl")] != ids
+
+
+def test_hf_stream_needs_a_budget(tmp_path, fake_stream):
+    cfg = CorpusConfig(source="hf:user/data", max_tokens=0, max_docs=0, heldout_tokens=20)
+    with pytest.raises(SamesheepError, match="max_tokens or max_docs"):
+        build_corpus(cfg, tmp_path / "a", words, "t")
+    assert fake_stream["read"] == 0
+    assert not (tmp_path / "a").exists()
 
 
 def test_hf_without_datasets(monkeypatch):
@@ -443,15 +515,25 @@ def test_build_corpus_rebuilds_on_change(tmp_path, change):
     assert load_corpus_manifest(out)["hash"] == second["hash"]
 
 
-def test_build_corpus_failure_leaves_no_manifest(tmp_path):
+@pytest.mark.parametrize("bad", ["missing source", "empty source", "heldout too large"])
+def test_build_corpus_failure_keeps_old_corpus(tmp_path, bad):
     src = write_source(tmp_path)
     out = tmp_path / "corpus"
-    build_corpus(CorpusConfig(source=str(src), max_tokens=50, heldout_tokens=20), out, words, "t")
-    bad = CorpusConfig(source=str(src), max_tokens=50, heldout_tokens=10_000)
+    good = CorpusConfig(source=str(src), max_tokens=50, heldout_tokens=20)
+    m = build_corpus(good, out, words, "t")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    empty = tmp_path / "empty.txt"
+    empty.write_text(" \n\n \n")
+    cfg = {
+        "missing source": CorpusConfig(source=str(tmp_path / "nope.txt")),
+        "empty source": CorpusConfig(source=str(empty)),
+        "heldout too large": CorpusConfig(source=str(src), max_tokens=50, heldout_tokens=10_000),
+    }[bad]
     with pytest.raises(SamesheepError):
-        build_corpus(bad, out, words, "t")
-    with pytest.raises(SamesheepError, match="no complete corpus"):
-        load_corpus_manifest(out)
+        build_corpus(cfg, out, words, "t")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert load_corpus_manifest(out)["hash"] == m["hash"]
+    assert len(list(read_documents(out / "train.jsonl"))) == m["train"]["documents"]
 
 
 def test_load_corpus_manifest_missing(tmp_path):

@@ -182,3 +182,70 @@ def test_writer_clears_what_a_killed_writer_left(tmp_path):
     StoreWriter(folder, {"key": "k", "layer": 1})
     assert not any(p.exists() for p in left)
     assert keep.exists()
+
+
+def test_deleted_shard_is_written_again(tmp_path, tiny_models, corpus_file):
+    run_extract(tmp_path, tiny_models["llama"], corpus_file)
+    store = tmp_path / "run" / tiny_models["llama"].name / "layer_1" / "acts"
+    want = samesheep.open_store(store).read("train-00001").acts.clone()
+    (store / "train-00001.safetensors").unlink()
+    (info,) = run_extract(tmp_path, tiny_models["llama"], corpus_file).values()
+    assert not info["skipped"]
+    again = samesheep.open_store(store)
+    assert again.complete and torch.equal(again.read("train-00001").acts, want)
+
+
+def test_adding_a_layer_keeps_the_stores_already_made(tmp_path, tiny_models, corpus_file):
+    model = tiny_models["gpt2"]
+    run_extract(tmp_path, model, corpus_file, layers=[1])
+    store1 = tmp_path / "run" / model.name / "layer_1" / "acts"
+    stamps = {p.name: p.stat().st_mtime_ns for p in store1.glob("*-*.safetensors")}
+    (info,) = run_extract(tmp_path, model, corpus_file, layers=["1", 2]).values()
+    assert info["layers"] == [1, 2] and not info["skipped"]
+    assert {p.name: p.stat().st_mtime_ns for p in store1.glob("*-*.safetensors")} == stamps
+    assert samesheep.open_store(tmp_path / "run" / model.name / "layer_2" / "acts").complete
+
+
+def test_a_long_document_spreads_over_shards(tiny_models):
+    from samesheep.corpus import Document
+    from samesheep.extraction import shard_groups
+
+    lm = load_model(str(tiny_models["llama"]))
+    docs = [Document("short", "A cat."), Document("long", "The sea is never full. " * 200)]
+    groups = list(shard_groups(docs, lm.tokenizer, [295], context_length=32, shard_tokens=100))
+    assert len(groups) > 5
+    assert all(sum(len(w.ids) for w in g) < 100 + 32 for _, _, g in groups)
+    assert [w.window for _, _, g in groups for w in g if w.doc_id == "long"] == list(
+        range(sum(1 for _, _, g in groups for w in g if w.doc_id == "long"))
+    )
+    assert groups[-1][:2] == (1, 2)
+
+
+def test_non_ascii_offsets(tiny_models):
+    """Byte-level pieces of one character share its span; every window's tokens decode to
+    exactly the text its spans cover."""
+    from samesheep.corpus import Document
+
+    lm = load_model(str(tiny_models["llama"]))
+    text = "Zürich und 北京 sind Städte; \U0001d518 ist ein Zeichen. " * 3
+    wins = windows_of([(0, Document("d", text))], lm.tokenizer, [295], context_length=24)
+    assert len(wins) > 2
+    covered = ""
+    for w in wins:
+        ids, starts, ends = w.ids[1:], w.starts[1:], w.ends[1:]
+        assert (np.diff(starts) >= 0).all() and (ends > starts).all()
+        assert lm.tokenizer.decode(ids.tolist()) == text[starts[0] : ends[-1]]
+        covered += text[starts[0] : ends[-1]]
+    assert covered == text
+
+
+def test_bad_input_leaves_the_recorded_config_alone(tmp_path, tiny_models, corpus_file):
+    run_extract(tmp_path, tiny_models["llama"], corpus_file)
+    recorded = tmp_path / "run" / "config.toml"
+    before = recorded.read_text()
+    assert str(tiny_models["llama"]) in before
+    with pytest.raises(SamesheepError, match="unknown model preset"):
+        run_extract(tmp_path, "no-such-model", corpus_file)
+    with pytest.raises(SamesheepError, match="out of range"):
+        run_extract(tmp_path, tiny_models["llama"], corpus_file, layers=[40])
+    assert recorded.read_text() == before

@@ -59,3 +59,17 @@ def test_offsets_cover_the_text(real):
     assert spans[0][0] == 0 and spans[-1][1] == len(text)
     assert all(a <= b for a, b in spans)
     assert all(spans[i][1] <= spans[i + 1][1] for i in range(len(spans) - 1))
+
+
+def test_windows_keep_characters_whole(real):
+    """Byte-fallback and byte-level pieces of one character stay in one window, so each
+    window's tokens decode to exactly the text their spans cover."""
+    from samesheep.corpus import Document
+    from samesheep.extraction import windows_of
+
+    text = "Z\u00fcrich, \u5317\u4eac and \U0001d518: " * 4
+    wins = windows_of([(0, Document("d", text))], real.tokenizer, [], context_length=5)
+    assert len(wins) > 4
+    for w in wins:
+        got = real.tokenizer.decode(w.ids.tolist())
+        assert got == text[w.starts[0] : w.ends[-1]], (got, w.starts, w.ends)

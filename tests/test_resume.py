@@ -124,7 +124,7 @@ KillPoint = tuple[Callable[[], bool], int]
 
 
 def _after_start(run_dir: Path, store: Path) -> KillPoint:
-    return (lambda: (run_dir / "config.toml").exists()), 0
+    return (lambda: (run_dir / "corpus" / "manifest.json").exists()), 0
 
 
 def _after_two_shards(run_dir: Path, store: Path) -> KillPoint:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.util
+import itertools
 import json
 import random
 import re
@@ -26,7 +27,9 @@ WIKI_FILES = {
 TEXT_SUFFIXES = (".txt", ".md")
 COUNT_BATCH = 256
 """Texts per call of `count_tokens` while sampling."""
-CORPUS_VERSION = 1
+SHUFFLE_BUFFER = 10_000
+"""Documents in the shuffle buffer of a streamed (Hugging Face) source."""
+CORPUS_VERSION = 2
 """Bump when sampling or file layout changes, so old corpora are rebuilt."""
 
 CountTokens = Callable[[list[str]], list[int]]
@@ -228,7 +231,9 @@ def _iter_parquet(path: Path, text_column: str) -> Iterator[Document]:
                 yield doc
 
 
-def _iter_hf(name: str, config: str | None, split: str, text_column: str) -> Iterator[Document]:
+def _iter_hf(
+    name: str, config: str | None, split: str, text_column: str, seed: int | None
+) -> Iterator[Document]:
     try:
         import datasets
     except ImportError:
@@ -241,6 +246,10 @@ def _iter_hf(name: str, config: str | None, split: str, text_column: str) -> Ite
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise SamesheepError(f"cannot load Hugging Face dataset {name!r}: {first}") from None
+    if seed is not None and hasattr(ds, "shuffle"):
+        # A bounded buffer: a full shuffle would download the whole dataset. Row numbers
+        # (ids where there is no "id" column) then count in the shuffled order.
+        ds = ds.shuffle(seed=seed, buffer_size=SHUFFLE_BUFFER)
     where = f"Hugging Face dataset {name!r}"
     for row_index, row in enumerate(ds):
         doc = _row_document(row, row_index, text_column, where)
@@ -248,14 +257,17 @@ def _iter_hf(name: str, config: str | None, split: str, text_column: str) -> Ite
             yield doc
 
 
-def iter_source(source: str, text_column: str = "text") -> Iterator[Document]:
-    """The non-empty documents of a source, in the source's own order."""
+def iter_source(
+    source: str, text_column: str = "text", stream_seed: int | None = None
+) -> Iterator[Document]:
+    """The non-empty documents of a source, in the source's own order (for a streamed
+    source, in a seeded buffer-shuffled order where stream_seed is given)."""
     kind, arg = _parse_source(source)  # raises now, not at the first next()
     if kind == "wiki":
         _wiki_file(arg)
         return _iter_wiki(arg)
     if kind == "hf":
-        return _iter_hf(*arg, text_column)
+        return _iter_hf(*arg, text_column, stream_seed)
     if kind == "folder":
         return _iter_folder(arg)
     if kind == "text":
@@ -287,9 +299,9 @@ def _source_fingerprint(source: str) -> str | None:
 # ---------------------------------------------------------------- sampling
 
 
-def _counted(docs: list[Document], count_tokens: CountTokens) -> Iterator[tuple[Document, int]]:
-    for start in range(0, len(docs), COUNT_BATCH):
-        chunk = docs[start : start + COUNT_BATCH]
+def _counted(docs: Iterable[Document], count_tokens: CountTokens) -> Iterator[tuple[Document, int]]:
+    docs = iter(docs)
+    while chunk := list(itertools.islice(docs, COUNT_BATCH)):
         counts = list(count_tokens([d.text for d in chunk]))
         if len(counts) != len(chunk):
             raise ValueError(f"count_tokens returned {len(counts)} counts for {len(chunk)} texts")
@@ -304,7 +316,10 @@ def _sample(
     heldout_tokens: int,
     seed: int,
     name: str,
+    streamed: bool = False,
 ) -> tuple[list[Document], list[Document], int, int]:
+    """Local sources: an exact seeded shuffle of all documents. Streamed sources come
+    already shuffled and are read only until the budgets are met."""
     for key, value in [
         ("max_tokens", max_tokens),
         ("max_docs", max_docs),
@@ -312,36 +327,52 @@ def _sample(
     ]:
         if value < 0:
             raise SamesheepError(f"corpus setting {key} must be 0 or more, got {value}")
-    pool = [d for d in docs if d.text.strip()]
-    if not pool:
-        raise SamesheepError(f"corpus {name} has no usable text")
-    seen: set[str] = set()
-    for d in pool:
-        if d.id in seen:
-            raise SamesheepError(f"corpus {name} has two documents with id {d.id!r}")
-        seen.add(d.id)
-    random.Random(seed).shuffle(pool)  # input order is the base: deterministic per source
+    if streamed:
+        if not (max_tokens or max_docs):
+            raise SamesheepError(
+                f"corpus {name} is streamed: set max_tokens or max_docs, "
+                f"or it would read the whole dataset"
+            )
+        pool: Iterable[Document] = (d for d in docs if d.text.strip())
+    else:
+        pool = [d for d in docs if d.text.strip()]
+        _check_unique_ids(pool, name)
+        random.Random(seed).shuffle(pool)  # input order is the base: deterministic per source
 
-    stream = _counted(pool, count_tokens)
     heldout: list[Document] = []
     heldout_count = 0
     train: list[Document] = []
     train_count = 0
-    for doc, n in stream:
+    for doc, n in _counted(pool, count_tokens):
         if heldout_count < heldout_tokens:
             heldout.append(doc)
             heldout_count += n
-            continue
-        if (max_tokens and train_count >= max_tokens) or (max_docs and len(train) >= max_docs):
-            break
-        train.append(doc)
-        train_count += n
+        else:
+            train.append(doc)
+            train_count += n
+        train_full = (max_tokens and train_count >= max_tokens) or (
+            max_docs and len(train) >= max_docs
+        )
+        if heldout_count >= heldout_tokens and train_full:
+            break  # before reading another document
+    if not heldout and not train:
+        raise SamesheepError(f"corpus {name} has no usable text")
+    if streamed:
+        _check_unique_ids(heldout + train, name)
     if not train:
         raise SamesheepError(
             f"corpus {name} is too small: the held-out set took all {len(heldout)} documents "
             f"({heldout_count} tokens); lower heldout_tokens"
         )
     return heldout, train, heldout_count, train_count
+
+
+def _check_unique_ids(docs: Iterable[Document], name: str) -> None:
+    seen: set[str] = set()
+    for d in docs:
+        if d.id in seen:
+            raise SamesheepError(f"corpus {name} has two documents with id {d.id!r}")
+        seen.add(d.id)
 
 
 def sample(
@@ -424,18 +455,21 @@ def build_corpus(
     if _complete(out_dir, old) and old.get("hash") == digest:
         return {**old, "skipped": True}
 
-    # Remove the old manifest first: a half-rebuilt folder must never look complete.
-    (out_dir / MANIFEST).unlink(missing_ok=True)
-    remove_stale_temporaries(out_dir)
+    # Sample first: bad input raises before a good old corpus is touched.
+    streamed = _parse_source(cfg.source)[0] == "hf"
     heldout, train, heldout_count, train_count = _sample(
-        iter_source(cfg.source, cfg.text_column),
+        iter_source(cfg.source, cfg.text_column, stream_seed=cfg.seed),
         count_tokens,
         cfg.max_tokens,
         cfg.max_docs,
         cfg.heldout_tokens,
         cfg.seed,
         cfg.source,
+        streamed,
     )
+    # Then remove the old manifest: a half-rebuilt folder must never look complete.
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+    remove_stale_temporaries(out_dir)
     write_documents(out_dir / SPLIT_FILES["train"], train)
     write_documents(out_dir / SPLIT_FILES["heldout"], heldout)
     manifest = {

@@ -20,7 +20,7 @@ from .errors import SamesheepError
 from .files import read_json, write_json
 from .models import LoadedModel, capture, fingerprint, load_model, resolve_layer
 from .progress import progress
-from .store import TOKEN_SCHEMA, StoreWriter, to_store_dtype
+from .store import MANIFEST, SHARD_FILES, TOKEN_SCHEMA, StoreWriter, to_store_dtype
 
 SPLITS = ("train", "heldout")
 STORE_VERSION = 2
@@ -63,6 +63,19 @@ def bos_prefix(tokenizer: Any, add_bos: str) -> list[int]:
     return [int(tid)]
 
 
+def window_cuts(spans: np.ndarray, body: int) -> list[tuple[int, int]]:
+    """Token ranges of at most `body` tokens each, never cutting between the byte pieces of
+    one character (tokens whose spans overlap), so every window decodes to whole text."""
+    cuts, lo, n = [], 0, len(spans)
+    while lo < n:
+        hi = min(lo + body, n)
+        while lo + 1 < hi < n and spans[hi, 0] < spans[hi - 1, 1]:
+            hi -= 1
+        cuts.append((lo, hi))
+        lo = hi
+    return cuts
+
+
 def windows_of(
     docs: list[tuple[int, Document]], tokenizer: Any, prefix: list[int], context_length: int
 ) -> list[Window]:
@@ -83,8 +96,8 @@ def windows_of(
     ):
         ids_np = np.asarray(ids, dtype=np.int64)
         spans = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-        for w, lo in enumerate(range(0, len(ids_np), body)):
-            chunk, span = ids_np[lo : lo + body], spans[lo : lo + body]
+        for w, (lo, hi) in enumerate(window_cuts(spans, body)):
+            chunk, span = ids_np[lo:hi], spans[lo:hi]
             at = span[0, 0]  # prefix tokens get an empty span where the window starts
             out.append(
                 Window(
@@ -110,20 +123,21 @@ def shard_groups(
     shard_tokens: int,
     chunk_docs: int = 64,
 ) -> Iterator[tuple[int, int, list[Window]]]:
-    """Yield (first doc, end doc, windows): groups of whole documents that hold at least
-    shard_tokens tokens each (the last may hold fewer). Streams the documents."""
+    """Yield (first doc, end doc, windows): groups of whole windows holding at least
+    shard_tokens tokens each (the last may hold fewer). Streams the documents; a very long
+    document spreads over several groups, so memory stays bounded by the shard size."""
     group: list[Window] = []
-    count, first = 0, 0
+    count = 0
     numbered = enumerate(docs)
     while chunk := list(itertools.islice(numbered, chunk_docs)):
         for w in windows_of(chunk, tokenizer, prefix, context_length):
-            if count >= shard_tokens and w.window == 0:  # cut only between documents
-                yield first, w.doc_index, group
-                group, count, first = [], 0, w.doc_index
+            if count >= shard_tokens:
+                yield group[0].doc_index, group[-1].doc_index + 1, group
+                group, count = [], 0
             group.append(w)
             count += len(w.ids)
     if group:
-        yield first, group[-1].doc_index + 1, group
+        yield group[0].doc_index, group[-1].doc_index + 1, group
 
 
 def length_batches(windows: list[Window], batch_tokens: int) -> list[list[int]]:
@@ -204,11 +218,13 @@ def extract_model(
     dtype = choose_dtype(cfg.dtype, device)
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("threads", "device")}
 
-    def settings_key() -> str:
-        layers = [str(s) for s in layer_specs]
+    def base_key() -> str:  # everything but the layers
         model = fingerprint(source, seed)
         where = (dtype_name(dtype), device.type)
-        return settings_hash(STORE_VERSION, corpus_hash, model, layers, settings, where)
+        return settings_hash(STORE_VERSION, corpus_hash, model, settings, where)
+
+    def settings_key() -> str:
+        return settings_hash(base_key(), [str(s) for s in layer_specs])
 
     state_path = model_dir / "extract.json"
     state = read_json(state_path, corrupt_is_missing=True)
@@ -223,11 +239,11 @@ def extract_model(
     set_threads(cfg.threads)
     if lm is None:  # a caller may pass the model it already loaded (same source and dtype)
         lm = load_model(source, dtype, device, trust_remote_code, seed)
-    key = settings_key()  # again: a hub model's revision is known once it is downloaded
+    # again: a hub model's revision is known once it is downloaded
+    key, store_key = settings_key(), base_key()
     layers = sorted({resolve_layer(s, lm.n_layers) for s in layer_specs})
     prefix = bos_prefix(lm.tokenizer, cfg.add_bos)
     header = {
-        "key": key,
         "model": source,
         "n_layers": lm.n_layers,
         "d_model": lm.d_model,
@@ -237,8 +253,14 @@ def extract_model(
         "context_length": cfg.context_length,
         "prefix_ids": prefix,
     }
+    # Each store is keyed on its own resolved layer: adding a layer, or naming one another
+    # way ("2/3" or 12), keeps the stores already complete.
     writers = {
-        L: StoreWriter(model_dir / f"layer_{L}" / "acts", {**header, "layer": L}) for L in layers
+        L: StoreWriter(
+            model_dir / f"layer_{L}" / "acts",
+            {**header, "key": settings_hash(store_key, L), "layer": L},
+        )
+        for L in layers
     }
     write_json(state_path, {"key": key, "model": source, "layers": layers, "complete": False})
     totals = {"tokens": {}, "documents": {}}
@@ -281,13 +303,11 @@ def extract_model(
 
 def _store_intact(folder: Path) -> bool:
     """Whether a store is complete and every shard it lists is still on disk."""
-    manifest = read_json(folder / "manifest.json", corrupt_is_missing=True)
+    manifest = read_json(folder / MANIFEST, corrupt_is_missing=True)
     if not manifest or not manifest.get("complete"):
         return False
     names = [s["name"] for s in manifest["shards"]]
-    return all((folder / f"{n}.safetensors").is_file() for n in names) and all(
-        (folder / f"{n}.tokens.parquet").is_file() for n in names
-    )
+    return all((folder / f"{n}{ext}").is_file() for n in names for ext in SHARD_FILES)
 
 
 def count_lines(path: Path) -> int:

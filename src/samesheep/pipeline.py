@@ -16,17 +16,15 @@ from .progress import say
 
 
 def prepare_run_dir(cfg: Config) -> Path:
-    """Create the run directory (failing clearly where it cannot be written) and record
-    the resolved config in it."""
+    """Check the settings every stage needs and create the run directory (failing clearly
+    where it cannot be written)."""
     run = Path(cfg.run_dir).expanduser()
     try:
         run.mkdir(parents=True, exist_ok=True)
-        text = config_mod.to_toml(cfg)
-        recorded = run / "config.toml"
-        if not recorded.is_file() or recorded.read_text(encoding="utf-8") != text:
-            write_text(recorded, text)
     except OSError as e:
         raise SamesheepError(f"cannot write to run directory {run}: {e.strerror}") from None
+    if not all(isinstance(m, str) and m for m in cfg.models):
+        raise SamesheepError(f"models must be source strings, got {cfg.models!r}")
     names = [safe_name(m) for m in cfg.models]
     if not cfg.models:
         raise SamesheepError("no models configured (set models = [...])")
@@ -35,6 +33,16 @@ def prepare_run_dir(cfg: Config) -> Path:
     if not cfg.layers:
         raise SamesheepError("no layers configured (set layers = [...])")
     return run
+
+
+def record_config(cfg: Config) -> None:
+    """Write the resolved config into the run directory once a stage has succeeded (a
+    failed command must not leave a config that disagrees with the files)."""
+    run = Path(cfg.run_dir).expanduser()
+    text = config_mod.to_toml(cfg)
+    recorded = run / "config.toml"
+    if not recorded.is_file() or recorded.read_text(encoding="utf-8") != text:
+        write_text(recorded, text)
 
 
 def corpus_stage(cfg: Config) -> dict[str, Any]:
@@ -47,10 +55,11 @@ def corpus_stage(cfg: Config) -> dict[str, Any]:
         nonlocal tokenizer
         if tokenizer is None:
             tokenizer = load_tokenizer(counter, cfg.trust_remote_code)
-        enc = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        enc = tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         return [len(ids) for ids in enc]
 
     manifest = build_corpus(cfg.corpus, run / "corpus", count_tokens, counter)
+    record_config(cfg)
     return manifest
 
 
@@ -89,6 +98,7 @@ def extract_stage(cfg: Config) -> dict[str, dict[str, Any]]:
             f"({toks.get('train', 0):,} train + {toks.get('heldout', 0):,} held-out tokens)"
         )
         results[source] = result
+    record_config(cfg)
     return results
 
 

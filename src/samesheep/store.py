@@ -28,6 +28,7 @@ from .errors import SamesheepError
 from .files import atomic_path, read_json, remove_stale_temporaries, write_json
 
 MANIFEST = "manifest.json"
+SHARD_FILES = (".safetensors", ".tokens.parquet")
 FLOAT16_MAX = 65504.0
 
 TOKEN_SCHEMA = pa.schema(
@@ -92,17 +93,24 @@ class StoreWriter:
         old = read_json(self.folder / MANIFEST, corrupt_is_missing=True)
         if old is not None and old.get("key") == header["key"]:
             self.manifest = old
+            # A shard listed but gone from disk (deleted by hand) is written again.
+            present = [s for s in old["shards"] if self._on_disk(s["name"])]
+            if len(present) != len(old["shards"]):
+                self.manifest = {**old, "shards": present, "complete": False}
+                write_json(self.folder / MANIFEST, self.manifest)
         else:  # new settings or inputs: what is here belongs to another run
-            for p in self.folder.glob("*-*.safetensors"):
-                p.unlink()
-            for p in self.folder.glob("*-*.tokens.parquet"):
-                p.unlink()
+            for ext in SHARD_FILES:
+                for p in self.folder.glob(f"*-*{ext}"):
+                    p.unlink()
             self.manifest = {**header, "shards": [], "complete": False}
             write_json(self.folder / MANIFEST, self.manifest)
 
     @property
     def complete(self) -> bool:
         return bool(self.manifest.get("complete"))
+
+    def _on_disk(self, name: str) -> bool:
+        return all((self.folder / f"{name}{ext}").is_file() for ext in SHARD_FILES)
 
     def has(self, name: str) -> bool:
         """Whether shard `name` is complete on disk."""
