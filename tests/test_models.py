@@ -73,7 +73,7 @@ def test_resolve_layer():
     assert resolve_layer(0.5, 24) == 12
     assert resolve_layer(-1, 18) == 17
     assert resolve_layer("5", 18) == 5
-    for bad in (18, -19, "3/2", "half", True):
+    for bad in (18, -19, "3/2", "half", True, "1/1", 1.0, "2/2", 0.0, None, [3]):
         with pytest.raises(SamesheepError):
             resolve_layer(bad, 18)
 

@@ -86,7 +86,9 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
         raise SamesheepError(f"unknown setting {where}{unknown[0]} (known: {', '.join(names)})")
     kwargs = {}
     for key, value in data.items():
-        if key in _SECTIONS and isinstance(value, dict):
+        if key in _SECTIONS:
+            if not isinstance(value, dict):
+                raise SamesheepError(f"{key} is a section of settings, not a value ({value!r})")
             kwargs[key] = _build(_SECTIONS[key], value, f"{key}.")
             continue
         default = getattr(cls(), key)
@@ -127,6 +129,8 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
         node = data
         for p in parents:
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise SamesheepError(f"--set {key}: {p} is a setting, not a section")
         node[leaf] = value
     return from_dict(data)
 

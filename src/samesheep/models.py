@@ -156,6 +156,23 @@ def _convert_gguf(path: Path, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _clear_stale_temporaries(max_age_s: float = 3600) -> None:
+    """Remove what a killed conversion left in the cache (joined GGUF copies, half-written
+    folders): temporaries older than an hour, so a conversion running elsewhere is spared."""
+    import time
+
+    for folder in (cache_dir(), cache_dir() / "models"):
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            if not p.name.startswith(("tmp", ".")) or time.time() - p.stat().st_mtime < max_age_s:
+                continue
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
 def _converted(sha: str) -> Path:
     return cache_dir() / "models" / f"gguf-{sha[:20]}"
 
@@ -192,7 +209,7 @@ def _gemma_folder(preset: Preset) -> Path:
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
         try:
             gguf_path = pkg.assemble(Path(tmp) / pkg.MODEL_NAME)
-        except (FileNotFoundError, ValueError) as e:
+        except (FileNotFoundError, ValueError, ImportError) as e:
             raise SamesheepError(
                 f"cannot assemble gemma-3-270m: {e}; reinstall: {preset.pip}"
             ) from None
@@ -227,13 +244,14 @@ _PRESET_FOLDERS = {
 
 
 def _looks_like_path(source: str) -> bool:
-    return source.startswith((".", "/", "~")) or source.endswith(".gguf") or os.sep in source[:1]
+    return source.startswith((".", "/", "~")) or source.endswith(".gguf")
 
 
 def resolve_source(source: str) -> str:
     """What from_pretrained loads for a source: a local folder or a hub id."""
     if source in PRESETS:
         cache_dir().mkdir(parents=True, exist_ok=True)
+        _clear_stale_temporaries()
         return str(_PRESET_FOLDERS[source](PRESETS[source]))
     path = Path(source).expanduser()
     if source.endswith(".gguf"):
@@ -285,14 +303,17 @@ def model_depth(source: str, trust_remote_code: bool = False) -> int:
     where = resolve_source(source.removeprefix(RANDOM_PREFIX))
     try:
         config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise _hub_error(source, e) from None
+    except Exception as e:  # damaged weights, missing files, no network: one line each
+        raise _load_error(source, e) from e
     return int(config.get_text_config().num_hidden_layers)
 
 
-def _hub_error(source: str, e: Exception) -> SamesheepError:
-    first = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return SamesheepError(f"cannot load model {source!r} (no network, or not a model?): {first}")
+def _load_error(source: str, e: Exception) -> SamesheepError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    base = source.removeprefix(RANDOM_PREFIX)
+    local = base in PRESETS or _looks_like_path(base) or Path(base).expanduser().exists()
+    hint = "" if local else " (no network, or not a model on the hub?)"
+    return SamesheepError(f"cannot load model {source!r}{hint}: {first}")
 
 
 def load_tokenizer(source: str, trust_remote_code: bool = False) -> Any:
@@ -302,8 +323,8 @@ def load_tokenizer(source: str, trust_remote_code: bool = False) -> Any:
     where = resolve_source(source.removeprefix(RANDOM_PREFIX))
     try:
         tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise _hub_error(source, e) from None
+    except Exception as e:  # damaged weights, missing files, no network: one line each
+        raise _load_error(source, e) from e
     if not getattr(tok, "is_fast", False):
         raise SamesheepError(f"{source}: no fast tokenizer, so no character offsets")
     return tok
@@ -340,8 +361,8 @@ def load_model(
             model = AutoModelForCausalLM.from_pretrained(
                 where, dtype=dtype, trust_remote_code=trust_remote_code
             )
-    except (OSError, ValueError) as e:
-        raise _hub_error(source, e) from None
+    except Exception as e:  # damaged weights, missing files, no network: one line each
+        raise _load_error(source, e) from e
     model = model.to(device=device, dtype=dtype).eval()
     model.requires_grad_(False)
     blocks = decoder_blocks(model)
@@ -355,14 +376,21 @@ def load_model(
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     """The ModuleList holding the decoder blocks, found by its length (any architecture)."""
     n = model.config.get_text_config().num_hidden_layers
-    for _, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n:
-            return module
+    found = [
+        (name, module)
+        for name, module in model.base_model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) == n
+    ]
+    # Prefer the usual names, and never a vision tower's blocks of the same count.
+    found.sort(key=lambda nm: ("vision" in nm[0], nm[0].split(".")[-1] not in ("layers", "h")))
+    if found:
+        return found[0][1]
     raise SamesheepError(f"cannot find the {n} decoder blocks of {type(model).__name__}")
 
 
 def resolve_layer(spec: Any, n_layers: int) -> int:
-    """A layer spec (index, negative index, "2/3" or 0.66 of depth) as a block index."""
+    """A layer spec as a block index: an integer index (negative counts from the end), or a
+    fraction of the depth strictly between 0 and 1 ("2/3", "0.5" or 0.66)."""
     if isinstance(spec, bool):
         raise SamesheepError(f"layer {spec!r} is not a layer")
     if isinstance(spec, str):
@@ -373,14 +401,15 @@ def resolve_layer(spec: Any, n_layers: int) -> int:
             raise SamesheepError(f"layer {spec!r} is neither an index nor a fraction") from None
     if isinstance(spec, float):
         spec = Fraction(spec).limit_denominator(1000)
-    if isinstance(spec, Fraction) and spec.denominator != 1:
+    if isinstance(spec, Fraction):
         if not 0 < spec < 1:
-            raise SamesheepError(f"layer fraction {spec} must lie between 0 and 1")
+            raise SamesheepError(f"layer fraction {spec} must lie strictly between 0 and 1")
         return min(n_layers - 1, round(spec * n_layers))
-    index = int(spec)
-    if not -n_layers <= index < n_layers:
-        raise SamesheepError(f"layer {index} out of range: the model has {n_layers} layers")
-    return index % n_layers
+    if not isinstance(spec, int):
+        raise SamesheepError(f"layer {spec!r} is neither an index nor a fraction")
+    if not -n_layers <= spec < n_layers:
+        raise SamesheepError(f"layer {spec} out of range: the model has {n_layers} layers")
+    return spec % n_layers
 
 
 class _Stop(Exception):
