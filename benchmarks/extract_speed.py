@@ -69,14 +69,17 @@ def flops_per_token(lm, layer: int, context: float) -> float:
 def naive(source: str, n_docs: int) -> dict:
     """Full fp32 forward with output_hidden_states over the texts, 16 documents a batch."""
     set_threads(0)
-    lm = load_model(source, torch.float32)
+    device = choose_device("auto")
+    lm = load_model(source, torch.float32, device)
     _, ids = texts(lm.tokenizer, n_docs)
-    batches = ids.split(16)  # [16, 128] each
+    batches = ids.to(device).split(16)  # [16, 128] each
     with torch.inference_mode():
         lm.model(input_ids=batches[0], output_hidden_states=True)  # warm-up
         t = time.perf_counter()
         for batch in batches:
             lm.model(input_ids=batch, output_hidden_states=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         dt = time.perf_counter() - t
     tokens = ids.numel()
     return {"tokens": tokens, "seconds": dt, "tok_s": tokens / dt, "peak_rss_mb": peak_rss_mb()}
@@ -135,9 +138,12 @@ def main() -> None:
         return child(args)
 
     threads = set_threads(0)
-    fp32 = matmul_gflops(torch.float32)
-    bf16 = matmul_gflops(torch.bfloat16)
+    device = choose_device("auto")
+    fp32 = matmul_gflops(torch.float32, device)
+    bf16 = matmul_gflops(torch.bfloat16, device)
     print(f"CPU: {cpu_model()}  threads: {threads}  torch {torch.__version__}")
+    if device.type == "cuda":
+        print(f"device: {torch.cuda.get_device_name(device)} (both sides run on it)")
     print(f"matmul 2048^2: float32 {fp32:,.0f} GFLOP/s, bfloat16 {bf16:,.0f} GFLOP/s")
     print(f"texts: {args.docs} leads of the shipped English Wikipedia, 128 tokens each")
     rows = []

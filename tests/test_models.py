@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -93,9 +91,7 @@ def test_random_source_same_architecture_new_weights(tiny_models):
 
 def test_gguf_is_converted_once_and_matches(tiny_gguf, monkeypatch):
     path, reference = tiny_gguf
-    t0 = time.perf_counter()
     first = load_model(str(path))
-    t_first = time.perf_counter() - t0
     folder = models.gguf_folder(path)
     assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
 
@@ -103,10 +99,7 @@ def test_gguf_is_converted_once_and_matches(tiny_gguf, monkeypatch):
         raise AssertionError("converted twice")
 
     monkeypatch.setattr(models, "_convert_gguf", no_conversion)
-    t0 = time.perf_counter()
-    second = load_model(str(path))
-    t_second = time.perf_counter() - t0
-    assert t_second < t_first
+    second = load_model(str(path))  # from the cache: converting again would raise
     ids, mask = batch(reference.config.vocab_size)
     want = reference(input_ids=ids, attention_mask=mask, output_hidden_states=True)
     for lm in (first, second):

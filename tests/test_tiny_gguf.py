@@ -1,6 +1,5 @@
 """The tiny GGUF fixture loads back through transformers as the model and tokenizer it encodes."""
 
-import time
 from pathlib import Path
 
 import pytest
@@ -32,12 +31,6 @@ def test_seed_changes_weights(tmp_path: Path) -> None:
     _, a = write_tiny_llama_gguf(tmp_path / "a", seed=0)
     _, b = write_tiny_llama_gguf(tmp_path / "b", seed=1)
     assert not torch.equal(a.model.embed_tokens.weight, b.model.embed_tokens.weight)
-
-
-def test_write_is_fast(tmp_path: Path) -> None:
-    start = time.perf_counter()
-    write_tiny_llama_gguf(tmp_path)
-    assert time.perf_counter() - start < 1.0
 
 
 def test_tokenizer_offsets_and_round_trip(tmp_path: Path) -> None:

@@ -54,7 +54,10 @@ def bos_prefix(tokenizer: Any, add_bos: str) -> list[int]:
     with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     # Only what comes before the text: an appended EOS would sit in the middle of a document.
-    own = [int(t) for t in with_special[: with_special.index(plain[0])]]
+    at = next(
+        (i for i in range(len(with_special)) if with_special[i : i + len(plain)] == plain), 0
+    )
+    own = [int(t) for t in with_special[:at]]
     if own or add_bos == "tokenizer":
         return own
     tid = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
