@@ -249,3 +249,17 @@ def test_bad_input_leaves_the_recorded_config_alone(tmp_path, tiny_models, corpu
     with pytest.raises(SamesheepError, match="out of range"):
         run_extract(tmp_path, tiny_models["llama"], corpus_file, layers=[40])
     assert recorded.read_text() == before
+
+
+def test_config_overrides_and_errors(tmp_path):
+    from samesheep import config
+
+    path = tmp_path / "c.toml"
+    path.write_text(config.to_toml(config.Config()))
+    assert config.load(path) == config.Config()  # init's file reads back as the defaults
+    cfg = config.load(path, ["corpus.max_tokens=0", 'layers=[6, "2/3"]', "extract.dtype=float32"])
+    assert cfg.corpus.max_tokens == 0 and cfg.layers == [6, "2/3"]
+    assert cfg.extract.dtype == "float32"
+    for bad in ["corpus=3", "models.x=1", "corpus.nope=1", "extract.batch_tokens=big", "nokey"]:
+        with pytest.raises(SamesheepError):
+            config.load(path, [bad])

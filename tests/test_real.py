@@ -73,3 +73,22 @@ def test_windows_keep_characters_whole(real):
     for w in wins:
         got = real.tokenizer.decode(w.ids.tolist())
         assert got == text[w.starts[0] : w.ends[-1]], (got, w.starts, w.ends)
+
+
+def test_default_run_end_to_end(tmp_path):
+    """The default config (the `make demo` path) on a small budget: both presets, the layer
+    two thirds deep, stores whose sinks are marked and outsized."""
+    import samesheep
+
+    samesheep.run(
+        None, run_dir=str(tmp_path / "run"), corpus__max_tokens=600, corpus__heldout_tokens=200
+    )
+    for folder, layer, d in [("gemma-3-270m", 12, 640), ("smollm2-135m-instruct", 20, 576)]:
+        store = samesheep.open_store(tmp_path / "run" / folder / f"layer_{layer}" / "acts")
+        assert store.complete and store.d_model == d and store.layer == layer
+        assert store.num_tokens("train") >= 600 and store.num_tokens("heldout") >= 200
+        shard = next(store.shards("train"))
+        first = shard.tokens.column("position").to_numpy() == 0
+        assert shard.tokens.column("special").to_numpy()[first].all()
+        norms = shard.acts.float().norm(dim=-1)
+        assert norms[torch.from_numpy(first)].min() > 5 * norms[shard.mask()].median()

@@ -48,16 +48,10 @@ def run(config: Config | str | None = None, **overrides: Any) -> dict[str, Any]:
 def _config(config: Config | str | None, overrides: dict[str, Any]) -> Config:
     import dataclasses
 
-    if isinstance(config, Config):
-        data = dataclasses.asdict(config)
-    else:
-        data = dataclasses.asdict(load_config(config))
-    for key, value in overrides.items():
-        *parents, leaf = key.split("__")
-        node = data
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    from .config import from_dict
+    from .config import from_dict, set_dotted
 
+    base = config if isinstance(config, Config) else load_config(config)
+    data = dataclasses.asdict(base)
+    for key, value in overrides.items():
+        set_dotted(data, key.replace("__", "."), value)
     return from_dict(data)

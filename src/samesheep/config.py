@@ -125,14 +125,19 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
             value = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
             value = raw  # a bare word is a string
-        *parents, leaf = key.strip().split(".")
-        node = data
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise SamesheepError(f"--set {key}: {p} is a setting, not a section")
-        node[leaf] = value
+        set_dotted(data, key.strip(), value)
     return from_dict(data)
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set `section.key` (or a top-level key) in nested config dicts."""
+    *parents, leaf = key.split(".")
+    node = data
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise SamesheepError(f"cannot set {key}: {p} is a setting, not a section")
+    node[leaf] = value
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

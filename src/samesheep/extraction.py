@@ -54,9 +54,7 @@ def bos_prefix(tokenizer: Any, add_bos: str) -> list[int]:
     with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     # Only what comes before the text: an appended EOS would sit in the middle of a document.
-    at = next(
-        (i for i in range(len(with_special)) if with_special[i : i + len(plain)] == plain), 0
-    )
+    at = next((i for i in range(len(with_special)) if with_special[i : i + len(plain)] == plain), 0)
     own = [int(t) for t in with_special[:at]]
     if own or add_bos == "tokenizer":
         return own
