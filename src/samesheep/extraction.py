@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,19 +220,17 @@ def extract_model(
     dtype = choose_dtype(cfg.dtype, device)
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("threads", "device")}
 
-    def base_key() -> str:  # everything but the layers
-        model = fingerprint(source, seed)
+    def keys() -> tuple[str, str]:
+        """(the key of this extraction, the key each layer's store adds its layer to)."""
         where = (dtype_name(dtype), device.type)
-        return settings_hash(STORE_VERSION, corpus_hash, model, settings, where)
-
-    def settings_key() -> str:
-        return settings_hash(base_key(), [str(s) for s in layer_specs])
+        base = settings_hash(STORE_VERSION, corpus_hash, fingerprint(source, seed), settings, where)
+        return settings_hash(base, [str(s) for s in layer_specs]), base
 
     state_path = model_dir / "extract.json"
     state = read_json(state_path, corrupt_is_missing=True)
     if (
         state
-        and state.get("key") == settings_key()
+        and state.get("key") == keys()[0]
         and state.get("complete")
         and all(_store_intact(model_dir / f"layer_{L}" / "acts") for L in state["layers"])
     ):
@@ -240,8 +239,7 @@ def extract_model(
     set_threads(cfg.threads)
     if lm is None:  # a caller may pass the model it already loaded (same source and dtype)
         lm = load_model(source, dtype, device, trust_remote_code, seed)
-    # again: a hub model's revision is known once it is downloaded
-    key, store_key = settings_key(), base_key()
+    key, base = keys()  # again: a hub model's revision is known once it is downloaded
     layers = sorted({resolve_layer(s, lm.n_layers) for s in layer_specs})
     prefix = bos_prefix(lm.tokenizer, cfg.add_bos)
     header = {
@@ -259,47 +257,58 @@ def extract_model(
     writers = {
         L: StoreWriter(
             model_dir / f"layer_{L}" / "acts",
-            {**header, "key": settings_hash(store_key, L), "layer": L},
+            {**header, "key": settings_hash(base, L), "layer": L},
         )
         for L in layers
     }
     write_json(state_path, {"key": key, "model": source, "layers": layers, "complete": False})
-    totals = {"tokens": {}, "documents": {}}
+    totals: dict[str, dict[str, int]] = {"tokens": {}, "documents": {}}
     for split in SPLITS:
         path = corpus_dir / f"{split}.jsonl"
-        n_docs = count_lines(path)
-        tokens = 0
-        with progress() as bar:
-            task = bar.add_task(f"{lm.source} {split}", total=n_docs, rate="")
-            clock = _Clock()
-            groups = shard_groups(
-                read_documents(path) if n_docs else [],
-                lm.tokenizer,
-                prefix,
-                cfg.context_length,
-                cfg.shard_tokens,
-            )
-            for index, (first, end, windows) in enumerate(groups):
-                name = f"{split}-{index:05d}"
-                n = sum(len(w.ids) for w in windows)
-                tokens += n
-                todo = [L for L in layers if not writers[L].has(name)]
-                if todo:
-                    acts = forward_windows(lm, todo, windows, cfg.batch_tokens, device)
-                    table = token_table(windows)
-                    for L in todo:
-                        where = f"{model_dir.name}/layer_{L}/acts/{name}"
-                        stored = to_store_dtype(acts[L], cfg.store_dtype, where)
-                        writers[L].write(name, split, stored, table, doc_start=first, doc_end=end)
-                    clock.add(n)
-                bar.update(task, completed=end, rate=clock.rate())
-        totals["tokens"][split] = tokens
-        totals["documents"][split] = n_docs
+        totals["documents"][split] = count_lines(path)
+        totals["tokens"][split] = _extract_split(
+            lm, writers, split, path, totals["documents"][split], prefix, cfg, device
+        )
     for w in writers.values():
         w.finish(**totals)
     state = {"key": key, "model": source, "layers": layers, "complete": True, **totals}
     write_json(state_path, state)
     return {**state, "skipped": False}
+
+
+def _extract_split(
+    lm: LoadedModel,
+    writers: dict[int, StoreWriter],
+    split: str,
+    path: Path,
+    n_docs: int,
+    prefix: list[int],
+    cfg: ExtractConfig,
+    device: torch.device,
+) -> int:
+    """Write one corpus split's shards for every layer still missing them; return the
+    split's token count (special tokens included)."""
+    tokens = 0
+    with progress() as bar:
+        task = bar.add_task(f"{lm.source} {split}", total=n_docs, rate="")
+        clock = _Clock()
+        docs = read_documents(path) if n_docs else []
+        groups = shard_groups(docs, lm.tokenizer, prefix, cfg.context_length, cfg.shard_tokens)
+        for index, (first, end, windows) in enumerate(groups):
+            name = f"{split}-{index:05d}"
+            n = sum(len(w.ids) for w in windows)
+            tokens += n
+            todo = [L for L, w in writers.items() if not w.has(name)]
+            if todo:
+                acts = forward_windows(lm, todo, windows, cfg.batch_tokens, device)
+                table = token_table(windows)
+                for L in todo:
+                    where = f"{writers[L].folder}/{name}"
+                    stored = to_store_dtype(acts[L], cfg.store_dtype, where)
+                    writers[L].write(name, split, stored, table, doc_start=first, doc_end=end)
+                clock.add(n)
+            bar.update(task, completed=end, rate=clock.rate())
+    return tokens
 
 
 def _store_intact(folder: Path) -> bool:
@@ -323,8 +332,6 @@ class _Clock:
     """Tokens per second over the work actually done (skipped shards do not count)."""
 
     def __init__(self) -> None:
-        import time
-
         self._time = time.perf_counter
         self.start = self._time()
         self.tokens = 0
