@@ -91,7 +91,7 @@ def windows_of(
         return_offsets_mapping=True,
         split_special_tokens=True,  # text that spells "<bos>" is text, not a control token
     )
-    specials = set(tokenizer.all_special_ids)
+    specials = np.asarray(sorted(set(tokenizer.all_special_ids)), dtype=np.int64)
     out = []
     for (index, doc), ids, offsets in zip(
         docs, enc["input_ids"], enc["offset_mapping"], strict=True
@@ -109,9 +109,7 @@ def windows_of(
                     ids=np.concatenate([np.asarray(prefix, dtype=np.int64), chunk]),
                     starts=np.concatenate([np.full(len(prefix), at), span[:, 0]]),
                     ends=np.concatenate([np.full(len(prefix), at), span[:, 1]]),
-                    special=np.concatenate(
-                        [np.ones(len(prefix), bool), np.isin(chunk, list(specials))]
-                    ),
+                    special=np.concatenate([np.ones(len(prefix), bool), np.isin(chunk, specials)]),
                 )
             )
     return out

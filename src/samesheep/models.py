@@ -92,18 +92,17 @@ def sha256_files(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
-def _import_package(module: str, pip: str) -> Any:
-    if importlib.util.find_spec(module) is None:
-        raise SamesheepError(f"package {module} is not installed; run: {pip}")
-    return importlib.import_module(module)
-
-
 def _package_dir(module: str, pip: str) -> Path:
     """A package's folder, found without importing it (some import what is not installed)."""
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise SamesheepError(f"package {module} is not installed; run: {pip}")
     return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _import_package(module: str, pip: str) -> Any:
+    _package_dir(module, pip)  # one line naming the pip command where it is missing
+    return importlib.import_module(module)
 
 
 # ---- GGUF: convert once to safetensors + tokenizer files, cached by the file's hash ----
@@ -318,9 +317,14 @@ def _load_error(source: str, e: Exception) -> SamesheepError:
 
 def load_tokenizer(source: str, trust_remote_code: bool = False) -> Any:
     """The tokenizer of a model source (a fast tokenizer, for character offsets)."""
+    where = resolve_source(source.removeprefix(RANDOM_PREFIX))
+    return _tokenizer_at(where, source, trust_remote_code)
+
+
+def _tokenizer_at(where: str, source: str, trust_remote_code: bool) -> Any:
+    """The fast tokenizer in a resolved folder (or hub id)."""
     from transformers import AutoTokenizer
 
-    where = resolve_source(source.removeprefix(RANDOM_PREFIX))
     try:
         tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     except Exception as e:  # damaged weights, missing files, no network: one line each
@@ -348,7 +352,7 @@ def load_model(
     if is_random and base.startswith(RANDOM_PREFIX):
         raise SamesheepError(f"{source}: random: takes a model source, not another random:")
     where = resolve_source(base)
-    tokenizer = load_tokenizer(base, trust_remote_code)
+    tokenizer = _tokenizer_at(where, source, trust_remote_code)
     try:
         if is_random:
             config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)

@@ -45,9 +45,9 @@ def record_config(cfg: Config) -> None:
         write_text(recorded, text)
 
 
-def corpus_stage(cfg: Config) -> dict[str, Any]:
-    """Sample the corpus into run_dir/corpus (skipped when unchanged)."""
-    run = prepare_run_dir(cfg)
+def _sample_corpus(cfg: Config, run: Path) -> dict[str, Any]:
+    """Sample the corpus into run/corpus, counting tokens with the first model's tokenizer
+    (loaded only if the corpus must be rebuilt)."""
     counter = cfg.models[0].removeprefix(RANDOM_PREFIX)
     tokenizer = None
 
@@ -58,7 +58,12 @@ def corpus_stage(cfg: Config) -> dict[str, Any]:
         enc = tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         return [len(ids) for ids in enc]
 
-    manifest = build_corpus(cfg.corpus, run / "corpus", count_tokens, counter)
+    return build_corpus(cfg.corpus, run / "corpus", count_tokens, counter)
+
+
+def corpus_stage(cfg: Config) -> dict[str, Any]:
+    """Sample the corpus into run_dir/corpus (skipped when unchanged)."""
+    manifest = _sample_corpus(cfg, prepare_run_dir(cfg))
     record_config(cfg)
     return manifest
 
@@ -76,10 +81,9 @@ def check_layers(cfg: Config) -> None:
 
 def extract_stage(cfg: Config) -> dict[str, dict[str, Any]]:
     """Extract activations of every model at every layer (resumes; skipped when unchanged)."""
-    prepare_run_dir(cfg)
+    run = prepare_run_dir(cfg)
     check_layers(cfg)
-    corpus = corpus_stage(cfg)
-    run = Path(cfg.run_dir).expanduser()
+    corpus = _sample_corpus(cfg, run)
     results = {}
     for source in cfg.models:
         result = extract_model(
