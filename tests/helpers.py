@@ -42,3 +42,51 @@ def sets(run_dir: Path, model: str | Path, corpus: Path, **extra: str) -> list[s
 def flat(text: str) -> str:
     """Whitespace collapsed, for matching status lines whatever their wrapping."""
     return " ".join(text.split())
+
+
+def write_store(folder: Path, splits: dict, shard_tokens: int = 1000, context: int = 50) -> Path:
+    """An activation store of given activations {split: [tokens, d] tensor}, laid out as
+    extraction lays it out: windows of `context` tokens whose position 0 is a special token."""
+    import numpy as np
+    import pyarrow as pa
+    import torch
+
+    from samesheep.store import TOKEN_SCHEMA, StoreWriter
+
+    d = next(iter(splits.values())).shape[1]
+    header = {"key": "synthetic", "layer": 0, "d_model": d, "model": "synthetic",
+              "n_layers": 1, "dtype": "float32", "compute_dtype": "float32", "device": "cpu",
+              "context_length": context, "prefix_ids": [0]}
+    writer = StoreWriter(folder, header)
+    for split, acts in splits.items():
+        for i, lo in enumerate(range(0, acts.shape[0], shard_tokens)):
+            chunk = acts[lo : lo + shard_tokens].float().contiguous()
+            n = chunk.shape[0]
+            pos = np.arange(lo, lo + n) % context
+            table = pa.table({
+                "doc_index": np.arange(lo, lo + n) // context,
+                "doc_id": [f"d{j // context}" for j in range(lo, lo + n)],
+                "window": np.zeros(n, dtype=np.int32),
+                "position": pos,
+                "token_id": np.ones(n, dtype=np.int32),
+                "char_start": pos,
+                "char_end": pos + 1,
+                "special": pos == 0,
+            }).cast(TOKEN_SCHEMA)
+            writer.write(f"{split}-{i:05d}", split, chunk.to(torch.float32), table)
+    writer.finish()
+    return folder
+
+
+def sparse_data(n: int, d: int = 32, n_dirs: int = 64, k: int = 4, seed: int = 0):
+    """(data [n, d], directions [n_dirs, d]): each row a sum of k random unit directions
+    with magnitudes between 0.5 and 1.5, plus an offset."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(n_dirs, d, generator=g)
+    dirs /= dirs.norm(dim=1, keepdim=True)
+    idx = torch.rand(n, n_dirs, generator=g).argsort(dim=1)[:, :k]
+    mags = 0.5 + torch.rand(n, k, generator=g)
+    coef = torch.zeros(n, n_dirs).scatter_(1, idx, mags)
+    return coef @ dirs + 0.3, dirs

@@ -59,6 +59,60 @@ class ExtractConfig:
 
 
 @dataclass
+class TrainConfig:
+    """How SAEs are trained on the stored activations, and evaluated."""
+
+    architecture: str = "topk"
+    """"topk" (k active latents per token), "batchtopk" (k per token on average over a
+    batch), "jumprelu" (learned thresholds, L0 penalty) or "relu" (ReLU + L1 penalty)."""
+    expansion_factor: int = 16
+    """Latents per dimension of the layer (width = expansion_factor * d_model)."""
+    width: int = 0
+    """Number of latents; when above 0 it overrides expansion_factor."""
+    k: int = 32
+    """Active latents per token (topk, batchtopk)."""
+    train_tokens: int = 1_000_000
+    """Tokens to train on in total; the stored tokens are passed over several times (each
+    pass reshuffled) when there are fewer. 0 means one pass."""
+    batch_tokens: int = 4096
+    """Tokens per optimizer step."""
+    lr: float = 0.0
+    """Adam's learning rate; 0 means 4e-3 / sqrt(width / 16384)."""
+    warmup_fraction: float = 0.05
+    """Share of the steps over which the learning rate rises linearly from 0."""
+    decay_fraction: float = 0.2
+    """Share of the steps, at the end, over which it falls linearly to 0."""
+    auxk_alpha: float = 0.03125
+    """Weight of the AuxK loss that trains dead latents to explain the residual (topk,
+    batchtopk); 0 turns it off."""
+    dead_tokens: int = 200_000
+    """A latent that has not fired for this many training tokens counts as dead."""
+    sparsity_coefficient: float = 0.0
+    """Weight of the sparsity penalty: L0 for jumprelu, decoder-norm-weighted L1 for relu;
+    0 means the default (jumprelu 0.002, relu 0.02)."""
+    buffer_tokens: int = 131_072
+    """Shuffle buffer: tokens from several shards are mixed before batches are drawn."""
+    skip_special: bool = True
+    """Leave special tokens (BOS, EOS, ...) out of training and evaluation."""
+    skip_first: bool = True
+    """Leave position 0 of every window (the attention sink) out of training and evaluation."""
+    dtype: str = "auto"
+    """Dtype of the encoder's matrix products: "auto" (bfloat16 where the hardware runs it fast,
+    else float32), "bfloat16" or "float32". Weights and optimizer state stay float32."""
+    device: str = "auto"
+    """"auto" (CUDA if present, else CPU), "cpu", "cuda", "cuda:1", ..."""
+    threads: int = 0
+    """CPU threads for torch; 0 means one per core."""
+    seed: int = 0
+    """Seed of the initialisation and of the batch order."""
+    checkpoint_seconds: int = 60
+    """Save a checkpoint at most this often; a killed run resumes from the last one."""
+    splice_tokens: int = 8192
+    """Held-out tokens on which the model is run with the layer replaced by the SAE's
+    reconstruction (CE loss recovered, KL); 0 skips the spliced metrics."""
+
+
+@dataclass
 class Config:
     """A whole run: models, layers, corpus and per-stage settings."""
 
@@ -74,9 +128,10 @@ class Config:
     """Allow hub models whose code lives in their repository."""
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
-_SECTIONS = {"corpus": CorpusConfig, "extract": ExtractConfig}
+_SECTIONS = {"corpus": CorpusConfig, "extract": ExtractConfig, "train": TrainConfig}
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
@@ -92,8 +147,10 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
             kwargs[key] = _build(_SECTIONS[key], value, f"{key}.")
             continue
         default = getattr(cls(), key)
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
         if isinstance(default, bool) != isinstance(value, bool) or (
-            isinstance(default, (int, str, list)) and not isinstance(value, type(default))
+            isinstance(default, (int, float, str, list)) and not isinstance(value, type(default))
         ):
             raise SamesheepError(
                 f"setting {where}{key} must be {type(default).__name__}, got {value!r}"

@@ -1,0 +1,181 @@
+"""SAE training speed and quality: samesheep's TopK trainer against EleutherAI sparsify's
+SparseCoder (PyPI eai-sparsify, a benchmark-only dependency) with its default optimizer.
+
+In one run, on the same cached Gemma-3-270m layer-12 activations (about 300k training tokens;
+held-out tokens from held-out documents), batch for batch (the same 4,096-token batches in the
+same order, drawn once from samesheep's shuffled stream and held in memory), width 16x, k = 32,
+one pass:
+  sparsify   SparseCoder, float32, as its trainer drives it by default: b_dec set to the first
+             batch's mean, unit-norm decoder, FVU loss, decoder-parallel gradient removed,
+             schedule-free SignSGD (momentum 0.95, lr 5e-3 / sqrt(latents / 2^14)), AuxK off
+  samesheep  train_step with the default TrainConfig, the encoder product in float32 and
+             in bfloat16 (the choice of the default dtype rests on this comparison)
+Only the training loop is timed (the batches are already in memory for both). Held-out
+metrics on every held-out token (special tokens and window position 0 left out, as in
+training): FVU, L0, dead % (never active on the held-out set).
+
+The bound: 4 * d * m FLOPs per token (the dense encoder forward and its weight gradient,
+~26 MFLOP at d=640, 16x) over the matmul rate measured here, in each side's dtype; also with
+a dense decoder (6 * d * m, ~40 MFLOP).
+
+Usage: python benchmarks/train_speed.py [--tokens 300000] [--skip-sparsify]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import time
+
+import torch
+
+import samesheep
+from samesheep.config import TrainConfig
+from samesheep.device import cpu_model, matmul_gflops, set_threads
+from samesheep.store import open_store
+from samesheep.train import batch_stream, count_kept, input_statistics, new_state, train_step
+
+RUN = "benchmarks/.cache/gemma-300k"
+LAYER = 12
+
+
+def prepare(tokens: int):
+    """Extract Gemma layer 12 for `tokens` training tokens (cached; skipped when present)."""
+    samesheep.extract(
+        None,
+        run_dir=RUN,
+        models=["gemma-3-270m"],
+        layers=[LAYER],
+        corpus__max_tokens=tokens + 10_000,
+        corpus__heldout_tokens=20_000,
+    )
+    return open_store(f"{RUN}/gemma-3-270m/layer_{LAYER}/acts")
+
+
+def heldout(store, cfg: TrainConfig) -> torch.Tensor:
+    rows = [s.acts[s.mask(cfg.skip_special, cfg.skip_first)] for s in store.shards("heldout")]
+    return torch.cat(rows).float()
+
+
+def evaluate(encode_decode, x: torch.Tensor, m: int) -> dict[str, float]:
+    """FVU, L0 and dead % on held-out rows; encode_decode(batch) -> (recon, active indices,
+    active mask)."""
+    err = active = 0.0
+    fired = torch.zeros(m, dtype=torch.bool)
+    with torch.no_grad():
+        for b in x.split(4096):
+            recon, idx, on = encode_decode(b)
+            err += (recon - b).double().pow(2).sum().item()
+            active += on.sum().item()
+            fired[idx[on]] = True
+    total = (x - x.mean(0)).double().pow(2).sum().item()
+    return {"fvu": err / total, "l0": active / x.shape[0], "dead": 100 * (1 - fired.float().mean())}
+
+
+def run_sparsify(batches, x_eval, d: int, cfg: TrainConfig) -> tuple[float, dict]:
+    from schedulefree import ScheduleFreeWrapper
+    from sparsify import SparseCoder, SparseCoderConfig
+    from sparsify.sign_sgd import SignSGD
+
+    torch.manual_seed(cfg.seed)
+    sae = SparseCoder(d, SparseCoderConfig(expansion_factor=cfg.expansion_factor, k=cfg.k))
+    lr = 5e-3 / (sae.num_latents / 2**14) ** 0.5
+    opt = ScheduleFreeWrapper(SignSGD([{"params": sae.parameters(), "lr": lr}]), momentum=0.95)
+    opt.train()
+    start = time.perf_counter()
+    for i, b in enumerate(batches):
+        x = b.float()
+        if i == 0:
+            sae.b_dec.data = x.mean(0)
+        sae.set_decoder_norm_to_unit_norm()
+        out = sae(x)
+        out.fvu.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad()
+    seconds = time.perf_counter() - start
+    opt.eval()  # schedule-free: evaluate the averaged weights, as sparsify saves them
+
+    def encode_decode(b):
+        out = sae(b)
+        return out.sae_out, out.latent_indices, out.latent_acts > 0
+
+    return seconds, evaluate(encode_decode, x_eval, sae.num_latents)
+
+
+def run_samesheep(batches, x_eval, store, cfg: TrainConfig, dtype) -> tuple[float, dict]:
+    scale, mean = input_statistics(store, cfg)
+    state = new_state(cfg, store.d_model, scale, mean, torch.device("cpu"))
+    start = time.perf_counter()
+    for b in batches:
+        train_step(state, b, cfg, dtype, len(batches))
+    seconds = time.perf_counter() - start
+    sae = state.sae
+
+    def encode_decode(b):
+        vals, idx = sae.topk_sparse(b)
+        return sae.decode_sparse(vals, idx), idx, vals > 0
+
+    return seconds, evaluate(encode_decode, x_eval, sae.cfg.d_sae)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tokens", type=int, default=300_000)
+    ap.add_argument("--skip-sparsify", action="store_true")
+    args = ap.parse_args()
+    threads = set_threads(0)
+    f32, bf16 = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16)
+    print(f"CPU: {cpu_model()}, {threads} threads, torch {torch.__version__}")
+    print(f"matmul 2048^2: float32 {f32:,.0f} GFLOP/s, bfloat16 {bf16:,.0f} GFLOP/s")
+
+    store = prepare(args.tokens)
+    cfg = TrainConfig()  # defaults: topk, 16x, k=32, batches of 4,096
+    n_steps = min(args.tokens, count_kept(store, cfg)) // cfg.batch_tokens
+    batches = list(itertools.islice(batch_stream(store, cfg), n_steps))
+    x_eval = heldout(store, cfg)
+    d = store.d_model
+    m = cfg.expansion_factor * d
+    n_tok = n_steps * cfg.batch_tokens
+    print(
+        f"gemma-3-270m layer {LAYER}: d={d}, {m:,} latents, k={cfg.k}, {n_steps} batches of "
+        f"{cfg.batch_tokens:,} = {n_tok:,} training tokens (one pass), "
+        f"{x_eval.shape[0]:,} held-out tokens"
+    )
+    enc_flops, dense_flops = 4 * d * m, 6 * d * m
+    print(
+        f"bound: {enc_flops / 1e6:.1f} MFLOP/token (dense encoder fwd + weight grad), "
+        f"{dense_flops / 1e6:.1f} with a dense decoder"
+    )
+
+    rows = []
+    if not args.skip_sparsify:
+        secs, metrics = run_sparsify(batches, x_eval, d, cfg)
+        rows.append(("sparsify 1.3.3 (float32)", secs, metrics, f32))
+    for name, dtype, rate in (("float32", torch.float32, f32), ("bfloat16", torch.bfloat16, bf16)):
+        secs, metrics = run_samesheep(batches, x_eval, store, cfg, dtype)
+        rows.append((f"samesheep ({name} encoder)", secs, metrics, rate))
+
+    base = n_tok / rows[0][1]
+    header = f"{'':28} {'tok/s':>8} {'ratio':>6} {'of bound':>9} {'(dense dec.)':>12}"
+    print(header + f" {'FVU':>7} {'L0':>6} {'dead %':>7}")
+    for name, secs, mt, rate in rows:
+        tps = n_tok / secs
+        bound = rate * 1e9 / enc_flops
+        print(
+            f"{name:28} {tps:8,.0f} {tps / base:5.2f}x {100 * tps / bound:8.0f}% "
+            f"{100 * tps * dense_flops / (rate * 1e9):11.0f}% {mt['fvu']:7.4f} {mt['l0']:6.1f} "
+            f"{mt['dead']:7.2f}"
+        )
+    f32_fvu, bf16_fvu = rows[-2][2]["fvu"], rows[-1][2]["fvu"]
+    rel = (bf16_fvu - f32_fvu) / f32_fvu
+    print(
+        f"bfloat16 encoder: held-out FVU {100 * rel:+.2f}% relative to float32 "
+        f"({'within' if abs(rel) <= 0.01 else 'outside'} the 1% tolerance)"
+    )
+    assert math.isfinite(rel)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,308 @@
+"""Training one SAE on an activation store: a seeded shuffled stream of batches, Adam with
+warm-up and decay, dead-latent bookkeeping for AuxK, and checkpoints a killed run resumes
+from with the same result as an uninterrupted run."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import TrainConfig
+from .device import choose_device, choose_dtype, dtype_name
+from .errors import SamesheepError
+from .files import atomic_path, remove_stale_temporaries
+from .progress import progress
+from .sae import Sae, SaeConfig, StepOutput, train_step_forward
+from .store import Store
+
+CHECKPOINT = "checkpoint.safetensors"
+SCALE_SAMPLE_TOKENS = 65_536
+DEFAULT_SPARSITY = {"jumprelu": 0.002, "relu": 0.02}
+
+
+def sae_config(cfg: TrainConfig, d_in: int) -> SaeConfig:
+    """The SAE's shape and architecture from the training settings."""
+    width = cfg.width if cfg.width > 0 else cfg.expansion_factor * d_in
+    return SaeConfig(cfg.architecture, d_in, width, k=cfg.k)
+
+
+def learning_rate(cfg: TrainConfig, d_sae: int) -> float:
+    """The configured rate, or the default scaled like sparsify's, 1/sqrt(width)."""
+    return cfg.lr if cfg.lr > 0 else 4e-3 / math.sqrt(d_sae / 16384)
+
+
+def lr_factor(step: int, total: int, warmup: float, decay: float) -> float:
+    """Linear warm-up from 0, constant, then linear decay to 0 over the last steps."""
+    warm = max(1, round(warmup * total))
+    fall = round(decay * total)
+    if step < warm:
+        return (step + 1) / warm
+    if fall and step >= total - fall:
+        return max(0.0, (total - step) / fall)
+    return 1.0
+
+
+# ---- data ----
+
+
+def kept_rows(store: Store, name: str, cfg: TrainConfig) -> np.ndarray:
+    """Rows of a shard used for training (read from its token table only)."""
+    table = pq.read_table(store.folder / f"{name}.tokens.parquet", columns=["special", "position"])
+    keep = np.ones(table.num_rows, dtype=bool)
+    if cfg.skip_special:
+        keep &= ~table.column("special").to_numpy(zero_copy_only=False)
+    if cfg.skip_first:
+        keep &= table.column("position").to_numpy() != 0
+    return keep
+
+
+def shard_rows(store: Store, name: str, cfg: TrainConfig) -> torch.Tensor:
+    """The kept activations of one shard, checked to be finite (the shard named if not)."""
+    shard = store.read(name)
+    acts = shard.acts[shard.mask(cfg.skip_special, cfg.skip_first)]
+    if not torch.isfinite(acts).all():
+        raise SamesheepError(
+            f"NaN or infinite activations in {store.folder / name}.safetensors: "
+            "delete the store and extract again"
+        )
+    return acts
+
+
+def count_kept(store: Store, cfg: TrainConfig, split: str = "train") -> int:
+    """Tokens of a split that training (or evaluation) would use."""
+    return sum(int(kept_rows(store, n, cfg).sum()) for n in store.shard_names(split))
+
+
+def batch_stream(store: Store, cfg: TrainConfig) -> Iterator[torch.Tensor]:
+    """Batches [batch_tokens, d] in the store dtype, forever: each pass visits the shards in
+    a new seeded order and mixes rows through a shuffle buffer, so memory is bounded by the
+    buffer and the stream is the same on every run with the same seed."""
+    names = store.shard_names("train")
+    buffer: list[torch.Tensor] = []
+    held = 0
+    for epoch in range(10**9):
+        rng = np.random.default_rng([cfg.seed, epoch])
+        for i in rng.permutation(len(names)):
+            rows = shard_rows(store, names[i], cfg)
+            buffer.append(rows)
+            held += rows.shape[0]
+            if held < max(cfg.buffer_tokens, 2 * cfg.batch_tokens):
+                continue
+            mixed = torch.cat(buffer)[torch.from_numpy(rng.permutation(held))]
+            # Emit half the buffer; the rest mixes with the next shards.
+            n_out = (held // 2) // cfg.batch_tokens * cfg.batch_tokens
+            yield from mixed[:n_out].split(cfg.batch_tokens)
+            buffer, held = [mixed[n_out:]], held - n_out
+        if epoch == 0 and not names:
+            return
+
+
+def input_statistics(store: Store, cfg: TrainConfig) -> tuple[float, torch.Tensor]:
+    """(scale, mean of scaled inputs): the scale brings the mean squared norm of the first
+    training tokens to d_in."""
+    sample, n = [], 0
+    for name in store.shard_names("train"):
+        rows = shard_rows(store, name, cfg).float()
+        sample.append(rows)
+        n += rows.shape[0]
+        if n >= SCALE_SAMPLE_TOKENS:
+            break
+    x = torch.cat(sample)[:SCALE_SAMPLE_TOKENS].double()
+    scale = math.sqrt(x.shape[1] / x.pow(2).sum(1).mean().item())
+    return scale, (x.mean(0) * scale).float()
+
+
+# ---- checkpoints ----
+
+
+@dataclass
+class TrainState:
+    """Everything that changes during training, apart from the data stream's position,
+    which is replayed from the step count."""
+
+    sae: Sae
+    opt: torch.optim.Optimizer
+    since_fired: torch.Tensor  # [d_sae] training tokens since each latent last fired
+    step: int = 0
+
+
+def save_checkpoint(path: Path, state: TrainState, key: str) -> None:
+    """Weights, Adam's moments and the dead-latent counters in one safetensors file."""
+    tensors = {f"sae.{n}": t.detach() for n, t in state.sae.state_dict().items()}
+    names = {id(p): n for n, p in state.sae.named_parameters()}
+    for p, s in state.opt.state.items():
+        for field, value in s.items():
+            # safetensors keeps no 0-d tensors: Adam's step count goes as shape [1]
+            tensors[f"adam.{names[id(p)]}.{field}"] = value.reshape(1) if value.ndim == 0 else value
+    tensors["since_fired"] = state.since_fired
+    meta = {"key": key, "step": str(state.step), "sae": repr(state.sae.cfg.to_dict())}
+    tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def load_checkpoint(path: Path, state: TrainState, key: str) -> bool:
+    """Restore a checkpoint written with the same key; False where there is none to use.
+    A damaged or mismatched checkpoint is an error: it is never silently trained over."""
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            if meta.get("key") != key:
+                return False
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as e:
+        raise SamesheepError(
+            f"checkpoint {path} is corrupt ({e}); delete it to train from the start"
+        ) from None
+    device = state.since_fired.device
+    try:
+        state.sae.load_state_dict(
+            {k[4:]: v.to(device) for k, v in tensors.items() if k.startswith("sae.")}
+        )
+        params = dict(state.sae.named_parameters())
+        for p in state.opt.param_groups[0]["params"]:
+            name = next(n for n, q in params.items() if q is p)
+            s = state.opt.state[p]
+            for field in ("step", "exp_avg", "exp_avg_sq"):
+                value = tensors[f"adam.{name}.{field}"].to(device)
+                s[field] = value.reshape(()) if field == "step" else value
+        state.since_fired.copy_(tensors["since_fired"])
+        state.step = int(meta["step"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise SamesheepError(
+            f"checkpoint {path} does not match this SAE ({str(e).splitlines()[0]}); "
+            "delete it to train from the start"
+        ) from None
+    return True
+
+
+# ---- the loop ----
+
+
+def make_optimizer(sae: Sae, lr: float, device: torch.device) -> torch.optim.Optimizer:
+    params = [p for p in sae.parameters() if p.requires_grad]
+    fused = device.type in ("cpu", "cuda")
+    return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), fused=fused)
+
+
+def new_state(
+    cfg: TrainConfig, d_in: int, scale: float, mean: torch.Tensor, device: torch.device
+) -> TrainState:
+    """A freshly initialised SAE (seeded), its optimizer and dead-latent counters."""
+    scfg = sae_config(cfg, d_in)
+    scfg.input_scale = scale
+    sae = Sae(scfg, device)
+    sae.initialize(torch.Generator().manual_seed(cfg.seed), mean.to(device))
+    opt = make_optimizer(sae, learning_rate(cfg, scfg.d_sae), device)
+    return TrainState(sae, opt, torch.zeros(scfg.d_sae, dtype=torch.long, device=device))
+
+
+def train_step(
+    state: TrainState, x: torch.Tensor, cfg: TrainConfig, dtype: torch.dtype, total: int
+) -> StepOutput:
+    """One optimizer step on a batch of raw activations [tokens, d_in]."""
+    sae = state.sae
+    x = x.to(state.since_fired.device, non_blocking=True).float() * sae.cfg.input_scale
+    dead = state.since_fired >= cfg.dead_tokens if cfg.auxk_alpha > 0 else None
+    coefficient = cfg.sparsity_coefficient or DEFAULT_SPARSITY.get(cfg.architecture, 0.0)
+    out = train_step_forward(sae, x, dtype, dead, cfg.auxk_alpha, coefficient)
+    if not torch.isfinite(out.loss):
+        raise SamesheepError(
+            f"training diverged at step {state.step} (loss {out.loss.item()}): lower train.lr"
+        )
+    state.opt.zero_grad(set_to_none=True)
+    out.loss.backward()
+    if sae.unit_decoder:
+        sae.remove_parallel_gradient()
+    lr = learning_rate(cfg, sae.cfg.d_sae)
+    for group in state.opt.param_groups:
+        group["lr"] = lr * lr_factor(state.step, total, cfg.warmup_fraction, cfg.decay_fraction)
+    state.opt.step()
+    if sae.unit_decoder:
+        sae.normalize_decoder()
+    state.since_fired += x.shape[0]
+    state.since_fired[out.fired] = 0
+    state.step += 1
+    return out
+
+
+def train_sae(
+    store: Store,
+    cfg: TrainConfig,
+    work_dir: Path,
+    key: str,
+    label: str = "",
+) -> tuple[Sae, dict[str, Any]]:
+    """Train an SAE on a store's training split, resuming from work_dir's checkpoint when
+    it was written with the same key. Returns the SAE and a summary of the run."""
+    device = choose_device(cfg.device)
+    dtype = choose_dtype(cfg.dtype, device)
+    if dtype == torch.float16:
+        raise SamesheepError('train.dtype must be "auto", "bfloat16" or "float32"')
+    sae_config(cfg, store.d_model)  # a bad architecture, or k past the width, fails here
+    n_kept = count_kept(store, cfg)
+    if n_kept < cfg.batch_tokens:
+        raise SamesheepError(
+            f"{store.folder} holds {n_kept:,} training tokens, fewer than one batch "
+            f"({cfg.batch_tokens:,}): extract a larger corpus or lower train.batch_tokens"
+        )
+    total = max(cfg.train_tokens or n_kept, cfg.batch_tokens) // cfg.batch_tokens
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(work_dir)
+    path = work_dir / CHECKPOINT
+    scale, mean = input_statistics(store, cfg)
+    state = new_state(cfg, store.d_model, scale, mean, device)
+    resumed = load_checkpoint(path, state, key)
+
+    stream = batch_stream(store, cfg)
+    for _ in range(state.step):  # replay the stream up to where the checkpoint left it
+        next(stream)
+    last_save = time.monotonic()
+    fvu_avg = l0_avg = 0.0
+    start, done = time.perf_counter(), 0
+    with progress() as bar:
+        task = bar.add_task(label or "train", total=total, completed=state.step, rate="")
+        while state.step < total:
+            out = train_step(state, next(stream), cfg, dtype, total)
+            done += cfg.batch_tokens
+            w = 0.1 if done > cfg.batch_tokens else 1.0
+            fvu_avg += w * (out.fvu.item() - fvu_avg)
+            l0_avg += w * (out.l0 - l0_avg)
+            if state.step < total and time.monotonic() - last_save > cfg.checkpoint_seconds:
+                save_checkpoint(path, state, key)
+                last_save = time.monotonic()
+            rate = done / (time.perf_counter() - start)
+            bar.update(
+                task,
+                completed=state.step,
+                rate=f"{rate:,.0f} tok/s  fvu {fvu_avg:.3f}  L0 {l0_avg:.1f}",
+            )
+    seconds = time.perf_counter() - start
+    save_checkpoint(path, state, key)
+    summary = {
+        "steps": total,
+        "tokens": total * cfg.batch_tokens,
+        "stored_tokens": n_kept,
+        "epochs": round(total * cfg.batch_tokens / n_kept, 3),
+        "lr": learning_rate(cfg, state.sae.cfg.d_sae),
+        "input_scale": scale,
+        "dtype": dtype_name(dtype),
+        "device": device.type,
+        "resumed": resumed,
+        "dead_at_end": int((state.since_fired >= cfg.dead_tokens).sum()),
+        "tokens_per_second": done / seconds if done and seconds > 0 else None,
+    }
+    return state.sae, summary

@@ -1,0 +1,262 @@
+"""SAE training: known answers on synthetic data, the sparse paths against dense references,
+the shuffled stream, checkpoints and resume, and bad input."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import sparse_data, write_store
+
+from samesheep.config import TrainConfig
+from samesheep.errors import SamesheepError
+from samesheep.sae import Sae, SaeConfig, TopKEncode, train_step_forward
+from samesheep.store import open_store
+from samesheep.train import (
+    CHECKPOINT,
+    batch_stream,
+    count_kept,
+    input_statistics,
+    lr_factor,
+    train_sae,
+)
+
+
+def small_cfg(**kw) -> TrainConfig:
+    base = dict(expansion_factor=4, k=4, batch_tokens=256, buffer_tokens=1024, threads=1,
+                dtype="float32", device="cpu", train_tokens=256 * 40)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """A store of 3-sparse combinations of 64 random unit directions in 64 dimensions."""
+    data, dirs = sparse_data(24_000, d=64, n_dirs=64, k=3)
+    folder = tmp_path_factory.mktemp("store") / "acts"
+    write_store(folder, {"train": data[:20_000], "heldout": data[20_000:]}, shard_tokens=2000)
+    return open_store(folder), dirs
+
+
+def heldout_fvu(sae: Sae, store) -> float:
+    x = torch.cat([s.acts[s.mask()] for s in store.shards("heldout")]).float()
+    with torch.no_grad():
+        err = (sae(x) - x).pow(2).sum()
+    return float(err / (x - x.mean(0)).pow(2).sum())
+
+
+def test_topk_recovers_the_true_directions(synthetic, tmp_path):
+    store, dirs = synthetic
+    cfg = small_cfg(expansion_factor=2, k=3, train_tokens=256 * 300, lr=0.01, seed=1)
+    sae, summary = train_sae(store, cfg, tmp_path / "train", "key")
+    assert heldout_fvu(sae, store) < 0.02
+    cos = (dirs @ F.normalize(sae.W_dec.detach(), dim=1).T).max(dim=1).values
+    assert (cos > 0.9).float().mean() > 0.9, cos
+    assert summary["steps"] == 300 and summary["epochs"] > 1
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "jumprelu", "relu"])
+def test_other_architectures_learn(synthetic, tmp_path, arch):
+    store, _ = synthetic
+    sae, _ = train_sae(store, small_cfg(architecture=arch, train_tokens=256 * 150), tmp_path, "k")
+    assert heldout_fvu(sae, store) < 0.3
+    x = torch.cat([s.acts[s.mask()] for s in store.shards("heldout")]).float()
+    l0 = (sae.encode(x) > 0).float().sum(1).mean()
+    assert 0 < l0 < sae.cfg.d_sae / 2  # sparse, and not dead
+
+
+def test_topk_encoder_gradient_equals_dense_autograd():
+    torch.manual_seed(0)
+    sae = Sae(SaeConfig("topk", 16, 64, k=5))
+    sae.initialize(torch.Generator().manual_seed(0), torch.randn(16))
+    with torch.no_grad():
+        sae.b_enc.normal_()
+    x, w = torch.randn(40, 16), torch.randn(40, 5)
+    vals, idx = TopKEncode.apply(x - sae.b_dec, sae.W_enc, sae.b_enc, 5, torch.float32)
+    params = [sae.W_enc, sae.b_enc, sae.b_dec]
+    fast = torch.autograd.grad((vals * w).sum(), params)
+    dense = F.linear(x - sae.b_dec, sae.W_enc, sae.b_enc).gather(1, idx).relu()
+    ref = torch.autograd.grad((dense * w).sum(), params)
+    for a, b in zip(fast, ref, strict=True):
+        torch.testing.assert_close(a, b)
+    assert (vals == dense).all()
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu", "relu"])
+def test_sparse_and_dense_decoding_agree(arch):
+    sae = Sae(SaeConfig(arch, 16, 64, k=6, input_scale=0.3))
+    sae.initialize(torch.Generator().manual_seed(0), torch.randn(16))
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.5)
+        sae.batch_threshold.fill_(0.2)
+    x = torch.randn(30, 16) * 5
+    acts = sae.encode(x)
+    dense = sae.decode(acts)
+    idx = torch.arange(64).expand(30, 64)
+    torch.testing.assert_close(sae.decode_sparse(acts, idx), dense, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sae(x), dense, rtol=1e-5, atol=1e-5)
+    if arch == "topk":
+        vals, idx = sae.topk_sparse(x)
+        assert torch.equal(torch.zeros(30, 64).scatter_(1, idx, vals), acts)
+
+
+def test_auxk_trains_dead_latents_encoder_and_decoder():
+    sae = Sae(SaeConfig("topk", 16, 64, k=4))
+    sae.initialize(torch.Generator().manual_seed(0), torch.zeros(16))
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[:10] = True
+    out = train_step_forward(sae, torch.randn(50, 16), torch.float32, dead, 1.0, 0.0)
+    assert out.aux > 0
+    out.loss.backward()
+    assert sae.W_enc.grad[:10].abs().sum() > 0 and sae.W_dec.grad[:10].abs().sum() > 0
+
+
+def test_bfloat16_encoder_stays_close_to_float32(synthetic, tmp_path):
+    store, _ = synthetic
+    fvus = {}
+    for dtype in ("float32", "bfloat16"):
+        sae, _ = train_sae(store, small_cfg(dtype=dtype), tmp_path / dtype, "k")
+        fvus[dtype] = heldout_fvu(sae, store)
+    assert abs(fvus["bfloat16"] - fvus["float32"]) < 0.05 * fvus["float32"] + 1e-3
+
+
+def test_lr_schedule_known_values():
+    f = [lr_factor(s, 100, 0.1, 0.2) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == 1.0 and f[50] == 1.0
+    assert f[80] == pytest.approx(1.0) and f[90] == pytest.approx(0.5) and f[99] > 0
+    assert lr_factor(0, 10, 0.0, 0.0) == 1.0
+
+
+def test_stream_is_seeded_and_visits_every_kept_token_once_per_pass(synthetic):
+    store, _ = synthetic
+    cfg = small_cfg(batch_tokens=100, buffer_tokens=3000)
+    kept = count_kept(store, cfg)
+    assert kept == 20_000 - 20_000 // 50  # position 0 of each window is special
+    # Within one pass no row comes twice; at most a buffer and a shard wait for the next.
+    n = (kept - 3000 - 2000) // 100
+    a = torch.cat(list(itertools.islice(batch_stream(store, cfg), n)))
+    b = torch.cat(list(itertools.islice(batch_stream(store, cfg), n)))
+    assert torch.equal(a, b)
+    assert torch.unique(a, dim=0).shape[0] == a.shape[0]
+    every = torch.cat([s.acts[s.mask()] for s in store.shards("train")])
+    assert torch.isin(a[:, 0], every[:, 0]).all()
+    # Three passes' worth of batches use every kept row.
+    many = torch.cat(list(itertools.islice(batch_stream(store, cfg), 3 * kept // 100)))
+    assert torch.unique(many, dim=0).shape[0] == kept
+    reseeded = small_cfg(batch_tokens=100, buffer_tokens=3000, seed=5)
+    assert not torch.equal(a, torch.cat(list(itertools.islice(batch_stream(store, reseeded), n))))
+
+
+def test_input_scale_gives_mean_squared_norm_d(synthetic):
+    store, _ = synthetic
+    scale, mean = input_statistics(store, small_cfg())
+    x = torch.cat([s.acts[s.mask()] for s in store.shards("train")]).double() * scale
+    assert x.pow(2).sum(1).mean().item() == pytest.approx(64, rel=1e-4)
+    torch.testing.assert_close(mean.double(), x.mean(0), rtol=1e-4, atol=1e-4)
+
+
+def test_checkpoint_resume_in_process_gives_the_same_weights(synthetic, tmp_path):
+    store, _ = synthetic
+    cfg = small_cfg(train_tokens=256 * 30, checkpoint_seconds=0)
+    ref, _ = train_sae(store, cfg, tmp_path / "a", "key")
+    short = small_cfg(train_tokens=256 * 30, checkpoint_seconds=0)
+    # A run stopped after 12 steps (a checkpoint on every step), then resumed:
+    work = tmp_path / "b"
+    import samesheep.train as train_mod
+
+    real_step = train_mod.train_step
+    calls = {"n": 0}
+
+    def stop_after_12(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > 12:
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+
+    train_mod.train_step = stop_after_12
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_sae(store, short, work, "key")
+    finally:
+        train_mod.train_step = real_step
+    resumed, summary = train_sae(store, short, work, "key")
+    assert summary["resumed"]
+    for name, p in ref.state_dict().items():
+        assert torch.equal(p, resumed.state_dict()[name]), name
+
+
+KILL_SCRIPT = """
+import sys, torch
+from pathlib import Path
+from samesheep.config import TrainConfig
+from samesheep.store import open_store
+from samesheep.train import train_sae
+from safetensors.torch import save_file
+cfg = TrainConfig(expansion_factor=4, k=4, batch_tokens=256, buffer_tokens=1024, threads=1,
+                  dtype="float32", device="cpu", train_tokens=256 * 60, checkpoint_seconds=0)
+sae, _ = train_sae(open_store(sys.argv[1]), cfg, Path(sys.argv[2]), "key")
+save_file({k: v.contiguous() for k, v in sae.state_dict().items()}, sys.argv[3])
+"""
+
+
+def _run(store, work: Path, out: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT, str(store.folder), str(work), str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def test_sigkill_at_a_random_moment_then_resume_gives_the_same_weights(synthetic, tmp_path):
+    from safetensors.torch import load_file
+
+    store, _ = synthetic
+    assert _run(store, tmp_path / "ref", tmp_path / "ref.safetensors").wait() == 0
+    work = tmp_path / "killed"
+    proc = _run(store, work, tmp_path / "killed.safetensors")
+    deadline = time.time() + 60
+    while not (work / CHECKPOINT).exists() and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.05 + 0.3 * torch.rand(()).item())
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed.safetensors").exists(), "killed too late to test resuming"
+    assert _run(store, work, tmp_path / "killed.safetensors").wait() == 0
+    ref, got = load_file(tmp_path / "ref.safetensors"), load_file(tmp_path / "killed.safetensors")
+    for name in ref:
+        assert torch.equal(ref[name], got[name]), name
+
+
+def test_corrupt_checkpoint_is_an_error_and_another_key_starts_over(synthetic, tmp_path):
+    store, _ = synthetic
+    cfg = small_cfg(train_tokens=256 * 3)
+    train_sae(store, cfg, tmp_path, "key")
+    (tmp_path / CHECKPOINT).write_bytes(b"\x00" * 100)
+    with pytest.raises(SamesheepError, match="checkpoint .* is corrupt"):
+        train_sae(store, cfg, tmp_path, "key")
+    _, summary = train_sae(store, cfg, tmp_path / "other", "key")
+    assert not summary["resumed"]
+    _, summary = train_sae(store, cfg, tmp_path / "other", "another key")
+    assert not summary["resumed"]
+
+
+def test_bad_input(synthetic, tmp_path):
+    store, _ = synthetic
+    with pytest.raises(SamesheepError, match="k = 500 must lie between 1 and the width 256"):
+        train_sae(store, small_cfg(k=500), tmp_path, "k")
+    with pytest.raises(SamesheepError, match="unknown SAE architecture 'gated'"):
+        train_sae(store, small_cfg(architecture="gated"), tmp_path, "k")
+    with pytest.raises(SamesheepError, match="fewer than one batch"):
+        train_sae(store, small_cfg(batch_tokens=10**6), tmp_path, "k")
+    data, _ = sparse_data(3000)
+    data[1234, 3] = float("nan")
+    bad = write_store(tmp_path / "nan", {"train": data}, shard_tokens=1000)
+    with pytest.raises(SamesheepError, match=r"NaN or infinite activations in .*train-00001"):
+        train_sae(open_store(bad), small_cfg(), tmp_path / "w", "k")
