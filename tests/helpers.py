@@ -34,6 +34,12 @@ def sets(run_dir: Path, model: str | Path, corpus: Path, **extra: str) -> list[s
         "models": json.dumps([str(model)]),
         "layers": "[1]",
         "run_dir": json.dumps(str(run_dir)),
+        "train.expansion_factor": "4",
+        "train.k": "8",
+        "train.batch_tokens": "256",
+        "train.train_tokens": "5120",
+        "train.splice_tokens": "400",
+        "train.threads": "1",
         **extra,
     }
     return [a for key, value in values.items() for a in ("--set", f"{key}={value}")]
@@ -54,25 +60,36 @@ def write_store(folder: Path, splits: dict, shard_tokens: int = 1000, context: i
     from samesheep.store import TOKEN_SCHEMA, StoreWriter
 
     d = next(iter(splits.values())).shape[1]
-    header = {"key": "synthetic", "layer": 0, "d_model": d, "model": "synthetic",
-              "n_layers": 1, "dtype": "float32", "compute_dtype": "float32", "device": "cpu",
-              "context_length": context, "prefix_ids": [0]}
+    header = {
+        "key": "synthetic",
+        "layer": 0,
+        "d_model": d,
+        "model": "synthetic",
+        "n_layers": 1,
+        "dtype": "float32",
+        "compute_dtype": "float32",
+        "device": "cpu",
+        "context_length": context,
+        "prefix_ids": [0],
+    }
     writer = StoreWriter(folder, header)
     for split, acts in splits.items():
         for i, lo in enumerate(range(0, acts.shape[0], shard_tokens)):
             chunk = acts[lo : lo + shard_tokens].float().contiguous()
             n = chunk.shape[0]
             pos = np.arange(lo, lo + n) % context
-            table = pa.table({
-                "doc_index": np.arange(lo, lo + n) // context,
-                "doc_id": [f"d{j // context}" for j in range(lo, lo + n)],
-                "window": np.zeros(n, dtype=np.int32),
-                "position": pos,
-                "token_id": np.ones(n, dtype=np.int32),
-                "char_start": pos,
-                "char_end": pos + 1,
-                "special": pos == 0,
-            }).cast(TOKEN_SCHEMA)
+            table = pa.table(
+                {
+                    "doc_index": np.arange(lo, lo + n) // context,
+                    "doc_id": [f"d{j // context}" for j in range(lo, lo + n)],
+                    "window": np.zeros(n, dtype=np.int32),
+                    "position": pos,
+                    "token_id": np.ones(n, dtype=np.int32),
+                    "char_start": pos,
+                    "char_end": pos + 1,
+                    "special": pos == 0,
+                }
+            ).cast(TOKEN_SCHEMA)
             writer.write(f"{split}-{i:05d}", split, chunk.to(torch.float32), table)
     writer.finish()
     return folder

@@ -31,8 +31,16 @@ from samesheep.train import (
 
 
 def small_cfg(**kw) -> TrainConfig:
-    base = dict(expansion_factor=4, k=4, batch_tokens=256, buffer_tokens=1024, threads=1,
-                dtype="float32", device="cpu", train_tokens=256 * 40)
+    base = dict(
+        expansion_factor=4,
+        k=4,
+        batch_tokens=256,
+        buffer_tokens=1024,
+        threads=1,
+        dtype="float32",
+        device="cpu",
+        train_tokens=256 * 40,
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -239,7 +247,7 @@ def test_corrupt_checkpoint_is_an_error_and_another_key_starts_over(synthetic, t
     cfg = small_cfg(train_tokens=256 * 3)
     train_sae(store, cfg, tmp_path, "key")
     (tmp_path / CHECKPOINT).write_bytes(b"\x00" * 100)
-    with pytest.raises(SamesheepError, match="checkpoint .* is corrupt"):
+    with pytest.raises(SamesheepError, match=r"checkpoint .* is corrupt"):
         train_sae(store, cfg, tmp_path, "key")
     _, summary = train_sae(store, cfg, tmp_path / "other", "key")
     assert not summary["resumed"]

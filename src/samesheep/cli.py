@@ -44,9 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     _debug(p)
 
     for name, text in [
-        ("run", "run every stage (now: corpus, extract), skipping what is up to date"),
+        ("run", "run every stage (now: corpus, extract, train), skipping what is up to date"),
         ("corpus", "sample the corpus into the run directory"),
         ("extract", "extract activations of every model and layer into the run directory"),
+        ("train", "train and evaluate an SAE per model and layer on the stored activations"),
     ]:
         _common(sub.add_parser(name, help=text, description=text))
 
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                 "run": pipeline.run,
                 "corpus": pipeline.corpus_stage,
                 "extract": pipeline.extract_stage,
+                "train": pipeline.train_stage,
             }[args.command]
             stage(cfg)
     except SamesheepError as e:

@@ -2,17 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
+
 from . import config as config_mod
-from .config import Config
-from .corpus import build_corpus
+from .config import Config, settings_hash
+from .corpus import build_corpus, read_documents
+from .device import choose_device, choose_dtype, set_threads
 from .errors import SamesheepError
+from .evaluate import reconstruction_metrics, spliced_metrics
 from .extraction import extract_model
-from .files import write_text
-from .models import RANDOM_PREFIX, load_tokenizer, model_depth, resolve_layer, safe_name
+from .files import read_json, write_json, write_text
+from .models import (
+    RANDOM_PREFIX,
+    load_model,
+    load_tokenizer,
+    model_depth,
+    resolve_layer,
+    safe_name,
+)
 from .progress import say
+from .sae_files import load_sae, save_sae
+from .store import Store, open_store
+from .train import train_sae
 
 
 def prepare_run_dir(cfg: Config) -> Path:
@@ -106,6 +121,166 @@ def extract_stage(cfg: Config) -> dict[str, dict[str, Any]]:
     return results
 
 
+SAE_VERSION = 1
+"""Bump when training changes what it produces for the same settings."""
+NOT_IN_TRAIN_KEY = ("device", "threads", "checkpoint_seconds", "splice_tokens")
+
+
+def train_stage(cfg: Config) -> dict[str, dict[int, dict[str, Any]]]:
+    """Train and evaluate one SAE per model and layer on the stored activations (resumes
+    from checkpoints; skipped when unchanged)."""
+    run = prepare_run_dir(cfg)
+    check_layers(cfg)
+    results: dict[str, dict[int, dict[str, Any]]] = {}
+    for source in cfg.models:
+        model_dir = run / safe_name(source)
+        depth = model_depth(source, cfg.trust_remote_code)
+        layers = sorted({resolve_layer(spec, depth) for spec in cfg.layers})
+        stores = {L: _store_for(model_dir, source, L) for L in layers}
+        trained = {
+            L: _train_layer(cfg, source, L, stores[L], model_dir / f"layer_{L}") for L in layers
+        }
+        results[source] = _evaluate_model(cfg, source, stores, trained, model_dir)
+    record_config(cfg)
+    return results
+
+
+def _store_for(model_dir: Path, source: str, layer: int) -> Store:
+    """The complete activation store of a model's layer, or a clear error naming the stage."""
+    folder = model_dir / f"layer_{layer}" / "acts"
+    try:
+        store = open_store(folder)
+    except SamesheepError:
+        raise SamesheepError(
+            f"no activations for {source} layer {layer} at {folder}: run `samesheep extract` "
+            "(or `samesheep run`) first"
+        ) from None
+    if not store.complete:
+        raise SamesheepError(
+            f"the activations of {source} layer {layer} are incomplete: rerun `samesheep extract`"
+        )
+    return store
+
+
+def _train_layer(cfg: Config, source: str, layer: int, store: Store, layer_dir: Path) -> Any:
+    """The layer's SAE: trained (or resumed), or loaded when already trained with the same
+    settings on the same activations."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in NOT_IN_TRAIN_KEY}
+    key = settings_hash(SAE_VERSION, store.manifest["key"], settings)
+    state_path = layer_dir / "train" / "state.json"
+    state = read_json(state_path, corrupt_is_missing=True)
+    sae_dir = layer_dir / "sae"
+    if state and state.get("key") == key and state.get("complete"):
+        try:
+            return key, load_sae(sae_dir, d_in=store.d_model), state["summary"], True
+        except SamesheepError:
+            pass  # the saved SAE is gone or damaged: train again (from the checkpoint)
+    label = f"{source} layer {layer}"
+    set_threads(cfg.train.threads)
+    sae, summary = train_sae(store, cfg.train, layer_dir / "train", key, label)
+    metadata = {
+        "model_name": source,
+        "hook_name": f"blocks.{layer}.hook_resid_post",
+        "hook_layer": layer,
+        "context_size": store.manifest["context_length"],
+        "prepend_bos": bool(store.manifest.get("prefix_ids")),
+        "dataset_path": cfg.corpus.source,
+    }
+    save_sae(sae, sae_dir, metadata)
+    write_json(state_path, {"key": key, "complete": True, "summary": summary})
+    rate = summary["tokens_per_second"]
+    say(
+        f"{label}: trained {sae.cfg.architecture} SAE, {sae.cfg.d_sae:,} latents, "
+        f"{summary['tokens']:,} tokens ({summary['epochs']} passes)"
+        + (f" at {rate:,.0f} tok/s" if rate else "")
+    )
+    return key, sae, summary, False
+
+
+def _evaluate_model(
+    cfg: Config,
+    source: str,
+    stores: dict[int, Store],
+    trained: dict[int, Any],
+    model_dir: Path,
+) -> dict[int, dict[str, Any]]:
+    """Held-out metrics of each layer's SAE, saved in sae/metrics.json and printed; the
+    model (with its head, for the spliced metrics) is loaded once, only if needed."""
+    device = choose_device(cfg.train.device)
+    eval_key = {L: settings_hash(trained[L][0], cfg.train.splice_tokens) for L in stores}
+    out, todo = {}, []
+    for L in stores:
+        path = model_dir / f"layer_{L}" / "sae" / "metrics.json"
+        old = read_json(path, corrupt_is_missing=True)
+        if old and old.get("key") == eval_key[L]:
+            out[L] = old
+        else:
+            todo.append(L)
+    lm = None
+    for L in todo:
+        _, sae, summary, _ = trained[L]
+        sae = sae.to(device)
+        t = cfg.train
+        metrics = reconstruction_metrics(
+            sae, stores[L], t.batch_tokens, device, t.skip_special, t.skip_first
+        )
+        if cfg.train.splice_tokens > 0:
+            if lm is None:
+                dtype = choose_dtype(cfg.extract.dtype, device)
+                lm = load_model(source, dtype, device, cfg.trust_remote_code)
+            metrics.update(_spliced(cfg, lm, L, sae, stores[L], device))
+        out[L] = {"key": eval_key[L], "model": source, "layer": L, **metrics, "training": summary}
+        write_json(model_dir / f"layer_{L}" / "sae" / "metrics.json", out[L])
+    for L in stores:
+        say(f"{source} layer {L}: " + format_metrics(out[L]))
+    return out
+
+
+def _spliced(
+    cfg: Config, lm: Any, layer: int, sae: Any, store: Store, device: Any
+) -> dict[str, Any]:
+    """Spliced metrics on the first held-out documents, up to splice_tokens tokens."""
+    run = Path(cfg.run_dir).expanduser()
+    counts: dict[int, int] = {}
+    for name in store.shard_names("heldout"):
+        table = pq.read_table(store.folder / f"{name}.tokens.parquet", columns=["doc_index"])
+        for d in table.column("doc_index").to_numpy():
+            counts[int(d)] = counts.get(int(d), 0) + 1
+    docs, total = [], 0
+    for doc_index, doc in enumerate(read_documents(run / "corpus" / "heldout.jsonl")):
+        if total >= cfg.train.splice_tokens:
+            break
+        docs.append(doc)
+        total += counts.get(doc_index, 0)
+    out = spliced_metrics(
+        lm,
+        layer,
+        sae,
+        docs,
+        list(store.manifest.get("prefix_ids", [])),
+        int(store.manifest["context_length"]),
+        device=device,
+    )
+    out["scored_tokens"] = out.pop("tokens")
+    return out
+
+
+def format_metrics(m: dict[str, Any]) -> str:
+    """One line of the headline metrics."""
+    parts = [
+        f"FVU {m['fvu']:.3f}",
+        f"L0 {m['l0']:.1f}",
+        f"dead {100 * m['dead_fraction']:.1f}%",
+        f"dense {100 * m['dense_fraction']:.1f}%",
+        f"cos {m['cosine']:.3f}",
+        f"shrinkage {m['shrinkage']:.3f}",
+    ]
+    if "ce_loss_score" in m:
+        parts.append(f"CE loss recovered {100 * m['ce_loss_score']:.1f}%")
+        parts.append(f"KL {m['kl_spliced']:.3f} (zero-ablation {m['kl_zero']:.3f})")
+    return ", ".join(parts) + f" on {m['tokens']:,} held-out tokens"
+
+
 def run(cfg: Config) -> dict[str, Any]:
     """Run every stage in order."""
-    return {"extract": extract_stage(cfg)}
+    return {"extract": extract_stage(cfg), "train": train_stage(cfg)}

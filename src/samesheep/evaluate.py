@@ -1,0 +1,273 @@
+"""SAE evaluation: reconstruction metrics on held-out activations, and language-model metrics
+with the SAE's reconstruction spliced into the residual stream.
+
+Positions: the SAE replaces exactly the rows it was trained on (real tokens that are neither
+special nor at position 0, the attention sink). A next-token prediction from position p is
+scored where its target p + 1 is a real token of the same window and some position at or
+before p is spliced: predictions no intervention can reach (from the sink, from a BOS-only
+prefix) would add the same loss to every run and dilute the KL means.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .corpus import Document
+from .errors import SamesheepError
+from .extraction import Window, length_batches, windows_of
+from .models import LoadedModel, _hidden, decoder_blocks
+from .sae import Sae
+from .store import Store
+
+DENSE_FRACTION = 0.1
+"""A latent active on more than this fraction of tokens counts as dense."""
+LOGIT_CHUNK = 1 << 24
+"""Logit elements (rows x vocabulary) log-softmaxed at once: 64 MiB of float32."""
+DOC_CHUNK = 64
+"""Documents tokenized at a time."""
+
+
+class ReconstructionStats:
+    """Reconstruction metrics streamed over batches: memory is O(d_in + d_sae), whatever the
+    number of tokens. Sums are kept in float64 (Python floats, CPU tensors); the per-dimension
+    variance is merged batch by batch (Chan et al.), so large means do not cancel."""
+
+    def __init__(self, d_in: int, d_sae: int):
+        self.d_in, self.d_sae = d_in, d_sae
+        self.tokens = 0
+        self.mean = torch.zeros(d_in, dtype=torch.float64)  # per-dimension mean of x
+        self.m2 = torch.zeros(d_in, dtype=torch.float64)  # squared deviations from it
+        self.fires = torch.zeros(d_sae, dtype=torch.int64)  # tokens each latent is active on
+        self.sse = self.cosine = self.ratio = self.hat_sq = self.dot = self.active = 0.0
+
+    def update(self, x: Tensor, x_hat: Tensor, acts: Tensor) -> None:
+        """Add a batch: inputs and reconstructions [tokens, d_in], latents [tokens, d_sae]."""
+        n = x.shape[0]
+        if n == 0:
+            return
+        where = "cpu" if x.device.type == "mps" else x.device  # MPS has no float64
+        x = x.to(where, torch.float64)
+        x_hat = x_hat.to(where, torch.float64)
+        tiny = torch.finfo(torch.float64).tiny
+        norm_x, norm_hat = x.norm(dim=1), x_hat.norm(dim=1)
+        dot = (x * x_hat).sum(1)
+        active = acts > 0
+        sums = torch.stack(
+            [
+                (x_hat - x).square().sum(),
+                (dot / (norm_x * norm_hat).clamp_min(tiny)).sum(),  # 0 where x_hat = 0
+                (norm_hat / norm_x.clamp_min(tiny)).sum(),
+                norm_hat.square().sum(),
+                dot.sum(),
+                active.sum().to(torch.float64),
+            ]
+        ).tolist()
+        for name, value in zip(
+            ("sse", "cosine", "ratio", "hat_sq", "dot", "active"), sums, strict=True
+        ):
+            setattr(self, name, getattr(self, name) + value)
+        self.fires += active.sum(0).cpu()
+        mean = x.mean(0)
+        m2 = (x - mean).square().sum(0).cpu()
+        delta = mean.cpu() - self.mean
+        total = self.tokens + n
+        self.mean += delta * (n / total)
+        self.m2 += m2 + delta.square() * (self.tokens * n / total)
+        self.tokens = total
+
+    def result(self) -> dict[str, Any]:
+        """The metrics (plain floats and ints).
+
+        fvu: squared error over squared deviations from the evaluation set's per-dimension
+        mean. cosine, shrinkage: per-token means of cos(x, x_hat) and ||x_hat|| / ||x||
+        (SAELens' l2_ratio). relative_reconstruction_bias: E[||x_hat||^2] / E[<x_hat, x>]
+        over all tokens (Gated SAE paper, eq. 10): 1 / the gain g minimising
+        E||g x_hat - x||^2, so below 1 means shrinkage. Dead: never active; dense: active on
+        more than 10% of tokens."""
+        n = self.tokens
+        if n == 0:
+            raise SamesheepError("no tokens to evaluate the SAE on")
+        variance = float(self.m2.sum())
+        fvu = self.sse / variance if variance > 0 else math.nan
+        dead = int((self.fires == 0).sum())
+        dense = int((self.fires > DENSE_FRACTION * n).sum())
+        return {
+            "tokens": n,
+            "mse": self.sse / (n * self.d_in),
+            "fvu": fvu,
+            "explained_variance": 1.0 - fvu,
+            "l0": self.active / n,
+            "dead_latents": dead,
+            "dead_fraction": dead / self.d_sae,
+            "dense_latents": dense,
+            "dense_fraction": dense / self.d_sae,
+            "cosine": self.cosine / n,
+            "shrinkage": self.ratio / n,
+            "relative_reconstruction_bias": self.hat_sq / self.dot if self.dot else math.nan,
+        }
+
+
+@torch.inference_mode()
+def reconstruction_metrics(
+    sae: Sae,
+    store: Store,
+    batch_tokens: int = 4096,
+    device: torch.device | str = "cpu",
+    skip_special: bool = True,
+    skip_first: bool = True,
+) -> dict[str, Any]:
+    """ReconstructionStats of `sae` (already on `device`) over the store's held-out shards:
+    by default without special tokens and position 0, as in training; float32 batches."""
+    if store.d_model != sae.cfg.d_in:
+        raise SamesheepError(f"the SAE reads {sae.cfg.d_in} dims, the store holds {store.d_model}")
+    stats = ReconstructionStats(sae.cfg.d_in, sae.cfg.d_sae)
+    for shard in store.shards("heldout"):
+        for x in shard.acts[shard.mask(skip_special, skip_first)].split(batch_tokens):
+            x = x.to(device, torch.float32)
+            acts = sae.encode(x)
+            stats.update(x, sae.decode(acts), acts)
+    return stats.result()
+
+
+# ---- spliced language-model metrics ----
+
+
+def batch_tensors(
+    windows: list[Window], batch: list[int], pad: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(ids, real, splice, score) [rows, longest] of a batch of windows, right-padded.
+
+    real: not padding. splice: the positions the SAE replaces (real, not special, not
+    position 0). score: positions whose next-token prediction counts (see the module doc)."""
+    longest = max(len(windows[i].ids) for i in batch)
+    ids = torch.full((len(batch), longest), pad, dtype=torch.long)
+    real = torch.zeros((len(batch), longest), dtype=torch.bool)
+    splice = torch.zeros_like(real)
+    for row, i in enumerate(batch):
+        w = windows[i]
+        n = len(w.ids)
+        ids[row, :n] = torch.from_numpy(w.ids)
+        real[row, :n] = True
+        splice[row, 1:n] = torch.from_numpy(~w.special[1:])
+    score = splice.to(torch.int8).cummax(dim=1).values.bool()
+    score[:, :-1] &= real[:, 1:]
+    score[:, -1] = False
+    return ids, real, splice, score
+
+
+def _with_hidden(output: Any, h: Tensor) -> Any:
+    """A block's output with its hidden state replaced, keeping a tuple a tuple."""
+    if isinstance(output, tuple):
+        return (h, *output[1:])
+    if isinstance(output, list):
+        return [h, *output[1:]]
+    return h
+
+
+@contextlib.contextmanager
+def _splice(block: nn.Module, where: Tensor, replace: Callable[[Tensor], Tensor]) -> Iterator:
+    """Within the block, the block's output at `where` [batch, seq] is replace(rows)."""
+
+    def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
+        h = _hidden(output)
+        new = h.clone()
+        new[where] = replace(h[where])
+        return _with_hidden(output, new)
+
+    handle = block.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _scored_logits(model: nn.Module, ids: Tensor, mask: Tensor | None, score: Tensor) -> Tensor:
+    """Logits [scored positions, vocab] of one forward pass (the full tensor is freed)."""
+    return model(input_ids=ids, attention_mask=mask, use_cache=False).logits[score]
+
+
+def _sums(clean: Tensor, other: Tensor, targets: Tensor) -> tuple[float, float, float]:
+    """Sums over rows of CE(clean), CE(other) and KL(clean || other), log-softmax in float32
+    on a chunk of rows at a time."""
+    rows = max(1, LOGIT_CHUNK // clean.shape[1])
+    total = torch.zeros(3, device=clean.device)  # float32: one batch's sums; MPS has no float64
+    for lo in range(0, clean.shape[0], rows):
+        c = clean[lo : lo + rows].float().log_softmax(-1)
+        o = other[lo : lo + rows].float().log_softmax(-1)
+        t = targets[lo : lo + rows, None]
+        p = c.exp()
+        kl = torch.where(p > 0, p * (c - o), 0.0).sum()
+        total += torch.stack([-c.gather(1, t).sum(), -o.gather(1, t).sum(), kl])
+    ce_clean, ce_other, kl = total.tolist()
+    return ce_clean, ce_other, kl
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b != 0 else math.nan
+
+
+@torch.inference_mode()
+def spliced_metrics(
+    lm: LoadedModel,
+    layer: int,
+    sae: Sae | Callable[[Tensor], Tensor],
+    documents: Iterable[Document],
+    prefix: list[int],
+    context_length: int,
+    batch_tokens: int = 1024,
+    device: torch.device | str | None = None,
+) -> dict[str, Any]:
+    """Next-token cross-entropy and KL(clean || intervened) with block `layer`'s output
+    replaced by sae(h) (float32, cast back) or by zeros at the SAE's positions.
+
+    Windows as in extraction (`prefix` from bos_prefix). Each batch runs the model three
+    times (clean, spliced, zero-ablated); only the scored logits are kept, and only until the
+    batch is done, so memory grows with batch_tokens x vocabulary: with a 262k vocabulary,
+    batch_tokens = 1024 holds about 1 GiB of logits per copy in float32. `sae` must live on
+    the model's device. Scores are NaN where their denominator is 0."""
+    device = torch.device(device) if device is not None else next(lm.model.parameters()).device
+    block = decoder_blocks(lm.model)[layer]
+    pad = lm.tokenizer.pad_token_id
+    pad = pad if pad is not None else (lm.tokenizer.eos_token_id or 0)
+
+    def reconstruct(h: Tensor) -> Tensor:
+        return sae(h.float()).to(h.dtype)
+
+    sums = dict.fromkeys(("ce_clean", "ce_spliced", "ce_zero", "kl_spliced", "kl_zero"), 0.0)
+    tokens = 0
+    numbered = enumerate(documents)
+    while chunk := list(itertools.islice(numbered, DOC_CHUNK)):
+        windows = windows_of(chunk, lm.tokenizer, prefix, context_length)
+        for batch in length_batches(windows, batch_tokens):
+            ids, real, splice, score = (t.to(device) for t in batch_tensors(windows, batch, pad))
+            if not bool(score.any()):
+                continue
+            mask = None if bool(real.all()) else real.long()
+            targets = ids[:, 1:][score[:, :-1]]  # the last column is never scored
+            clean = _scored_logits(lm.model, ids, mask, score)
+            for name, replace in (("spliced", reconstruct), ("zero", torch.zeros_like)):
+                with _splice(block, splice, replace):
+                    other = _scored_logits(lm.model, ids, mask, score)
+                ce_clean, ce_other, kl = _sums(clean, other, targets)
+                del other
+                sums[f"ce_{name}"] += ce_other
+                sums[f"kl_{name}"] += kl
+            sums["ce_clean"] += ce_clean
+            tokens += len(targets)
+            del clean
+    if tokens == 0:
+        raise SamesheepError("no positions to score: the documents are too short")
+    m = {key: value / tokens for key, value in sums.items()}
+    return {
+        **m,
+        "ce_loss_score": _ratio(m["ce_zero"] - m["ce_spliced"], m["ce_zero"] - m["ce_clean"]),
+        "kl_div_score": _ratio(m["kl_zero"] - m["kl_spliced"], m["kl_zero"]),
+        "tokens": tokens,
+    }

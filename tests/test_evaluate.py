@@ -1,0 +1,359 @@
+"""Evaluation: reconstruction metrics against hand-computed values, spliced LM metrics on
+tiny models."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from helpers import write_corpus
+
+from samesheep.corpus import Document, read_documents
+from samesheep.errors import SamesheepError
+from samesheep.evaluate import (
+    ReconstructionStats,
+    _with_hidden,
+    batch_tensors,
+    reconstruction_metrics,
+    spliced_metrics,
+)
+from samesheep.extraction import Window, bos_prefix, windows_of
+from samesheep.models import decoder_blocks, load_model
+from samesheep.sae import Sae, SaeConfig
+from samesheep.store import TOKEN_SCHEMA, Store, StoreWriter
+
+
+def stats_of(x, x_hat, acts=None, batches=(None,)) -> dict:
+    acts = acts if acts is not None else torch.ones(x.shape[0], 3)
+    stats = ReconstructionStats(x.shape[1], acts.shape[1])
+    lo = 0
+    for size in batches:
+        hi = x.shape[0] if size is None else lo + size
+        stats.update(x[lo:hi], x_hat[lo:hi], acts[lo:hi])
+        lo = hi
+    assert lo == x.shape[0]
+    return stats.result()
+
+
+# ---- reconstruction metrics ----
+
+
+def test_hand_computed_example():
+    x = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    x_hat = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
+    r = stats_of(x, x_hat)
+    # errors (0, 1) and (0, -1); deviations from the mean (0.5, 1): (+-0.5, -+1)
+    assert r["tokens"] == 2
+    assert r["mse"] == pytest.approx(2 / 4)
+    assert r["fvu"] == pytest.approx(2 / 2.5)
+    assert r["explained_variance"] == pytest.approx(0.2)
+    assert r["cosine"] == pytest.approx((1 / math.sqrt(2) + 1) / 2)
+    assert r["shrinkage"] == pytest.approx((math.sqrt(2) + 0.5) / 2)
+    # E||x_hat||^2 / E<x_hat, x> = (2 + 1) / (1 + 2); not E<x_hat, x> / E||x||^2 = 3 / 5
+    assert r["relative_reconstruction_bias"] == pytest.approx(1.0)
+
+
+def test_perfect_half_and_mean_reconstructions():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 6, generator=g) * 3 + 1
+    r = stats_of(x, x.clone())
+    assert r["fvu"] == 0 and r["mse"] == 0 and r["explained_variance"] == 1
+    assert r["cosine"] == pytest.approx(1) and r["shrinkage"] == pytest.approx(1)
+    assert r["relative_reconstruction_bias"] == pytest.approx(1)
+
+    r = stats_of(x, 0.5 * x)
+    x64 = x.double()
+    assert r["shrinkage"] == pytest.approx(0.5) and r["cosine"] == pytest.approx(1)
+    assert r["relative_reconstruction_bias"] == pytest.approx(0.5)
+    assert r["mse"] == pytest.approx(float(0.25 * x64.square().mean()))
+    want = 0.25 * x64.square().sum() / (x64 - x64.mean(0)).square().sum()
+    assert r["fvu"] == pytest.approx(float(want))
+
+    r = stats_of(x, x.mean(0).expand_as(x))
+    assert r["fvu"] == pytest.approx(1) and r["explained_variance"] == pytest.approx(0, abs=1e-6)
+
+
+def test_zero_reconstruction_has_cosine_zero():
+    x = torch.tensor([[3.0, 4.0], [1.0, 1.0]])
+    r = stats_of(x, torch.zeros_like(x))
+    assert r["cosine"] == 0 and r["shrinkage"] == 0
+    assert r["mse"] == pytest.approx((25 + 2) / 4)
+
+
+def test_dead_dense_and_l0():
+    acts = torch.zeros(20, 5)
+    acts[:1, 1] = 0.3  # 5% of tokens
+    acts[:2, 2] = 1.0  # exactly 10%: not dense (more than 10% is)
+    acts[5:8, 3] = 2.0  # 15%: dense
+    acts[:, 4] = 0.1  # every token: dense
+    acts[10, 0] = -1.0  # negative is not active: latent 0 is dead
+    x = torch.randn(20, 4)
+    r = stats_of(x, x, acts)
+    assert r["dead_latents"] == 1 and r["dead_fraction"] == pytest.approx(0.2)
+    assert r["dense_latents"] == 2 and r["dense_fraction"] == pytest.approx(0.4)
+    assert r["l0"] == pytest.approx((1 + 2 + 3 + 20) / 20)
+
+
+def test_streaming_equals_one_batch():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(50, 8, generator=g) * 5 + 2
+    x_hat = x + torch.randn(50, 8, generator=g)
+    acts = torch.randn(50, 16, generator=g).relu()
+    whole = stats_of(x, x_hat, acts)
+    parts = stats_of(x, x_hat, acts, batches=(7, 1, 12, 0, 30))
+    assert whole.keys() == parts.keys()
+    for key, value in whole.items():
+        assert parts[key] == pytest.approx(value, rel=1e-12), key
+
+
+def test_float64_accumulation_on_large_norms():
+    """Norms ~1e4, dominated by a per-dimension mean: float32 sums lose the variance."""
+    g = torch.Generator().manual_seed(2)
+    n, d = 20_000, 64
+    offset = torch.linspace(-2500, 2500, d)  # ||x|| ~ 1e4
+    x = offset + torch.randn(n, d, generator=g)
+    x_hat = x + 0.3 * torch.randn(n, d, generator=g)
+    acts = (torch.randn(n, 8, generator=g) > 1).float()
+    r = stats_of(x, x_hat, acts, batches=[4096] * 4 + [n - 4 * 4096])
+
+    xs, hs = x.double().numpy(), x_hat.double().numpy()
+    sse = ((hs - xs) ** 2).sum()
+    fvu = sse / ((xs - xs.mean(0)) ** 2).sum()
+    nx, nh = np.linalg.norm(xs, axis=1), np.linalg.norm(hs, axis=1)
+    dots = (xs * hs).sum(1)
+    assert np.linalg.norm(xs, axis=1).mean() > 5e3
+    assert r["fvu"] == pytest.approx(fvu, rel=1e-9)
+    assert r["fvu"] == pytest.approx(0.09, rel=0.05)
+    assert r["mse"] == pytest.approx(sse / (n * d), rel=1e-9)
+    assert r["cosine"] == pytest.approx((dots / (nx * nh)).mean(), rel=1e-12)
+    assert r["shrinkage"] == pytest.approx((nh / nx).mean(), rel=1e-12)
+    assert r["relative_reconstruction_bias"] == pytest.approx((nh**2).sum() / dots.sum(), 1e-12)
+
+
+def test_no_tokens_is_an_error():
+    with pytest.raises(SamesheepError):
+        ReconstructionStats(4, 8).result()
+
+
+def _table(positions, special) -> pa.Table:
+    n = len(positions)
+    return pa.table(
+        {
+            "doc_index": [0] * n,
+            "doc_id": ["d"] * n,
+            "window": [0] * n,
+            "position": positions,
+            "token_id": [1] * n,
+            "char_start": [0] * n,
+            "char_end": [0] * n,
+            "special": special,
+        }
+    ).cast(TOKEN_SCHEMA)
+
+
+def test_reconstruction_metrics_reads_masked_heldout_rows(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    d = 8
+    writer = StoreWriter(tmp_path, {"key": "k", "layer": 1, "d_model": d})
+    kept = []
+    for index in range(2):
+        acts = torch.randn(10, d, generator=g)
+        positions = [0, 1, 2, 3, 4, 0, 1, 2, 3, 4]
+        special = [True, False, False, True, False, False, False, False, False, False]
+        acts[0] = acts[3] = acts[5] = 1e3  # rows the mask drops: they would dominate
+        writer.write(f"heldout-{index:05d}", "heldout", acts, _table(positions, special))
+        keep = [i for i in range(10) if positions[i] != 0 and not special[i]]
+        kept.append(acts[keep])
+    writer.write("train-00000", "train", torch.full((4, d), 1e3), _table([0, 1, 2, 3], [False] * 4))
+    writer.finish()
+
+    sae = Sae(SaeConfig("relu", d, 16))
+    sae.initialize(torch.Generator().manual_seed(0))
+    r = reconstruction_metrics(sae, Store(tmp_path), batch_tokens=3)
+    x = torch.cat(kept)
+    with torch.no_grad():
+        want = stats_of(x, sae(x), sae.encode(x))
+    assert r["tokens"] == 14 == want["tokens"]
+    for key, value in want.items():
+        assert r[key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
+
+    with pytest.raises(SamesheepError, match="dims"):
+        reconstruction_metrics(Sae(SaeConfig("relu", d + 1, 16)), Store(tmp_path))
+
+
+# ---- spliced metrics ----
+
+
+class Identity(torch.nn.Module):
+    def forward(self, h):
+        return h
+
+
+class Shift(torch.nn.Module):
+    def forward(self, h):
+        return h + 1
+
+
+class Zeros(torch.nn.Module):
+    def forward(self, h):
+        return torch.zeros_like(h)
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_models):
+    return load_model(str(tiny_models["llama"]))
+
+
+@pytest.fixture(scope="module")
+def documents(tmp_path_factory):
+    path = write_corpus(tmp_path_factory.mktemp("docs") / "docs.jsonl", n=8)
+    return list(read_documents(path))
+
+
+def random_sae(d: int = 32, seed: int = 0) -> Sae:
+    sae = Sae(SaeConfig("topk", d, 64, k=4))
+    sae.initialize(torch.Generator().manual_seed(seed))
+    return sae
+
+
+def run(lm, sae, docs, layer=1, context_length=24, batch_tokens=96, prefix=None):
+    prefix = bos_prefix(lm.tokenizer, "auto") if prefix is None else prefix
+    return spliced_metrics(lm, layer, sae, docs, prefix, context_length, batch_tokens, "cpu")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_perfect_and_zero_reconstructions(tiny_models, documents, arch):
+    lm = load_model(str(tiny_models[arch]))
+    same = run(lm, Identity(), documents)
+    assert same["ce_spliced"] == pytest.approx(same["ce_clean"], rel=1e-12)
+    assert same["kl_spliced"] == pytest.approx(0, abs=1e-9)
+    # a random model: ablation changes its predictions, though not necessarily for the worse
+    assert abs(same["ce_zero"] - same["ce_clean"]) > 1e-3 and same["kl_zero"] > 1e-4
+    assert same["ce_loss_score"] == pytest.approx(1) and same["kl_div_score"] == pytest.approx(1)
+
+    zero = run(lm, Zeros(), documents)
+    assert zero["ce_spliced"] == pytest.approx(zero["ce_zero"], rel=1e-12)
+    assert zero["kl_spliced"] == pytest.approx(zero["kl_zero"], rel=1e-12)
+    assert zero["ce_loss_score"] == pytest.approx(0, abs=1e-9)
+    assert zero["kl_div_score"] == pytest.approx(0, abs=1e-9)
+    for key in ("ce_clean", "ce_zero", "kl_zero", "tokens"):
+        assert zero[key] == pytest.approx(same[key]), key
+
+    real = run(lm, random_sae(), documents)
+    assert real["ce_clean"] == pytest.approx(same["ce_clean"])
+    assert real["kl_spliced"] > 0 and real["ce_spliced"] != pytest.approx(real["ce_clean"])
+
+
+def test_scored_positions(llama, documents):
+    prefix = bos_prefix(llama.tokenizer, "auto")
+    assert len(prefix) == 1
+    windows = windows_of(list(enumerate(documents)), llama.tokenizer, prefix, 24)
+    # Position 0 (BOS) is never spliced, so its prediction of token 1 is the same in every
+    # run and not scored; the last token of a window predicts nothing.
+    want = sum(max(0, len(w.ids) - 2) for w in windows)
+    assert run(llama, Identity(), documents)["tokens"] == want
+
+
+def test_batch_tensors_masks():
+    def window(ids, special):
+        n = len(ids)
+        z = np.zeros(n, dtype=np.int64)
+        return Window(0, "d", 0, np.asarray(ids), z, z, np.asarray(special, dtype=bool))
+
+    windows = [
+        window([9, 5, 6, 9, 7, 8], [True, False, False, True, False, False]),
+        window([5, 6, 7], [False, False, False]),  # no BOS: position 0 is the sink anyway
+        window([9, 9, 5], [True, True, False]),
+    ]
+    ids, real, splice, score = batch_tensors(windows, [0, 1, 2], pad=0)
+    assert ids.tolist() == [[9, 5, 6, 9, 7, 8], [5, 6, 7, 0, 0, 0], [9, 9, 5, 0, 0, 0]]
+    assert real.int().tolist() == [[1] * 6, [1, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0]]
+    assert splice.int().tolist() == [
+        [0, 1, 1, 0, 1, 1],  # the special token in the middle stays clean
+        [0, 1, 1, 0, 0, 0],
+        [0, 0, 1, 0, 0, 0],
+    ]
+    assert score.int().tolist() == [
+        [0, 1, 1, 1, 1, 0],  # from the clean special at 3: its context was spliced
+        [0, 1, 0, 0, 0, 0],  # never predicting padding
+        [0, 0, 0, 0, 0, 0],  # only the last token is spliced, and it predicts nothing
+    ]
+
+
+@pytest.mark.parametrize("bos", [True, False])
+def test_sink_special_and_padding_stay_clean(llama, documents, bos):
+    """What the hooked block hands on (the next block's input): h + 1 for the spliced run and
+    zeros for the ablated one exactly at the spliced positions; elsewhere (the sink, padding)
+    the clean values. (In the tiny models the BOS embedding is zero, so the shift, not the
+    ablation, is what shows a sink left alone.)"""
+    seen = []
+
+    def record(_module, args, kwargs):
+        seen.append((args[0] if args else kwargs["hidden_states"]).clone())
+
+    docs = [documents[0], documents[7]]  # one window each, of different lengths
+    prefix = bos_prefix(llama.tokenizer, "auto") if bos else []  # no BOS: a word at 0
+    windows = windows_of(list(enumerate(docs)), llama.tokenizer, prefix, 64)
+    assert len(windows) == 2 and len(windows[0].ids) < len(windows[1].ids)
+    handle = decoder_blocks(llama.model)[2].register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        run(llama, Shift(), docs, layer=1, context_length=64, batch_tokens=256, prefix=prefix)
+    finally:
+        handle.remove()
+    clean, spliced, zero = seen  # one batch holding both windows
+    _, real, splice, _ = batch_tensors(windows, [1, 0], pad=0)
+    assert not real.all() and splice.sum() > 10 and not splice[:, 0].any()
+    torch.testing.assert_close(spliced[splice], clean[splice] + 1, rtol=0, atol=0)
+    assert (zero[splice] == 0).all() and (clean[splice] != 0).any()
+    for out in (spliced, zero):
+        torch.testing.assert_close(out[~splice], clean[~splice], rtol=0, atol=0)
+        assert torch.equal(out[:, 0], clean[:, 0]) and torch.equal(out[~real], clean[~real])
+    # every real position but the sink (no other special tokens here)
+    assert int(splice.sum()) == sum(len(w.ids) - 1 for w in windows)
+
+
+def test_clean_ce_matches_an_independent_computation(llama, documents):
+    doc = documents[7]
+    prefix = bos_prefix(llama.tokenizer, "auto")
+    (w,) = windows_of([(0, doc)], llama.tokenizer, prefix, 64)
+    ids = torch.from_numpy(w.ids)[None]
+    with torch.no_grad():
+        logp = llama.model(ids).logits[0].log_softmax(-1)
+    # predictions from positions 1 .. n-2 of tokens 2 .. n-1
+    ce = -logp[1:-1].gather(1, ids[0, 2:, None]).mean()
+    r = run(llama, random_sae(), [doc], context_length=64)
+    assert r["tokens"] == len(w.ids) - 2
+    assert r["ce_clean"] == pytest.approx(float(ce), rel=1e-5)
+
+
+def test_padding_does_not_change_results(llama, documents):
+    docs = [documents[0], documents[7], documents[1]]  # 1, 1 and 2 windows
+    prefix = bos_prefix(llama.tokenizer, "auto")
+    windows = windows_of(list(enumerate(docs)), llama.tokenizer, prefix, 64)
+    lengths = sorted(len(w.ids) for w in windows)
+    assert len(lengths) == 4 and len(set(lengths)) == 4 and lengths[-1] * 4 <= 256  # one batch
+    sae = random_sae(seed=1)
+    alone = [run(llama, sae, [d], context_length=64, batch_tokens=256) for d in docs]
+    together = run(llama, sae, docs, context_length=64, batch_tokens=256)
+    assert together["tokens"] == sum(r["tokens"] for r in alone)
+    for key in ("ce_clean", "ce_spliced", "ce_zero", "kl_spliced", "kl_zero"):
+        summed = sum(r[key] * r["tokens"] for r in alone)
+        assert together[key] * together["tokens"] == pytest.approx(summed, rel=1e-5), key
+    assert together["kl_spliced"] > 0
+
+
+def test_with_hidden_keeps_structure():
+    h = torch.ones(1)
+    assert _with_hidden(torch.zeros(1), h) is h
+    out = _with_hidden((torch.zeros(1), "cache"), h)
+    assert isinstance(out, tuple) and out[0] is h and out[1] == "cache"
+    out = _with_hidden([torch.zeros(1), None], h)
+    assert isinstance(out, list) and out[0] is h
+
+
+def test_too_short_documents_are_an_error(llama):
+    with pytest.raises(SamesheepError, match="no positions"):
+        run(llama, Identity(), [Document("d", "a")])

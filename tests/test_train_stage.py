@@ -1,0 +1,149 @@
+"""The train stage through the real CLI on a tiny model: files SAELens and samesheep both
+load, metrics.json, reruns that do nothing, repairs, and one-line errors on bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import flat, sets, write_corpus
+from safetensors.torch import load_file, save_file
+from test_cli import assert_one_line_error, cli
+
+from samesheep.sae_files import load_sae
+from samesheep.store import open_store
+
+METRICS = [
+    "fvu", "explained_variance", "mse", "l0", "dead_latents", "dead_fraction", "dense_latents",
+    "dense_fraction", "cosine", "shrinkage", "ce_clean", "ce_spliced", "ce_zero",
+    "ce_loss_score", "kl_spliced", "kl_zero", "kl_div_score",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict[str, str]:
+    return {"SAMESHEEP_CACHE": str(tmp_path_factory.getbasetemp() / "cache")}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("train_corpus") / "docs.jsonl", n=60)
+
+
+@pytest.fixture(scope="module")
+def run(tiny_models, corpus, tmp_path_factory, env):
+    """`samesheep run` on the tiny llama: (result, run_dir, layer_dir, args)."""
+    run_dir = tmp_path_factory.mktemp("train_run")
+    args = sets(run_dir, tiny_models["llama"], corpus)
+    res = cli("run", *args, env=env)
+    return res, run_dir, run_dir / tiny_models["llama"].name / "layer_1", args
+
+
+def test_run_trains_saves_and_evaluates(run):
+    res, _, layer_dir, _ = run
+    assert res.returncode == 0, res.stderr
+    metrics = json.loads((layer_dir / "sae" / "metrics.json").read_text())
+    for key in METRICS:
+        assert isinstance(metrics[key], float | int), key
+    assert 0 <= metrics["fvu"] < 1 and metrics["l0"] == pytest.approx(8, abs=0.01)
+    assert metrics["explained_variance"] == pytest.approx(1 - metrics["fvu"])
+    assert metrics["training"]["steps"] == 20
+    assert metrics["scored_tokens"] > 0 and metrics["tokens"] > 0
+    out = flat(res.stderr)
+    assert "layer 1: FVU" in out and "CE loss recovered" in out
+    cfg = json.loads((layer_dir / "sae" / "cfg.json").read_text())
+    assert cfg["architecture"] == "topk" and cfg["k"] == 8 and cfg["d_in"] == 32
+    assert cfg["metadata"]["hook_name"] == "blocks.1.hook_resid_post"
+
+
+def test_saved_sae_reconstructs_like_saelens_and_metrics_match(run):
+    sae_lens = pytest.importorskip("sae_lens")
+    _, _, layer_dir, _ = run
+    ours = load_sae(layer_dir / "sae", d_in=32)
+    theirs = sae_lens.SAE.load_from_disk(str(layer_dir / "sae"))
+    store = open_store(layer_dir / "acts")
+    x = torch.cat([s.acts[s.mask()] for s in store.shards("heldout")]).float()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), ours(x), rtol=1e-4, atol=1e-4)
+        fvu = float((ours(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    metrics = json.loads((layer_dir / "sae" / "metrics.json").read_text())
+    assert metrics["fvu"] == pytest.approx(fvu, rel=1e-4)
+
+
+def test_rerun_does_nothing_and_repairs_a_damaged_sae(run, env):
+    _, _, layer_dir, args = run
+    files = [layer_dir / "sae" / n for n in ("cfg.json", "sae_weights.safetensors")]
+    files.append(layer_dir / "sae" / "metrics.json")
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files}
+    res = cli("train", *args, env=env)
+    assert res.returncode == 0, res.stderr
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files} == before
+    # A damaged weights file is rebuilt from the final checkpoint, identical.
+    weights = layer_dir / "sae" / "sae_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    res = cli("train", *args, env=env)
+    assert res.returncode == 0, res.stderr
+    assert weights.read_bytes() == before[weights][1]
+
+
+def test_changed_settings_retrain(run, env):
+    _, _, layer_dir, args = run
+    res = cli("train", *args, "--set", "train.k=4", env=env)
+    assert res.returncode == 0, res.stderr
+    assert json.loads((layer_dir / "sae" / "cfg.json").read_text())["k"] == 4
+    assert json.loads((layer_dir / "sae" / "metrics.json").read_text())["l0"] <= 4
+
+
+def test_train_before_extract_names_the_stage(tiny_models, corpus, tmp_path, env):
+    res = cli("train", *sets(tmp_path / "r", tiny_models["llama"], corpus), env=env)
+    assert_one_line_error(res)
+    assert "samesheep extract" in res.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "says"),
+    [
+        ("train.k=1000", "k = 1000 must lie between 1 and the width 128"),
+        ('train.architecture="gated"', "unknown SAE architecture 'gated'"),
+        ('train.dtype="float16"', "train.dtype"),
+    ],
+)
+def test_bad_settings(run, env, override, says):
+    _, _, _, args = run
+    res = cli("train", *args, "--set", override, env=env)
+    assert_one_line_error(res)
+    assert says in res.stderr
+
+
+def test_nan_in_the_store_names_the_shard(run, env, tmp_path):
+    import shutil
+
+    _, run_dir, layer_dir, args = run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    args = [a.replace(str(run_dir), str(copy)) for a in args]
+    shard = copy / layer_dir.parent.name / "layer_1" / "acts" / "train-00003.safetensors"
+    acts = load_file(shard)["acts"]
+    acts[5, 2] = float("nan")
+    save_file({"acts": acts}, shard)
+    res = cli("train", *args, "--set", "train.k=5", env=env)
+    assert_one_line_error(res)
+    assert "train-00003" in res.stderr and "NaN" in res.stderr
+
+
+def test_corrupt_checkpoint_is_a_one_line_error(run, env, tmp_path):
+    import shutil
+
+    _, run_dir, layer_dir, args = run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    args = [a.replace(str(run_dir), str(copy)) for a in args]
+    train = copy / layer_dir.parent.name / "layer_1" / "train"
+    (train / "checkpoint.safetensors").write_bytes(os.urandom(300))
+    os.remove(train / "state.json")
+    res = cli("train", *args, env=env)
+    assert_one_line_error(res)
+    assert "checkpoint.safetensors" in res.stderr
