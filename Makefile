@@ -19,4 +19,6 @@ lint: setup
 	.venv/bin/ruff format --check src tests benchmarks
 
 bench: setup
+	.venv/bin/pip install --quiet --disable-pip-version-check -e ".[bench]"
 	.venv/bin/python benchmarks/extract_speed.py
+	.venv/bin/python benchmarks/train_speed.py

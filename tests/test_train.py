@@ -87,7 +87,7 @@ def test_topk_encoder_gradient_equals_dense_autograd():
     with torch.no_grad():
         sae.b_enc.normal_()
     x, w = torch.randn(40, 16), torch.randn(40, 5)
-    vals, idx = TopKEncode.apply(x - sae.b_dec, sae.W_enc, sae.b_enc, 5, torch.float32)
+    vals, idx = TopKEncode.apply(x, sae.b_dec, sae.W_enc, sae.b_enc, 5, torch.float32, 16)
     params = [sae.W_enc, sae.b_enc, sae.b_dec]
     fast = torch.autograd.grad((vals * w).sum(), params)
     dense = F.linear(x - sae.b_dec, sae.W_enc, sae.b_enc).gather(1, idx).relu()
@@ -208,7 +208,7 @@ from samesheep.store import open_store
 from samesheep.train import train_sae
 from safetensors.torch import save_file
 cfg = TrainConfig(expansion_factor=4, k=4, batch_tokens=256, buffer_tokens=1024, threads=1,
-                  dtype="float32", device="cpu", train_tokens=256 * 60, checkpoint_seconds=0)
+                  dtype="float32", device="cpu", train_tokens=256 * 600, checkpoint_seconds=0)
 sae, _ = train_sae(open_store(sys.argv[1]), cfg, Path(sys.argv[2]), "key")
 save_file({k: v.contiguous() for k, v in sae.state_dict().items()}, sys.argv[3])
 """

@@ -82,11 +82,12 @@ class TrainConfig:
     """Share of the steps over which the learning rate rises linearly from 0."""
     decay_fraction: float = 0.2
     """Share of the steps, at the end, over which it falls linearly to 0."""
-    auxk_alpha: float = 0.03125
+    auxk_alpha: float = 0.5
     """Weight of the AuxK loss that trains dead latents to explain the residual (topk,
     batchtopk); 0 turns it off."""
-    dead_tokens: int = 200_000
-    """A latent that has not fired for this many training tokens counts as dead."""
+    dead_tokens: int = 12_288
+    """A latent that has not fired for this many training tokens counts as dead (for AuxK).
+    Short, because runs here are short: most latents die within the first hundred steps."""
     sparsity_coefficient: float = 0.0
     """Weight of the sparsity penalty: L0 for jumprelu, decoder-norm-weighted L1 for relu;
     0 means the default (jumprelu 0.002, relu 0.02)."""

@@ -26,6 +26,9 @@ from torch import Tensor, nn
 from .errors import SamesheepError
 
 ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "relu")
+AUXK_SHARE = 0.25
+AUXK_K = 128
+"""Share of each batch's tokens on which the AuxK loss is computed."""
 
 
 @dataclass
@@ -167,13 +170,17 @@ class Sae(nn.Module):
 class TopKEncode(torch.autograd.Function):
     """TopK selection whose backward pass touches only the k selected latents per token:
     the encoder's weight gradient is a sparse [d_sae, tokens] x dense [tokens, d_in] product
-    instead of a dense one over all latents."""
+    instead of a dense one over all latents, and b_dec's gradient a product with the bias
+    gradient. The forward pass runs in chunks of tokens, so each chunk's pre-activations are
+    still in cache when top-k reads them, and the dense [tokens, d_sae] matrix never exists."""
 
     @staticmethod
-    def forward(ctx, xc: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, dtype: torch.dtype):
-        pre = F.linear(xc.to(dtype), W_enc.to(dtype), b_enc.to(dtype))
-        vals, idx = pre.topk(k, dim=-1, sorted=False)
-        vals = vals.float().relu()
+    def forward(ctx, x, b_dec, W_enc, b_enc, k: int, dtype: torch.dtype, chunk: int = 512):
+        xc = x - b_dec
+        w, b = W_enc.to(dtype), b_enc.to(dtype)
+        parts = [F.linear(c.to(dtype), w, b).topk(k, dim=-1, sorted=False) for c in xc.split(chunk)]
+        vals = torch.cat([p.values for p in parts]).float().relu()
+        idx = torch.cat([p.indices for p in parts])
         ctx.save_for_backward(xc, W_enc, idx, vals)
         ctx.mark_non_differentiable(idx)
         return vals, idx
@@ -183,7 +190,6 @@ class TopKEncode(torch.autograd.Function):
         xc, W_enc, idx, vals = ctx.saved_tensors
         g = torch.where(vals > 0, grad_vals, 0.0).contiguous()  # the ReLU after selection
         n, k = idx.shape
-        grad_x = F.embedding_bag(idx, W_enc, per_sample_weights=g, mode="sum")
         rows = torch.arange(0, n * k + 1, k, device=idx.device)
         with warnings.catch_warnings():  # "sparse CSR support is in beta": it is tested here
             warnings.simplefilter("ignore", UserWarning)
@@ -192,7 +198,8 @@ class TopKEncode(torch.autograd.Function):
             )
         grad_w = sparse.t() @ xc
         grad_b = torch.zeros_like(W_enc[:, 0]).index_add_(0, idx.reshape(-1), g.reshape(-1))
-        return grad_x, grad_w, grad_b, None, None
+        grad_b_dec = -(grad_b @ W_enc)  # every pre-activation holds -b_dec . W_enc[j]
+        return None, grad_b_dec, grad_w, grad_b, None, None, None
 
 
 @dataclass
@@ -221,15 +228,14 @@ def train_step_forward(
 ) -> StepOutput:
     """Loss of one batch of scaled inputs [tokens, d_in] (float32)."""
     arch = sae.cfg.architecture
-    xc = x - sae.b_dec
     if arch == "topk":
-        vals, idx = TopKEncode.apply(xc, sae.W_enc, sae.b_enc, sae.cfg.k, dtype)
+        vals, idx = TopKEncode.apply(x, sae.b_dec, sae.W_enc, sae.b_enc, sae.cfg.k, dtype)
         recon = F.embedding_bag(idx, sae.W_dec, per_sample_weights=vals, mode="sum") + sae.b_dec
         err = recon - x
         fvu = fvu_of(err, x)
         fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=x.device)
         fired[idx[vals > 0]] = True
-        aux = _auxk_loss(sae, xc, None, err, x, dead, dtype)
+        aux = _auxk_loss(sae, None, err, x, dead, dtype)
         l0 = float((vals > 0).sum()) / x.shape[0]
         return StepOutput(fvu + auxk_alpha * aux, fvu.detach(), fired, l0, float(aux.detach()))
 
@@ -257,7 +263,7 @@ def train_step_forward(
     active = acts > 0
     aux = penalty
     if arch == "batchtopk":
-        aux = _auxk_loss(sae, xc, pre, err, x, dead, dtype)
+        aux = _auxk_loss(sae, pre, err, x, dead, dtype)
         loss = fvu + auxk_alpha * aux
     else:
         loss = fvu + sparsity_coefficient * penalty
@@ -268,7 +274,6 @@ def train_step_forward(
 
 def _auxk_loss(
     sae: Sae,
-    xc: Tensor,
     pre: Tensor | None,
     err: Tensor,
     x: Tensor,
@@ -282,13 +287,16 @@ def _auxk_loss(
     n_dead = int(dead.sum()) if dead is not None else 0
     if n_dead == 0:
         return err.new_zeros(())
-    k_aux = min(x.shape[1] // 2, n_dead)
+    # A share of the (shuffled) batch is enough signal, at a fraction of the cost.
+    rows = max(1, math.ceil(x.shape[0] * AUXK_SHARE))
+    err, x = err[:rows], x[:rows]
+    k_aux = min(AUXK_K, n_dead)
     dead_idx = dead.nonzero().squeeze(1)
     if pre is None:
         w, b = sae.W_enc[dead_idx], sae.b_enc[dead_idx]
-        pre_dead = F.linear(xc.to(dtype), w.to(dtype), b.to(dtype)).float()
+        pre_dead = F.linear((x - sae.b_dec).to(dtype), w.to(dtype), b.to(dtype)).float()
     else:
-        pre_dead = pre[:, dead_idx].float()
+        pre_dead = pre[:rows, dead_idx].float()
     vals, pos = pre_dead.topk(k_aux, dim=-1, sorted=False)
     e_hat = F.embedding_bag(dead_idx[pos], sae.W_dec, per_sample_weights=vals.relu(), mode="sum")
     scale = min(n_dead / k_aux, 1.0)
