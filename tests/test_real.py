@@ -77,11 +77,20 @@ def test_windows_keep_characters_whole(real):
 
 def test_default_run_end_to_end(tmp_path):
     """The default config (the `make demo` path) on a small budget: both presets, the layer
-    two thirds deep, stores whose sinks are marked and outsized."""
+    two thirds deep, stores whose sinks are marked and outsized, an SAE per model evaluated
+    with the model spliced."""
+    import json
+
     import samesheep
 
     samesheep.run(
-        None, run_dir=str(tmp_path / "run"), corpus__max_tokens=600, corpus__heldout_tokens=200
+        None,
+        run_dir=str(tmp_path / "run"),
+        corpus__max_tokens=600,
+        corpus__heldout_tokens=200,
+        train__batch_tokens=256,
+        train__train_tokens=2048,
+        train__splice_tokens=200,
     )
     for folder, layer, d in [("gemma-3-270m", 12, 640), ("smollm2-135m-instruct", 20, 576)]:
         store = samesheep.open_store(tmp_path / "run" / folder / f"layer_{layer}" / "acts")
@@ -92,3 +101,8 @@ def test_default_run_end_to_end(tmp_path):
         assert shard.tokens.column("special").to_numpy()[first].all()
         norms = shard.acts.float().norm(dim=-1)
         assert norms[torch.from_numpy(first)].min() > 5 * norms[shard.mask()].median()
+        sae_dir = tmp_path / "run" / folder / f"layer_{layer}" / "sae"
+        metrics = json.loads((sae_dir / "metrics.json").read_text())
+        assert 0 < metrics["fvu"] < 1.5 and metrics["l0"] <= 32
+        assert metrics["ce_zero"] > metrics["ce_clean"] > 0  # zeroing the layer hurts
+        assert json.loads((sae_dir / "cfg.json").read_text())["d_sae"] == 16 * d
