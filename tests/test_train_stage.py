@@ -147,3 +147,36 @@ def test_corrupt_checkpoint_is_a_one_line_error(run, env, tmp_path):
     res = cli("train", *args, env=env)
     assert_one_line_error(res)
     assert "checkpoint.safetensors" in res.stderr
+
+
+def test_a_pretrained_saelens_sae_replaces_training(run, env, tmp_path):
+    sae_lens = pytest.importorskip("sae_lens")
+    _, _, layer_dir, args = run
+    folder = tmp_path / "pretrained" / layer_dir.parent.name / "layer_1"
+    theirs = sae_lens.JumpReLUSAE(sae_lens.JumpReLUSAEConfig(d_in=32, d_sae=48))
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.normal_(0, 0.2)
+        theirs.threshold.uniform_(0.0, 0.1)
+    theirs.save_model(str(folder))
+    template = str(tmp_path / "pretrained" / "{model}" / "layer_{layer}")
+    res = cli("train", *args, "--set", f"train.pretrained={json.dumps(template)}", env=env)
+    assert res.returncode == 0, res.stderr
+    assert "using the pretrained jumprelu SAE" in flat(res.stderr)
+    cfg = json.loads((layer_dir / "sae" / "cfg.json").read_text())
+    assert cfg["architecture"] == "jumprelu" and cfg["d_sae"] == 48
+    metrics = json.loads((layer_dir / "sae" / "metrics.json").read_text())
+    assert metrics["training"] == {"pretrained": str(folder)} and "ce_loss_score" in metrics
+    store = open_store(layer_dir / "acts")
+    x = torch.cat([s.acts[s.mask()] for s in store.shards("heldout")]).float()
+    with torch.no_grad():
+        fvu = float((theirs(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    assert metrics["fvu"] == pytest.approx(fvu, rel=1e-4)
+    # One for another width is refused, in one line naming both widths.
+    wide = sae_lens.StandardSAE(sae_lens.StandardSAEConfig(d_in=64, d_sae=48))
+    wide.save_model(str(tmp_path / "wide"))
+    res = cli(
+        "train", *args, "--set", f"train.pretrained={json.dumps(str(tmp_path / 'wide'))}", env=env
+    )
+    assert_one_line_error(res)
+    assert "d_in=64" in res.stderr and "32" in res.stderr

@@ -108,6 +108,10 @@ class TrainConfig:
     """Seed of the initialisation and of the batch order."""
     checkpoint_seconds: int = 60
     """Save a checkpoint at most this often; a killed run resumes from the last one."""
+    pretrained: str = ""
+    """Use an SAE in SAELens layout (a folder with cfg.json and sae_weights.safetensors, e.g.
+    downloaded from the hub) instead of training one; "{model}" and "{layer}" in the path are
+    replaced by each model's folder name and layer. It is evaluated like a trained one."""
     splice_tokens: int = 8192
     """Held-out tokens on which the model is run with the layer replaced by the SAE's
     reconstruction (CE loss recovered, KL); 0 skips the spliced metrics."""

@@ -165,6 +165,8 @@ def _store_for(model_dir: Path, source: str, layer: int) -> Store:
 def _train_layer(cfg: Config, source: str, layer: int, store: Store, layer_dir: Path) -> Any:
     """The layer's SAE: trained (or resumed), or loaded when already trained with the same
     settings on the same activations."""
+    if cfg.train.pretrained:
+        return _pretrained_layer(cfg, source, layer, store, layer_dir)
     settings = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in NOT_IN_TRAIN_KEY}
     key = settings_hash(SAE_VERSION, store.manifest["key"], settings)
     state_path = layer_dir / "train" / "state.json"
@@ -178,15 +180,7 @@ def _train_layer(cfg: Config, source: str, layer: int, store: Store, layer_dir: 
     label = f"{source} layer {layer}"
     set_threads(cfg.train.threads)
     sae, summary = train_sae(store, cfg.train, layer_dir / "train", key, label)
-    metadata = {
-        "model_name": source,
-        "hook_name": f"blocks.{layer}.hook_resid_post",
-        "hook_layer": layer,
-        "context_size": store.manifest["context_length"],
-        "prepend_bos": bool(store.manifest.get("prefix_ids")),
-        "dataset_path": cfg.corpus.source,
-    }
-    save_sae(sae, sae_dir, metadata)
+    save_sae(sae, sae_dir, _metadata(cfg, source, layer, store))
     write_json(state_path, {"key": key, "complete": True, "summary": summary})
     rate = summary["tokens_per_second"]
     say(
@@ -194,6 +188,38 @@ def _train_layer(cfg: Config, source: str, layer: int, store: Store, layer_dir: 
         f"{summary['tokens']:,} tokens ({summary['epochs']} passes)"
         + (f" at {rate:,.0f} tok/s" if rate else "")
     )
+    return key, sae, summary, False
+
+
+def _metadata(cfg: Config, source: str, layer: int, store: Store) -> dict[str, Any]:
+    """What SAELens' cfg.json metadata says about where the SAE reads."""
+    return {
+        "model_name": source,
+        "hook_name": f"blocks.{layer}.hook_resid_post",
+        "hook_layer": layer,
+        "context_size": store.manifest["context_length"],
+        "prepend_bos": bool(store.manifest.get("prefix_ids")),
+        "dataset_path": cfg.corpus.source,
+    }
+
+
+def _pretrained_layer(
+    cfg: Config, source: str, layer: int, store: Store, layer_dir: Path
+) -> tuple[str, Any, dict[str, Any], bool]:
+    """A pretrained SAE for the layer, checked against the layer's width and copied into the
+    run directory (so every later stage finds it where a trained one would be)."""
+    path = cfg.train.pretrained.replace("{model}", safe_name(source))
+    folder = Path(path.replace("{layer}", str(layer))).expanduser()
+    sae = load_sae(folder, d_in=store.d_model)
+    stat = (folder / "sae_weights.safetensors").stat()
+    key = settings_hash("pretrained", str(folder.resolve()), stat.st_size, stat.st_mtime_ns)
+    state_path = layer_dir / "train" / "state.json"
+    summary = {"pretrained": str(folder)}
+    state = read_json(state_path, corrupt_is_missing=True)
+    if not (state and state.get("key") == key and (layer_dir / "sae" / "cfg.json").is_file()):
+        save_sae(sae, layer_dir / "sae", _metadata(cfg, source, layer, store))
+        write_json(state_path, {"key": key, "complete": True, "summary": summary})
+    say(f"{source} layer {layer}: using the pretrained {sae.cfg.architecture} SAE at {folder}")
     return key, sae, summary, False
 
 
