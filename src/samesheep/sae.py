@@ -190,13 +190,17 @@ class TopKEncode(torch.autograd.Function):
         xc, W_enc, idx, vals = ctx.saved_tensors
         g = torch.where(vals > 0, grad_vals, 0.0).contiguous()  # the ReLU after selection
         n, k = idx.shape
-        rows = torch.arange(0, n * k + 1, k, device=idx.device)
+        m = W_enc.shape[0]
+        # g as a [d_sae, tokens] CSR matrix (rows sorted by latent): its product with xc is
+        # the weight gradient, on the CPU (MKL) and on CUDA (cuSPARSE) alike.
+        flat = idx.reshape(-1)
+        order = flat.argsort(stable=True)
+        crow = torch.zeros(m + 1, dtype=torch.long, device=idx.device)
+        crow[1:] = torch.bincount(flat, minlength=m).cumsum(0)
         with warnings.catch_warnings():  # "sparse CSR support is in beta": it is tested here
             warnings.simplefilter("ignore", UserWarning)
-            sparse = torch.sparse_csr_tensor(
-                rows, idx.reshape(-1), g.reshape(-1), (n, W_enc.shape[0])
-            )
-        grad_w = sparse.t() @ xc
+            sparse = torch.sparse_csr_tensor(crow, order // k, g.reshape(-1)[order], (m, n))
+        grad_w = sparse @ xc
         grad_b = torch.zeros_like(W_enc[:, 0]).index_add_(0, idx.reshape(-1), g.reshape(-1))
         grad_b_dec = -(grad_b @ W_enc)  # every pre-activation holds -b_dec . W_enc[j]
         return None, grad_b_dec, grad_w, grad_b, None, None, None
