@@ -18,7 +18,10 @@ The bound: 4 * d * m FLOPs per token (the dense encoder forward and its weight g
 ~26 MFLOP at d=640, 16x) over the matmul rate measured here, in each side's dtype; also with
 a dense decoder (6 * d * m, ~40 MFLOP).
 
-Usage: python benchmarks/train_speed.py [--tokens 300000] [--skip-sparsify]
+Then peak memory of samesheep's own trainer (train_sae, streaming from the store), each in a
+fresh process, for two numbers of training tokens: it must not grow with them.
+
+Usage: python benchmarks/train_speed.py [--tokens 300000] [--skip-sparsify] [--skip-memory]
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import subprocess
+import sys
 import time
 
 import torch
@@ -120,10 +125,35 @@ def run_samesheep(batches, x_eval, store, cfg: TrainConfig, dtype) -> tuple[floa
     return seconds, evaluate(encode_decode, x_eval, sae.cfg.d_sae)
 
 
+MEMORY_SCRIPT = """
+import resource, sys, tempfile
+from pathlib import Path
+from samesheep.config import TrainConfig
+from samesheep.store import open_store
+from samesheep.train import train_sae
+cfg = TrainConfig(train_tokens=int(sys.argv[2]), splice_tokens=0)
+with tempfile.TemporaryDirectory() as tmp:
+    _, summary = train_sae(open_store(sys.argv[1]), cfg, Path(tmp), "memory")
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, summary["tokens_per_second"])
+"""
+
+
+def peak_memory(store, tokens: int) -> tuple[float, float]:
+    """(peak RSS in MB, tokens/s) of train_sae for `tokens` training tokens, in a fresh process."""
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, str(store.folder), str(tokens)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    return float(out[-2]), float(out[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=300_000)
     ap.add_argument("--skip-sparsify", action="store_true")
+    ap.add_argument("--skip-memory", action="store_true")
     args = ap.parse_args()
     threads = set_threads(0)
     f32, bf16 = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16)
@@ -175,6 +205,13 @@ def main() -> None:
         f"({'within' if abs(rel) <= 0.01 else 'outside'} the 1% tolerance)"
     )
     assert math.isfinite(rel)
+    if not args.skip_memory:
+        for tokens in (100_000, 4 * n_tok):
+            rss, tps = peak_memory(store, tokens)
+            print(
+                f"train_sae streaming from the store, {tokens:,} training tokens: "
+                f"peak RSS {rss:,.0f} MB ({tps:,.0f} tok/s)"
+            )
 
 
 if __name__ == "__main__":

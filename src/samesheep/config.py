@@ -77,7 +77,8 @@ class TrainConfig:
     batch_tokens: int = 4096
     """Tokens per optimizer step."""
     lr: float = 0.0
-    """Adam's learning rate; 0 means 4e-3 / sqrt(width / 16384)."""
+    """Adam's peak learning rate; 0 means 4e-3 / sqrt(width / 16384), times sqrt(100 / steps)
+    for runs longer than 100 steps."""
     warmup_fraction: float = 0.05
     """Share of the steps over which the learning rate rises linearly from 0."""
     decay_fraction: float = 0.2

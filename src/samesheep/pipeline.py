@@ -121,7 +121,7 @@ def extract_stage(cfg: Config) -> dict[str, dict[str, Any]]:
     return results
 
 
-SAE_VERSION = 1
+SAE_VERSION = 2
 """Bump when training changes what it produces for the same settings."""
 NOT_IN_TRAIN_KEY = ("device", "threads", "checkpoint_seconds", "splice_tokens")
 

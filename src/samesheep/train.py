@@ -36,9 +36,14 @@ def sae_config(cfg: TrainConfig, d_in: int) -> SaeConfig:
     return SaeConfig(cfg.architecture, d_in, width, k=cfg.k)
 
 
-def learning_rate(cfg: TrainConfig, d_sae: int) -> float:
-    """The configured rate, or the default scaled like sparsify's, 1/sqrt(width)."""
-    return cfg.lr if cfg.lr > 0 else 4e-3 / math.sqrt(d_sae / 16384)
+def learning_rate(cfg: TrainConfig, d_sae: int, steps: int) -> float:
+    """The configured rate, or the default: 4e-3 scaled like sparsify's by 1/sqrt(width), and
+    by sqrt(100 / steps) for runs longer than 100 steps. Measured on Gemma layer 12 and
+    SmolLM2 layer 20 (244 steps): 5e-3 leaves 7% and 39% of the latents dead, 3.2e-3 under 5%
+    at the same or lower held-out FVU; at 73 steps 5e-3 gives the lower FVU."""
+    if cfg.lr > 0:
+        return cfg.lr
+    return 4e-3 / math.sqrt(d_sae / 16384) * min(1.0, math.sqrt(100 / max(steps, 1)))
 
 
 def lr_factor(step: int, total: int, warmup: float, decay: float) -> float:
@@ -205,7 +210,7 @@ def new_state(
     scfg.input_scale = scale
     sae = Sae(scfg, device)
     sae.initialize(torch.Generator().manual_seed(cfg.seed), mean.to(device))
-    opt = make_optimizer(sae, learning_rate(cfg, scfg.d_sae), device)
+    opt = make_optimizer(sae, 0.0, device)  # train_step sets the rate of every step
     return TrainState(sae, opt, torch.zeros(scfg.d_sae, dtype=torch.long, device=device))
 
 
@@ -226,7 +231,7 @@ def train_step(
     out.loss.backward()
     if sae.unit_decoder:
         sae.remove_parallel_gradient()
-    lr = learning_rate(cfg, sae.cfg.d_sae)
+    lr = learning_rate(cfg, sae.cfg.d_sae, total)
     for group in state.opt.param_groups:
         group["lr"] = lr * lr_factor(state.step, total, cfg.warmup_fraction, cfg.decay_fraction)
     state.opt.step()
@@ -297,7 +302,7 @@ def train_sae(
         "tokens": total * cfg.batch_tokens,
         "stored_tokens": n_kept,
         "epochs": round(total * cfg.batch_tokens / n_kept, 3),
-        "lr": learning_rate(cfg, state.sae.cfg.d_sae),
+        "lr": learning_rate(cfg, state.sae.cfg.d_sae, total),
         "input_scale": scale,
         "dtype": dtype_name(dtype),
         "device": device.type,
