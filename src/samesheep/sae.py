@@ -248,11 +248,11 @@ def train_step_forward(
         flat = pre.relu().flatten()
         top = flat.topk(sae.cfg.k * x.shape[0], sorted=False)
         acts = torch.zeros_like(flat).scatter_(0, top.indices, top.values).view_as(pre)
-        with torch.no_grad():  # the inference threshold: a running mean of the smallest kept
+        with torch.no_grad():  # inference threshold: recent mean of the smallest kept value
             kept = top.values[top.values > 0]
             if kept.numel():
                 t = sae.batch_threshold
-                t.copy_(kept.min() if t == 0 else 0.99 * t + 0.01 * kept.min())
+                t.copy_(kept.min() if t == 0 else 0.9 * t + 0.1 * kept.min())
         penalty = pre.new_zeros(())
     elif arch == "jumprelu":
         theta = sae.log_threshold.exp()
