@@ -56,6 +56,12 @@ def test_run_trains_saves_and_evaluates(run):
     assert "layer 1: FVU" in out and "CE loss recovered" in out
     cfg = json.loads((layer_dir / "sae" / "cfg.json").read_text())
     assert cfg["architecture"] == "topk" and cfg["k"] == 8 and cfg["d_in"] == 32
+    # Firing frequencies beside the SAE, as SAELens keeps them: log10(frequency + 1e-10).
+    sparsity = load_file(layer_dir / "sae" / "sparsity.safetensors")["sparsity"]
+    assert sparsity.shape == (128,) and (sparsity <= 0).all()
+    assert int((sparsity < -9.9).sum()) == metrics["dead_latents"]
+    frequency = (10 ** sparsity.double() - 1e-10).clamp_min(0)
+    assert float(frequency.sum()) == pytest.approx(metrics["l0"], rel=1e-4)
     assert cfg["metadata"]["hook_name"] == "blocks.1.hook_resid_post"
 
 

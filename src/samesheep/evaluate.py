@@ -114,7 +114,6 @@ class ReconstructionStats:
         }
 
 
-@torch.inference_mode()
 def reconstruction_metrics(
     sae: Sae,
     store: Store,
@@ -123,8 +122,23 @@ def reconstruction_metrics(
     skip_special: bool = True,
     skip_first: bool = True,
 ) -> dict[str, Any]:
-    """ReconstructionStats of `sae` (already on `device`) over the store's held-out shards:
+    """Reconstruction metrics of `sae` (already on `device`) over the store's held-out shards:
     by default without special tokens and position 0, as in training; float32 batches."""
+    stats = reconstruction_stats(sae, store, batch_tokens, device, skip_special, skip_first)
+    return stats.result()
+
+
+@torch.inference_mode()
+def reconstruction_stats(
+    sae: Sae,
+    store: Store,
+    batch_tokens: int = 4096,
+    device: torch.device | str = "cpu",
+    skip_special: bool = True,
+    skip_first: bool = True,
+) -> ReconstructionStats:
+    """The accumulated ReconstructionStats behind reconstruction_metrics (which also hold
+    each latent's firing count, `fires`)."""
     if store.d_model != sae.cfg.d_in:
         raise SamesheepError(f"the SAE reads {sae.cfg.d_in} dims, the store holds {store.d_model}")
     stats = ReconstructionStats(sae.cfg.d_in, sae.cfg.d_sae)
@@ -133,7 +147,7 @@ def reconstruction_metrics(
             x = x.to(device, torch.float32)
             acts = sae.encode(x)
             stats.update(x, sae.decode(acts), acts)
-    return stats.result()
+    return stats
 
 
 # ---- spliced language-model metrics ----

@@ -7,15 +7,16 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
+from safetensors.torch import save_file
 
 from . import config as config_mod
 from .config import Config, settings_hash
 from .corpus import build_corpus, read_documents
 from .device import choose_device, choose_dtype, set_threads
 from .errors import SamesheepError
-from .evaluate import reconstruction_metrics, spliced_metrics
+from .evaluate import reconstruction_stats, spliced_metrics
 from .extraction import extract_model
-from .files import read_json, write_json, write_text
+from .files import atomic_path, read_json, write_json, write_text
 from .models import (
     RANDOM_PREFIX,
     load_model,
@@ -238,7 +239,8 @@ def _evaluate_model(
     for L in stores:
         path = model_dir / f"layer_{L}" / "sae" / "metrics.json"
         old = read_json(path, corrupt_is_missing=True)
-        if old and old.get("key") == eval_key[L]:
+        sparsity = path.parent / "sparsity.safetensors"
+        if old and old.get("key") == eval_key[L] and sparsity.is_file():
             out[L] = old
         else:
             todo.append(L)
@@ -247,9 +249,11 @@ def _evaluate_model(
         _, sae, summary, _ = trained[L]
         sae = sae.to(device)
         t = cfg.train
-        metrics = reconstruction_metrics(
+        stats = reconstruction_stats(
             sae, stores[L], t.batch_tokens, device, t.skip_special, t.skip_first
         )
+        metrics = stats.result()
+        _save_sparsity(model_dir / f"layer_{L}" / "sae", stats.fires, stats.tokens)
         if cfg.train.splice_tokens > 0:
             if lm is None:
                 dtype = choose_dtype(cfg.extract.dtype, device)
@@ -260,6 +264,14 @@ def _evaluate_model(
     for L in stores:
         say(f"{source} layer {L}: " + format_metrics(out[L]))
     return out
+
+
+def _save_sparsity(sae_dir: Path, fires: Any, tokens: int) -> None:
+    """Each latent's firing frequency on the held-out tokens, as SAELens keeps it beside an
+    SAE: sparsity.safetensors {"sparsity": log10(frequency + 1e-10)}."""
+    frequency = fires.double() / max(tokens, 1)
+    with atomic_path(sae_dir / "sparsity.safetensors") as tmp:
+        save_file({"sparsity": (frequency + 1e-10).log10().float()}, str(tmp))
 
 
 def _spliced(
