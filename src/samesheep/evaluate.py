@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .corpus import Document
 from .errors import SamesheepError
-from .extraction import Window, length_batches, windows_of
+from .extraction import Window, length_batches, pad_id, windows_of
 from .models import LoadedModel, _hidden, decoder_blocks
 from .sae import Sae
 from .store import Store
@@ -248,8 +248,7 @@ def spliced_metrics(
     the model's device. Scores are NaN where their denominator is 0."""
     device = torch.device(device) if device is not None else next(lm.model.parameters()).device
     block = decoder_blocks(lm.model)[layer]
-    pad = lm.tokenizer.pad_token_id
-    pad = pad if pad is not None else (lm.tokenizer.eos_token_id or 0)
+    pad = pad_id(lm.tokenizer)
 
     def reconstruct(h: Tensor) -> Tensor:
         return sae(h.float()).to(h.dtype)

@@ -180,8 +180,7 @@ def forward_windows(
     CPU, rows in window order."""
     starts = np.cumsum([0] + [len(w.ids) for w in windows])
     out = {L: torch.empty(int(starts[-1]), lm.d_model, dtype=lm.model.dtype) for L in layers}
-    pad = lm.tokenizer.pad_token_id
-    pad = pad if pad is not None else (lm.tokenizer.eos_token_id or 0)
+    pad = pad_id(lm.tokenizer)
     for batch in length_batches(windows, batch_tokens):
         longest = len(windows[batch[0]].ids)
         ids = torch.full((len(batch), longest), pad, dtype=torch.long)
@@ -199,6 +198,13 @@ def forward_windows(
                 n = len(windows[i].ids)
                 out[L][starts[i] : starts[i] + n] = h[row, :n]
     return out
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The id right padding uses: the pad token, else EOS, else 0 (the attention mask hides
+    it from real tokens either way)."""
+    pad = tokenizer.pad_token_id
+    return pad if pad is not None else (tokenizer.eos_token_id or 0)
 
 
 def extract_model(

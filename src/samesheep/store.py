@@ -56,12 +56,17 @@ class Shard:
 
     def mask(self, skip_special: bool = True, skip_first: bool = True) -> torch.Tensor:
         """Rows to keep: by default neither special tokens nor position 0 (attention sinks)."""
-        keep = np.ones(self.tokens.num_rows, dtype=bool)
-        if skip_special:
-            keep &= ~self.tokens.column("special").to_numpy(zero_copy_only=False)
-        if skip_first:
-            keep &= self.tokens.column("position").to_numpy() != 0
-        return torch.from_numpy(keep)
+        return torch.from_numpy(keep_rows(self.tokens, skip_special, skip_first))
+
+
+def keep_rows(tokens: pa.Table, skip_special: bool = True, skip_first: bool = True) -> np.ndarray:
+    """Rows of a token table to keep (needs only its special and position columns)."""
+    keep = np.ones(tokens.num_rows, dtype=bool)
+    if skip_special:
+        keep &= ~tokens.column("special").to_numpy(zero_copy_only=False)
+    if skip_first:
+        keep &= tokens.column("position").to_numpy() != 0
+    return keep
 
 
 def to_store_dtype(acts: torch.Tensor, dtype: str, where: str) -> torch.Tensor:

@@ -23,7 +23,7 @@ from .errors import SamesheepError
 from .files import atomic_path, remove_stale_temporaries
 from .progress import progress
 from .sae import Sae, SaeConfig, StepOutput, train_step_forward
-from .store import Store
+from .store import Store, keep_rows
 
 CHECKPOINT = "checkpoint.safetensors"
 SCALE_SAMPLE_TOKENS = 65_536
@@ -63,12 +63,7 @@ def lr_factor(step: int, total: int, warmup: float, decay: float) -> float:
 def kept_rows(store: Store, name: str, cfg: TrainConfig) -> np.ndarray:
     """Rows of a shard used for training (read from its token table only)."""
     table = pq.read_table(store.folder / f"{name}.tokens.parquet", columns=["special", "position"])
-    keep = np.ones(table.num_rows, dtype=bool)
-    if cfg.skip_special:
-        keep &= ~table.column("special").to_numpy(zero_copy_only=False)
-    if cfg.skip_first:
-        keep &= table.column("position").to_numpy() != 0
-    return keep
+    return keep_rows(table, cfg.skip_special, cfg.skip_first)
 
 
 def shard_rows(store: Store, name: str, cfg: TrainConfig) -> torch.Tensor:
