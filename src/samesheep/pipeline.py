@@ -163,9 +163,11 @@ def _store_for(model_dir: Path, source: str, layer: int) -> Store:
     return store
 
 
-def _train_layer(cfg: Config, source: str, layer: int, store: Store, layer_dir: Path) -> Any:
-    """The layer's SAE: trained (or resumed), or loaded when already trained with the same
-    settings on the same activations."""
+def _train_layer(
+    cfg: Config, source: str, layer: int, store: Store, layer_dir: Path
+) -> tuple[str, Any, dict[str, Any]]:
+    """(key, SAE, training summary) of the layer: trained (or resumed), or loaded when
+    already trained with the same settings on the same activations."""
     if cfg.train.pretrained:
         return _pretrained_layer(cfg, source, layer, store, layer_dir)
     settings = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in NOT_IN_TRAIN_KEY}
@@ -175,7 +177,7 @@ def _train_layer(cfg: Config, source: str, layer: int, store: Store, layer_dir: 
     sae_dir = layer_dir / "sae"
     if state and state.get("key") == key and state.get("complete"):
         try:
-            return key, load_sae(sae_dir, d_in=store.d_model), state["summary"], True
+            return key, load_sae(sae_dir, d_in=store.d_model), state["summary"]
         except SamesheepError:
             pass  # the saved SAE is gone or damaged: train again (from the checkpoint)
     label = f"{source} layer {layer}"
@@ -189,7 +191,7 @@ def _train_layer(cfg: Config, source: str, layer: int, store: Store, layer_dir: 
         f"{summary['tokens']:,} tokens ({summary['epochs']} passes)"
         + (f" at {rate:,.0f} tok/s" if rate else "")
     )
-    return key, sae, summary, False
+    return key, sae, summary
 
 
 def _metadata(cfg: Config, source: str, layer: int, store: Store) -> dict[str, Any]:
@@ -206,7 +208,7 @@ def _metadata(cfg: Config, source: str, layer: int, store: Store) -> dict[str, A
 
 def _pretrained_layer(
     cfg: Config, source: str, layer: int, store: Store, layer_dir: Path
-) -> tuple[str, Any, dict[str, Any], bool]:
+) -> tuple[str, Any, dict[str, Any]]:
     """A pretrained SAE for the layer, checked against the layer's width and copied into the
     run directory (so every later stage finds it where a trained one would be)."""
     path = cfg.train.pretrained.replace("{model}", safe_name(source))
@@ -221,7 +223,7 @@ def _pretrained_layer(
         save_sae(sae, layer_dir / "sae", _metadata(cfg, source, layer, store))
         write_json(state_path, {"key": key, "complete": True, "summary": summary})
     say(f"{source} layer {layer}: using the pretrained {sae.cfg.architecture} SAE at {folder}")
-    return key, sae, summary, False
+    return key, sae, summary
 
 
 def _evaluate_model(
@@ -246,7 +248,7 @@ def _evaluate_model(
             todo.append(L)
     lm = None
     for L in todo:
-        _, sae, summary, _ = trained[L]
+        _, sae, summary = trained[L]
         sae = sae.to(device)
         t = cfg.train
         stats = reconstruction_stats(

@@ -88,6 +88,8 @@ def batch_stream(store: Store, cfg: TrainConfig) -> Iterator[torch.Tensor]:
     a new seeded order and mixes rows through a shuffle buffer, so memory is bounded by the
     buffer and the stream is the same on every run with the same seed."""
     names = store.shard_names("train")
+    if not names:
+        return
     buffer: list[torch.Tensor] = []
     held = 0
     for epoch in range(10**9):
@@ -103,8 +105,6 @@ def batch_stream(store: Store, cfg: TrainConfig) -> Iterator[torch.Tensor]:
             n_out = (held // 2) // cfg.batch_tokens * cfg.batch_tokens
             yield from mixed[:n_out].split(cfg.batch_tokens)
             buffer, held = [mixed[n_out:]], held - n_out
-        if epoch == 0 and not names:
-            return
 
 
 def input_statistics(store: Store, cfg: TrainConfig) -> tuple[float, torch.Tensor]:
@@ -171,9 +171,9 @@ def load_checkpoint(path: Path, state: TrainState, key: str) -> bool:
         state.sae.load_state_dict(
             {k[4:]: v.to(device) for k, v in tensors.items() if k.startswith("sae.")}
         )
-        params = dict(state.sae.named_parameters())
+        names = {id(p): n for n, p in state.sae.named_parameters()}
         for p in state.opt.param_groups[0]["params"]:
-            name = next(n for n, q in params.items() if q is p)
+            name = names[id(p)]
             s = state.opt.state[p]
             for field in ("step", "exp_avg", "exp_avg_sq"):
                 value = tensors[f"adam.{name}.{field}"].to(device)
