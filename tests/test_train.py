@@ -4,6 +4,7 @@ the shuffled stream, checkpoints and resume, and bad input."""
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import signal
 import subprocess
@@ -18,15 +19,27 @@ from helpers import sparse_data, write_store
 
 from samesheep.config import TrainConfig
 from samesheep.errors import SamesheepError
-from samesheep.sae import Sae, SaeConfig, TopKEncode, train_step_forward
-from samesheep.store import open_store
+from samesheep.sae import (
+    AUXK_K,
+    AUXK_SHARE,
+    Sae,
+    SaeConfig,
+    StepSettings,
+    TopKEncode,
+    fvu_of,
+    sparse_from_dense,
+    train_forward,
+)
+from samesheep.store import TokenFilter, open_store
 from samesheep.train import (
     CHECKPOINT,
     batch_stream,
-    count_kept,
+    filter_counts,
     input_statistics,
     lr_factor,
+    new_state,
     train_sae,
+    train_step,
 )
 
 
@@ -106,13 +119,17 @@ def test_sparse_and_dense_decoding_agree(arch):
         sae.batch_threshold.fill_(0.2)
     x = torch.randn(30, 16) * 5
     acts = sae.encode(x)
+    assert 0 < int((acts > 0).sum()) < acts.numel()
     dense = sae.decode(acts)
-    idx = torch.arange(64).expand(30, 64)
-    torch.testing.assert_close(sae.decode_sparse(acts, idx), dense, rtol=1e-5, atol=1e-5)
+    codes = sae.encode_sparse(x)
+    assert torch.equal(codes.to_dense(64), acts)
+    assert torch.equal(sparse_from_dense(acts).to_dense(64), acts)
+    assert (codes.values > 0).all() and codes.offsets[-1] == codes.values.numel()
+    torch.testing.assert_close(sae.decode_sparse(codes), dense, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sae(x), dense, rtol=1e-5, atol=1e-5)
-    if arch == "topk":
-        vals, idx = sae.topk_sparse(x)
-        assert torch.equal(torch.zeros(30, 64).scatter_(1, idx, vals), acts)
+    # chunked: more tokens than one encoder chunk, and a token with no active latent
+    many = torch.cat([torch.randn(700, 16) * 5, sae.b_dec.detach()[None] / 0.3 - 1e3])
+    assert torch.equal(sae.encode_sparse(many).to_dense(64), sae.encode(many))
 
 
 def test_auxk_trains_dead_latents_encoder_and_decoder():
@@ -120,10 +137,50 @@ def test_auxk_trains_dead_latents_encoder_and_decoder():
     sae.initialize(torch.Generator().manual_seed(0), torch.zeros(16))
     dead = torch.zeros(64, dtype=torch.bool)
     dead[:10] = True
-    out = train_step_forward(sae, torch.randn(50, 16), torch.float32, dead, 1.0, 0.0)
-    assert out.aux > 0
+    out = train_forward(sae, torch.randn(50, 16), StepSettings(dead=dead, auxk_alpha=1.0))
+    assert out.auxk > 0
     out.loss.backward()
     assert sae.W_enc.grad[:10].abs().sum() > 0 and sae.W_dec.grad[:10].abs().sum() > 0
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+@pytest.mark.parametrize("n_dead", [1, 10, 64])
+def test_auxk_loss_is_scaled_by_the_share_of_dead_latents(arch, n_dead):
+    """AuxK's weight is min(dead / AUXK_K, 1), as in sparsify: one dead latent gets 1/128
+    of the weight, not all of it. Checked against the loss computed by hand."""
+    g = torch.Generator().manual_seed(0)
+    sae = Sae(SaeConfig(arch, 16, 64, k=4))
+    sae.initialize(g, torch.zeros(16))
+    x = torch.randn(40, 16, generator=g)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[torch.randperm(64, generator=g)[:n_dead]] = True
+    with torch.no_grad():
+        out = train_forward(sae, x, StepSettings(dead=dead, auxk_alpha=1.0))
+        recon = sae.decode_sparse(sae.encode_sparse(x)) if arch == "topk" else None
+        if arch == "batchtopk":
+            pre = sae.pre_acts(x).relu()
+            top = pre.flatten().topk(4 * 40).indices
+            acts = torch.zeros(40 * 64).index_fill_(0, top, 1).view(40, 64) * pre
+            recon = acts @ sae.W_dec + sae.b_dec
+        rows = math.ceil(40 * AUXK_SHARE)
+        pre_dead = torch.where(dead, sae.pre_acts(x[:rows]), -torch.inf)
+        vals, idx = pre_dead.topk(min(AUXK_K, n_dead), dim=1)
+        e_hat = (torch.zeros(rows, 64).scatter_(1, idx, vals.relu())) @ sae.W_dec
+        err = (recon - x)[:rows]
+        want = min(n_dead / AUXK_K, 1.0) * float(fvu_of(e_hat + err, x[:rows]))
+    assert out.auxk == pytest.approx(want, rel=1e-4)
+    assert out.auxk > 0
+
+
+def test_batchtopk_threshold_is_updated_by_the_step_not_the_forward(synthetic):
+    store, _ = synthetic
+    cfg = small_cfg(architecture="batchtopk")
+    state = new_state(cfg, 64, 1.0, torch.zeros(64), torch.device("cpu"))
+    x = next(batch_stream(store, cfg, TokenFilter())).float()
+    out = train_forward(state.sae, x, StepSettings())
+    assert float(state.sae.batch_threshold) == 0 and out.threshold > 0
+    train_step(state, x, cfg, torch.float32, 10)
+    assert float(state.sae.batch_threshold) > 0
 
 
 def test_bfloat16_encoder_stays_close_to_float32(synthetic, tmp_path):
@@ -142,29 +199,33 @@ def test_lr_schedule_known_values():
     assert lr_factor(0, 10, 0.0, 0.0) == 1.0
 
 
-def test_stream_is_seeded_and_visits_every_kept_token_once_per_pass(synthetic):
+@pytest.mark.parametrize("buffer_tokens", [3000, 50_000])
+def test_stream_is_seeded_and_visits_every_kept_token_once_per_pass(synthetic, buffer_tokens):
+    """Also with a buffer larger than the stored tokens (the default settings on the default
+    corpus), where the buffer once took in the next pass before emitting anything."""
     store, _ = synthetic
-    cfg = small_cfg(batch_tokens=100, buffer_tokens=3000)
-    kept = count_kept(store, cfg)
+    cfg = small_cfg(batch_tokens=128, buffer_tokens=buffer_tokens)
+    kept, _ = filter_counts(store, TokenFilter())
     assert kept == 20_000 - 20_000 // 50  # position 0 of each window is special
-    # Within one pass no row comes twice; at most a buffer and a shard wait for the next.
-    n = (kept - 3000 - 2000) // 100
-    a = torch.cat(list(itertools.islice(batch_stream(store, cfg), n)))
-    b = torch.cat(list(itertools.islice(batch_stream(store, cfg), n)))
-    assert torch.equal(a, b)
-    assert torch.unique(a, dim=0).shape[0] == a.shape[0]
+    per_pass = kept // 128  # what is left at the end of a pass (less than a batch) is dropped
+    stream = batch_stream(store, cfg, TokenFilter())
+    passes = [torch.cat(list(itertools.islice(stream, per_pass))) for _ in range(3)]
+    for p in passes:  # every pass: no row twice, every kept row but the remainder
+        assert torch.unique(p, dim=0).shape[0] == p.shape[0] == per_pass * 128
+    again = torch.cat(list(itertools.islice(batch_stream(store, cfg, TokenFilter()), per_pass)))
+    assert torch.equal(passes[0], again)
     every = torch.cat([s.acts[s.mask()] for s in store.shards("train")])
-    assert torch.isin(a[:, 0], every[:, 0]).all()
-    # Three passes' worth of batches use every kept row.
-    many = torch.cat(list(itertools.islice(batch_stream(store, cfg), 3 * kept // 100)))
-    assert torch.unique(many, dim=0).shape[0] == kept
-    reseeded = small_cfg(batch_tokens=100, buffer_tokens=3000, seed=5)
-    assert not torch.equal(a, torch.cat(list(itertools.islice(batch_stream(store, reseeded), n))))
+    assert torch.isin(passes[0][:, 0], every[:, 0]).all()
+    assert torch.unique(torch.cat(passes), dim=0).shape[0] == kept  # remainders differ
+    assert not torch.equal(passes[0], passes[1])
+    reseeded = small_cfg(batch_tokens=128, buffer_tokens=buffer_tokens, seed=5)
+    other = list(itertools.islice(batch_stream(store, reseeded, TokenFilter()), per_pass))
+    assert not torch.equal(passes[0], torch.cat(other))
 
 
 def test_input_scale_gives_mean_squared_norm_d(synthetic):
     store, _ = synthetic
-    scale, mean = input_statistics(store, small_cfg())
+    scale, mean = input_statistics(store, TokenFilter())
     x = torch.cat([s.acts[s.mask()] for s in store.shards("train")]).double() * scale
     assert x.pow(2).sum(1).mean().item() == pytest.approx(64, rel=1e-4)
     torch.testing.assert_close(mean.double(), x.mean(0), rtol=1e-4, atol=1e-4)
@@ -249,10 +310,29 @@ def test_corrupt_checkpoint_is_an_error_and_another_key_starts_over(synthetic, t
     (tmp_path / CHECKPOINT).write_bytes(b"\x00" * 100)
     with pytest.raises(SamesheepError, match=r"checkpoint .* is corrupt"):
         train_sae(store, cfg, tmp_path, "key")
-    _, summary = train_sae(store, cfg, tmp_path / "other", "key")
-    assert not summary["resumed"]
+    # A finished run's final checkpoint is resumed (with nothing left to do) under its key,
+    # and ignored under another key.
+    _, first = train_sae(store, cfg, tmp_path / "other", "key")
+    _, again = train_sae(store, cfg, tmp_path / "other", "key")
+    assert not first["resumed"] and again["resumed"]
     _, summary = train_sae(store, cfg, tmp_path / "other", "another key")
     assert not summary["resumed"]
+
+
+def test_a_checkpoint_of_another_dtype_starts_over_and_says_why(synthetic, tmp_path, capsys):
+    """A checkpoint made computing in bfloat16 never continues in float32 (as it would on a
+    machine where "auto" resolves otherwise): training starts over, and says so in a line."""
+    store, _ = synthetic
+    work = tmp_path / "w"
+    _, summary = train_sae(store, small_cfg(train_tokens=256 * 3, dtype="bfloat16"), work, "key")
+    assert summary["dtype"] == "bfloat16"
+    capsys.readouterr()
+    _, summary = train_sae(store, small_cfg(train_tokens=256 * 3, dtype="float32"), work, "key")
+    assert not summary["resumed"] and summary["dtype"] == "float32"
+    said = " ".join(capsys.readouterr().err.split())
+    assert "written computing in bfloat16" in said and "starts over" in said
+    _, summary = train_sae(store, small_cfg(train_tokens=256 * 3, dtype="float32"), work, "key")
+    assert summary["resumed"]
 
 
 def test_bad_input(synthetic, tmp_path):

@@ -17,13 +17,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import TrainConfig
+from .config import TrainConfig, settings_hash
 from .device import choose_device, choose_dtype, dtype_name
 from .errors import SamesheepError
 from .files import atomic_path, remove_stale_temporaries
-from .progress import progress
-from .sae import Sae, SaeConfig, StepOutput, train_step_forward
-from .store import Store, keep_rows
+from .progress import progress, say
+from .sae import ForwardOutput, Sae, SaeConfig, StepSettings, train_forward
+from .store import Store, TokenFilter
 
 CHECKPOINT = "checkpoint.safetensors"
 SCALE_SAMPLE_TOKENS = 65_536
@@ -60,16 +60,28 @@ def lr_factor(step: int, total: int, warmup: float, decay: float) -> float:
 # ---- data ----
 
 
-def kept_rows(store: Store, name: str, cfg: TrainConfig) -> np.ndarray:
-    """Rows of a shard used for training (read from its token table only)."""
-    table = pq.read_table(store.folder / f"{name}.tokens.parquet", columns=["special", "position"])
-    return keep_rows(table, cfg.skip_special, cfg.skip_first)
+def token_filter(store: Store, cfg: TrainConfig) -> TokenFilter:
+    """The tokens the SAE stages use on this store, by the training settings."""
+    return store.token_filter(cfg.skip_special, cfg.skip_first, cfg.max_norm_ratio)
 
 
-def shard_rows(store: Store, name: str, cfg: TrainConfig) -> torch.Tensor:
+def filter_counts(store: Store, token_filter: TokenFilter, split: str = "train") -> tuple[int, int]:
+    """(kept tokens, tokens left out for their norm alone) of a split, from the token tables."""
+    kept = outliers = 0
+    for name in store.shard_names(split):
+        table = pq.read_table(
+            store.folder / f"{name}.tokens.parquet", columns=["special", "position", "norm"]
+        )
+        kept += int(token_filter.keep(table).sum())
+        ordinary = TokenFilter(token_filter.skip_special, token_filter.skip_first).keep(table)
+        outliers += int((ordinary & token_filter.outliers(table)).sum())
+    return kept, outliers
+
+
+def shard_rows(store: Store, name: str, token_filter: TokenFilter) -> torch.Tensor:
     """The kept activations of one shard, checked to be finite (the shard named if not)."""
     shard = store.read(name)
-    acts = shard.acts[shard.mask(cfg.skip_special, cfg.skip_first)]
+    acts = shard.acts[shard.mask(token_filter)]
     if not torch.isfinite(acts).all():
         raise SamesheepError(
             f"NaN or infinite activations in {store.folder / name}.safetensors: "
@@ -78,15 +90,14 @@ def shard_rows(store: Store, name: str, cfg: TrainConfig) -> torch.Tensor:
     return acts
 
 
-def count_kept(store: Store, cfg: TrainConfig, split: str = "train") -> int:
-    """Tokens of a split that training (or evaluation) would use."""
-    return sum(int(kept_rows(store, n, cfg).sum()) for n in store.shard_names(split))
-
-
-def batch_stream(store: Store, cfg: TrainConfig) -> Iterator[torch.Tensor]:
-    """Batches [batch_tokens, d] in the store dtype, forever: each pass visits the shards in
-    a new seeded order and mixes rows through a shuffle buffer, so memory is bounded by the
-    buffer and the stream is the same on every run with the same seed."""
+def batch_stream(
+    store: Store, cfg: TrainConfig, token_filter: TokenFilter
+) -> Iterator[torch.Tensor]:
+    """Batches [batch_tokens, d] in the store dtype, forever. Each pass visits the shards in
+    a new seeded order and mixes rows through a shuffle buffer; at the end of a pass the
+    buffer is emitted whole and what is left (less than a batch) is dropped, so no batch
+    holds a token twice and no pass repeats a token. Memory is bounded by the buffer, and the
+    stream is the same on every run with the same seed."""
     names = store.shard_names("train")
     if not names:
         return
@@ -94,25 +105,28 @@ def batch_stream(store: Store, cfg: TrainConfig) -> Iterator[torch.Tensor]:
     held = 0
     for epoch in range(10**9):
         rng = np.random.default_rng([cfg.seed, epoch])
-        for i in rng.permutation(len(names)):
-            rows = shard_rows(store, names[i], cfg)
+        order = rng.permutation(len(names))
+        for n_read, i in enumerate(order, start=1):
+            rows = shard_rows(store, names[i], token_filter)
             buffer.append(rows)
             held += rows.shape[0]
-            if held < max(cfg.buffer_tokens, 2 * cfg.batch_tokens):
+            last = n_read == len(order)
+            if held < max(cfg.buffer_tokens, 2 * cfg.batch_tokens) and not last:
                 continue
             mixed = torch.cat(buffer)[torch.from_numpy(rng.permutation(held))]
-            # Emit half the buffer; the rest mixes with the next shards.
-            n_out = (held // 2) // cfg.batch_tokens * cfg.batch_tokens
+            # Emit half the buffer (the rest mixes with the next shards), or all of it at the
+            # end of the pass.
+            n_out = (held if last else held // 2) // cfg.batch_tokens * cfg.batch_tokens
             yield from mixed[:n_out].split(cfg.batch_tokens)
-            buffer, held = [mixed[n_out:]], held - n_out
+            buffer, held = ([], 0) if last else ([mixed[n_out:]], held - n_out)
 
 
-def input_statistics(store: Store, cfg: TrainConfig) -> tuple[float, torch.Tensor]:
+def input_statistics(store: Store, token_filter: TokenFilter) -> tuple[float, torch.Tensor]:
     """(scale, mean of scaled inputs): the scale brings the mean squared norm of the first
     training tokens to d_in."""
     sample, n = [], 0
     for name in store.shard_names("train"):
-        rows = shard_rows(store, name, cfg).float()
+        rows = shard_rows(store, name, token_filter).float()
         sample.append(rows)
         n += rows.shape[0]
         if n >= SCALE_SAMPLE_TOKENS:
@@ -136,7 +150,7 @@ class TrainState:
     step: int = 0
 
 
-def save_checkpoint(path: Path, state: TrainState, key: str) -> None:
+def save_checkpoint(path: Path, state: TrainState, key: str, dtype: str = "") -> None:
     """Weights, Adam's moments and the dead-latent counters in one safetensors file."""
     tensors = {f"sae.{n}": t.detach() for n, t in state.sae.state_dict().items()}
     names = {id(p): n for n, p in state.sae.named_parameters()}
@@ -145,21 +159,28 @@ def save_checkpoint(path: Path, state: TrainState, key: str) -> None:
             # safetensors keeps no 0-d tensors: Adam's step count goes as shape [1]
             tensors[f"adam.{names[id(p)]}.{field}"] = value.reshape(1) if value.ndim == 0 else value
     tensors["since_fired"] = state.since_fired
-    meta = {"key": key, "step": str(state.step), "sae": repr(state.sae.cfg.to_dict())}
+    meta = {"key": key, "step": str(state.step), "dtype": dtype}
     tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
 
 
-def load_checkpoint(path: Path, state: TrainState, key: str) -> bool:
-    """Restore a checkpoint written with the same key; False where there is none to use.
-    A damaged or mismatched checkpoint is an error: it is never silently trained over."""
+def load_checkpoint(path: Path, state: TrainState, key: str, dtype: str = "") -> bool:
+    """Restore a checkpoint written with the same key; False where there is none to use
+    (saying so where one exists for the same settings but another compute dtype). A damaged
+    or mismatched checkpoint is an error: it is never silently trained over."""
     if not path.is_file():
         return False
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
             if meta.get("key") != key:
+                if dtype and meta.get("dtype") not in (None, dtype):
+                    say(
+                        f"{path} was written computing in {meta['dtype']}; this machine resolves "
+                        f"{dtype}, so training starts over (set train.dtype = "
+                        f'"{meta["dtype"]}" to continue it instead)'
+                    )
                 return False
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError) as e:
@@ -211,13 +232,18 @@ def new_state(
 
 def train_step(
     state: TrainState, x: torch.Tensor, cfg: TrainConfig, dtype: torch.dtype, total: int
-) -> StepOutput:
+) -> ForwardOutput:
     """One optimizer step on a batch of raw activations [tokens, d_in]."""
     sae = state.sae
     x = x.to(state.since_fired.device, non_blocking=True).float() * sae.cfg.input_scale
-    dead = state.since_fired >= cfg.dead_tokens if cfg.auxk_alpha > 0 else None
-    coefficient = cfg.sparsity_coefficient or DEFAULT_SPARSITY.get(cfg.architecture, 0.0)
-    out = train_step_forward(sae, x, dtype, dead, cfg.auxk_alpha, coefficient)
+    settings = StepSettings(
+        dtype=dtype,
+        dead=state.since_fired >= cfg.dead_tokens if cfg.auxk_alpha > 0 else None,
+        auxk_alpha=cfg.auxk_alpha,
+        sparsity_coefficient=cfg.sparsity_coefficient
+        or DEFAULT_SPARSITY.get(cfg.architecture, 0.0),
+    )
+    out = train_forward(sae, x, settings)
     if not torch.isfinite(out.loss):
         raise SamesheepError(
             f"training diverged at step {state.step} (loss {out.loss.item()}): lower train.lr"
@@ -232,6 +258,8 @@ def train_step(
     state.opt.step()
     if sae.unit_decoder:
         sae.normalize_decoder()
+    if out.threshold is not None:
+        sae.update_batch_threshold(out.threshold)
     state.since_fired += x.shape[0]
     state.since_fired[out.fired] = 0
     state.step += 1
@@ -246,13 +274,14 @@ def train_sae(
     label: str = "",
 ) -> tuple[Sae, dict[str, Any]]:
     """Train an SAE on a store's training split, resuming from work_dir's checkpoint when
-    it was written with the same key. Returns the SAE and a summary of the run."""
+    it was written with the same key and compute dtype. Returns the SAE and a summary."""
     device = choose_device(cfg.device)
     dtype = choose_dtype(cfg.dtype, device)
     if dtype == torch.float16:
         raise SamesheepError('train.dtype must be "auto", "bfloat16" or "float32"')
     sae_config(cfg, store.d_model)  # a bad architecture, or k past the width, fails here
-    n_kept = count_kept(store, cfg)
+    tokens = token_filter(store, cfg)
+    n_kept, n_outliers = filter_counts(store, tokens)
     if n_kept < cfg.batch_tokens:
         raise SamesheepError(
             f"{store.folder} holds {n_kept:,} training tokens, fewer than one batch "
@@ -263,11 +292,14 @@ def train_sae(
     work_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(work_dir)
     path = work_dir / CHECKPOINT
-    scale, mean = input_statistics(store, cfg)
+    # The checkpoint is keyed on the resolved compute dtype too: one made in bfloat16 never
+    # continues in float32 (or the reverse) on a machine that resolves "auto" otherwise.
+    ckpt_key = settings_hash(key, dtype_name(dtype))
+    scale, mean = input_statistics(store, tokens)
     state = new_state(cfg, store.d_model, scale, mean, device)
-    resumed = load_checkpoint(path, state, key)
+    resumed = load_checkpoint(path, state, ckpt_key, dtype_name(dtype))
 
-    stream = batch_stream(store, cfg)
+    stream = batch_stream(store, cfg, tokens)
     for _ in range(state.step):  # replay the stream up to where the checkpoint left it
         next(stream)
     last_save = time.monotonic()
@@ -282,7 +314,7 @@ def train_sae(
             fvu_avg += w * (out.fvu.item() - fvu_avg)
             l0_avg += w * (out.l0 - l0_avg)
             if state.step < total and time.monotonic() - last_save > cfg.checkpoint_seconds:
-                save_checkpoint(path, state, key)
+                save_checkpoint(path, state, ckpt_key, dtype_name(dtype))
                 last_save = time.monotonic()
             rate = done / (time.perf_counter() - start)
             bar.update(
@@ -291,11 +323,13 @@ def train_sae(
                 rate=f"{rate:,.0f} tok/s  fvu {fvu_avg:.3f}  L0 {l0_avg:.1f}",
             )
     seconds = time.perf_counter() - start
-    save_checkpoint(path, state, key)
+    save_checkpoint(path, state, ckpt_key, dtype_name(dtype))
     summary = {
         "steps": total,
         "tokens": total * cfg.batch_tokens,
         "stored_tokens": n_kept,
+        "outlier_tokens": n_outliers,
+        "max_norm": tokens.to_dict()["max_norm"],
         "epochs": round(total * cfg.batch_tokens / n_kept, 3),
         "lr": learning_rate(cfg, state.sae.cfg.d_sae, total),
         "input_scale": scale,
