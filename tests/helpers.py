@@ -88,6 +88,7 @@ def write_store(folder: Path, splits: dict, shard_tokens: int = 1000, context: i
                     "char_start": pos,
                     "char_end": pos + 1,
                     "special": pos == 0,
+                    "norm": chunk.norm(dim=1).numpy(),
                 }
             ).cast(TOKEN_SCHEMA)
             writer.write(f"{split}-{i:05d}", split, chunk.to(torch.float32), table)

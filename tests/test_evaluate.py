@@ -18,12 +18,13 @@ from samesheep.evaluate import (
     _with_hidden,
     batch_tensors,
     reconstruction_metrics,
+    scored_positions,
     spliced_metrics,
 )
 from samesheep.extraction import Window, bos_prefix, windows_of
-from samesheep.models import decoder_blocks, load_model
+from samesheep.models import capture, decoder_blocks, load_model
 from samesheep.sae import Sae, SaeConfig
-from samesheep.store import TOKEN_SCHEMA, Store, StoreWriter
+from samesheep.store import TOKEN_SCHEMA, Store, StoreWriter, TokenFilter
 
 
 def stats_of(x, x_hat, acts=None, batches=(None,)) -> dict:
@@ -54,6 +55,25 @@ def test_hand_computed_example():
     assert r["shrinkage"] == pytest.approx((math.sqrt(2) + 0.5) / 2)
     # E||x_hat||^2 / E<x_hat, x> = (2 + 1) / (1 + 2); not E<x_hat, x> / E||x||^2 = 3 / 5
     assert r["relative_reconstruction_bias"] == pytest.approx(1.0)
+    # per-token relative errors ||(0, 1)|| / 1 = 1 and ||(0, -1)|| / 2 = 0.5
+    assert r["median_relative_error"] == pytest.approx(0.75)
+
+
+def test_median_relative_error_ignores_a_few_huge_tokens():
+    """FVU is one ratio over all tokens: one token with a huge norm and a bad reconstruction
+    decides it. The median per-token relative error stays with the typical token."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(99, 8, generator=g)
+    x_hat = x + 0.1 * torch.randn(99, 8, generator=g)
+    huge = torch.full((1, 8), 300.0)
+    r_typical = stats_of(x, x_hat)
+    r_with = stats_of(torch.cat([x, huge]), torch.cat([x_hat, torch.zeros(1, 8)]))
+    assert r_with["fvu"] > 0.9 > 10 * r_typical["fvu"]
+    rel = ((x_hat - x).norm(dim=1) / x.norm(dim=1)).numpy()
+    assert r_typical["median_relative_error"] == pytest.approx(float(np.median(rel)), rel=1e-6)
+    assert r_with["median_relative_error"] == pytest.approx(
+        float(np.median(np.append(rel, 1.0))), rel=1e-6
+    )
 
 
 def test_perfect_half_and_mean_reconstructions():
@@ -138,7 +158,7 @@ def test_no_tokens_is_an_error():
         ReconstructionStats(4, 8).result()
 
 
-def _table(positions, special) -> pa.Table:
+def _table(positions, special, norms=None) -> pa.Table:
     n = len(positions)
     return pa.table(
         {
@@ -150,6 +170,7 @@ def _table(positions, special) -> pa.Table:
             "char_start": [0] * n,
             "char_end": [0] * n,
             "special": special,
+            "norm": norms if norms is not None else [1.0] * n,
         }
     ).cast(TOKEN_SCHEMA)
 
@@ -164,7 +185,8 @@ def test_reconstruction_metrics_reads_masked_heldout_rows(tmp_path):
         positions = [0, 1, 2, 3, 4, 0, 1, 2, 3, 4]
         special = [True, False, False, True, False, False, False, False, False, False]
         acts[0] = acts[3] = acts[5] = 1e3  # rows the mask drops: they would dominate
-        writer.write(f"heldout-{index:05d}", "heldout", acts, _table(positions, special))
+        table = _table(positions, special, acts.norm(dim=1).tolist())
+        writer.write(f"heldout-{index:05d}", "heldout", acts, table)
         keep = [i for i in range(10) if positions[i] != 0 and not special[i]]
         kept.append(acts[keep])
     writer.write("train-00000", "train", torch.full((4, d), 1e3), _table([0, 1, 2, 3], [False] * 4))
@@ -182,6 +204,26 @@ def test_reconstruction_metrics_reads_masked_heldout_rows(tmp_path):
 
     with pytest.raises(SamesheepError, match="dims"):
         reconstruction_metrics(Sae(SaeConfig("relu", d + 1, 16)), Store(tmp_path))
+
+    # A norm limit leaves rows of norm 1e3 * sqrt(8) out too, and counts them.
+    outlier_rows = [torch.randn(10, d, generator=g) for _ in range(2)]
+    writer = StoreWriter(tmp_path / "with_outliers", {"key": "k2", "layer": 1, "d_model": d})
+    kept = []
+    for index, acts in enumerate(outlier_rows):
+        acts[1] = acts[7] = 1e3 if index == 0 else acts[1]
+        positions = [0, 1, 2, 3, 4, 0, 1, 2, 3, 4]
+        table = _table(positions, [False] * 10, acts.norm(dim=1).tolist())
+        writer.write(f"heldout-{index:05d}", "heldout", acts, table)
+        kept.append(acts[[i for i in range(10) if positions[i] != 0 and acts[i].norm() < 100]])
+    writer.finish()
+    r = reconstruction_metrics(
+        sae, Store(tmp_path / "with_outliers"), token_filter=TokenFilter(max_norm=100.0)
+    )
+    x = torch.cat(kept)
+    with torch.no_grad():
+        want = stats_of(x, sae(x), sae.encode(x))
+    assert r["tokens"] == 14 and r["outlier_tokens"] == 2
+    assert r["fvu"] == pytest.approx(want["fvu"], rel=1e-5)
 
 
 # ---- spliced metrics ----
@@ -219,9 +261,11 @@ def random_sae(d: int = 32, seed: int = 0) -> Sae:
     return sae
 
 
-def run(lm, sae, docs, layer=1, context_length=24, batch_tokens=96, prefix=None):
+def run(lm, sae, docs, layer=1, context_length=24, batch_tokens=96, prefix=None, tokens=None):
     prefix = bos_prefix(lm.tokenizer, "auto") if prefix is None else prefix
-    return spliced_metrics(lm, layer, sae, docs, prefix, context_length, batch_tokens, "cpu")
+    return spliced_metrics(
+        lm, layer, sae, docs, prefix, context_length, batch_tokens, "cpu", token_filter=tokens
+    )
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -268,7 +312,8 @@ def test_batch_tensors_masks():
         window([5, 6, 7], [False, False, False]),  # no BOS: position 0 is the sink anyway
         window([9, 9, 5], [True, True, False]),
     ]
-    ids, real, splice, score = batch_tensors(windows, [0, 1, 2], pad=0)
+    ids, real, splice = batch_tensors(windows, [0, 1, 2], pad=0)
+    score = scored_positions(real, splice)
     assert ids.tolist() == [[9, 5, 6, 9, 7, 8], [5, 6, 7, 0, 0, 0], [9, 9, 5, 0, 0, 0]]
     assert real.int().tolist() == [[1] * 6, [1, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0]]
     assert splice.int().tolist() == [
@@ -281,6 +326,11 @@ def test_batch_tensors_masks():
         [0, 1, 0, 0, 0, 0],  # never predicting padding
         [0, 0, 0, 0, 0, 0],  # only the last token is spliced, and it predicts nothing
     ]
+    # With skip_special and skip_first off, every real position is spliced.
+    _, _, every = batch_tensors(windows, [0, 1, 2], 0, TokenFilter(False, False))
+    assert torch.equal(every, real)
+    _, _, no_sink = batch_tensors(windows, [0, 1, 2], 0, TokenFilter(False, True))
+    assert no_sink.int().tolist()[0] == [0, 1, 1, 1, 1, 1]
 
 
 @pytest.mark.parametrize("bos", [True, False])
@@ -304,7 +354,7 @@ def test_sink_special_and_padding_stay_clean(llama, documents, bos):
     finally:
         handle.remove()
     clean, spliced, zero = seen  # one batch holding both windows
-    _, real, splice, _ = batch_tensors(windows, [1, 0], pad=0)
+    _, real, splice = batch_tensors(windows, [1, 0], pad=0)
     assert not real.all() and splice.sum() > 10 and not splice[:, 0].any()
     torch.testing.assert_close(spliced[splice], clean[splice] + 1, rtol=0, atol=0)
     assert (zero[splice] == 0).all() and (clean[splice] != 0).any()
@@ -313,6 +363,34 @@ def test_sink_special_and_padding_stay_clean(llama, documents, bos):
         assert torch.equal(out[:, 0], clean[:, 0]) and torch.equal(out[~real], clean[~real])
     # every real position but the sink (no other special tokens here)
     assert int(splice.sum()) == sum(len(w.ids) - 1 for w in windows)
+
+
+def test_splice_follows_the_token_filter(llama, documents):
+    """One rule for FVU and the spliced metrics: with skip_special and skip_first off the
+    sink is spliced too, and a norm limit leaves exactly the positions above it clean."""
+    seen = []
+
+    def record(_module, args, kwargs):
+        seen.append((args[0] if args else kwargs["hidden_states"]).clone())
+
+    docs = [documents[0], documents[7]]
+    prefix = bos_prefix(llama.tokenizer, "auto")
+    windows = windows_of(list(enumerate(docs)), llama.tokenizer, prefix, 64)
+    ids, real, _ = batch_tensors(windows, [1, 0], pad=0)
+    norms = capture(llama.model, [1], ids, real.long())[1].float().norm(dim=-1)
+    limit = float(norms[real].median())
+    handle = decoder_blocks(llama.model)[2].register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        for tokens in (TokenFilter(False, False), TokenFilter(False, False, limit)):
+            run(llama, Shift(), docs, context_length=64, batch_tokens=256, tokens=tokens)
+    finally:
+        handle.remove()
+    clean, spliced, _, _, limited, _ = seen
+    changed = (spliced != clean).any(-1)
+    assert torch.equal(changed, real)  # the sink at position 0 too
+    changed = (limited != clean).any(-1)
+    want = real & (norms <= limit)
+    assert torch.equal(changed, want) and 0 < int(want.sum()) < int(real.sum())
 
 
 def test_clean_ce_matches_an_independent_computation(llama, documents):

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+import sae_lens  # in the test extra: these checks fail, never skip, where it is missing
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -46,7 +47,6 @@ def assert_sparse_not_trivial(acts: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_sae_lens_computes_the_same_function(tmp_path: Path, arch: str) -> None:
-    sae_lens = pytest.importorskip("sae_lens")
     sae = make_sae(arch)
     save_sae(sae, tmp_path / "sae", metadata=META)
     theirs = sae_lens.SAE.load_from_disk(tmp_path / "sae")
@@ -151,7 +151,6 @@ def randomize(sl_sae, seed: int = 2, thresholds: bool = False) -> None:
 
 
 def foreign(kind: str, **cfg):
-    sae_lens = pytest.importorskip("sae_lens")
     cls, cfg_cls = {
         "standard": (sae_lens.StandardSAE, sae_lens.StandardSAEConfig),
         "topk": (sae_lens.TopKSAE, sae_lens.TopKSAEConfig),
@@ -191,7 +190,6 @@ def test_loads_sae_lens_folders(tmp_path: Path, kind: str, cfg: dict, arch: str)
 
 
 def test_loads_pre_6_topk_cfg(tmp_path: Path) -> None:
-    sae_lens = pytest.importorskip("sae_lens")
     sl_sae = foreign("topk", k=K)
     sl_sae.save_model(tmp_path)
     old = {  # what SAELens 5.x wrote for a TopK SAE

@@ -1,8 +1,9 @@
 """SAE evaluation: reconstruction metrics on held-out activations, and language-model metrics
 with the SAE's reconstruction spliced into the residual stream.
 
-Positions: the SAE replaces exactly the rows it was trained on (real tokens that are neither
-special nor at position 0, the attention sink). A next-token prediction from position p is
+Positions: the SAE replaces exactly the rows it was trained on, by the same TokenFilter (by
+default real tokens that are neither special, nor at position 0, the attention sink, nor
+outliers by norm). A next-token prediction from position p is
 scored where its target p + 1 is a real token of the same window and some position at or
 before p is spliced: predictions no intervention can reach (from the sink, from a BOS-only
 prefix) would add the same loss to every run and dilute the KL means.
@@ -16,15 +17,16 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .corpus import Document
 from .errors import SamesheepError
 from .extraction import Window, length_batches, pad_id, windows_of
-from .models import LoadedModel, _hidden, decoder_blocks
-from .sae import Sae
-from .store import Store
+from .models import LoadedModel, decoder_blocks, hidden_state
+from .sae import Sae, SparseCodes
+from .store import Store, TokenFilter
 
 DENSE_FRACTION = 0.1
 """A latent active on more than this fraction of tokens counts as dense."""
@@ -46,9 +48,12 @@ class ReconstructionStats:
         self.m2 = torch.zeros(d_in, dtype=torch.float64)  # squared deviations from it
         self.fires = torch.zeros(d_sae, dtype=torch.int64)  # tokens each latent is active on
         self.sse = self.cosine = self.ratio = self.hat_sq = self.dot = self.active = 0.0
+        self.relative_errors: list[Tensor] = []  # [tokens] ||x_hat - x|| / ||x||, float32
+        self.outliers = 0  # tokens left out for their norm (counted by the caller)
 
-    def update(self, x: Tensor, x_hat: Tensor, acts: Tensor) -> None:
-        """Add a batch: inputs and reconstructions [tokens, d_in], latents [tokens, d_sae]."""
+    def update(self, x: Tensor, x_hat: Tensor, acts: Tensor | SparseCodes) -> None:
+        """Add a batch: inputs and reconstructions [tokens, d_in], latents [tokens, d_sae]
+        (dense, or the SparseCodes of the same tokens)."""
         n = x.shape[0]
         if n == 0:
             return
@@ -58,7 +63,16 @@ class ReconstructionStats:
         tiny = torch.finfo(torch.float64).tiny
         norm_x, norm_hat = x.norm(dim=1), x_hat.norm(dim=1)
         dot = (x * x_hat).sum(1)
-        active = acts > 0
+        rel = (x_hat - x).norm(dim=1) / norm_x.clamp_min(tiny)
+        self.relative_errors.append(rel.float().cpu())
+        if isinstance(acts, SparseCodes):
+            on = acts.latents[acts.values > 0]
+            n_active = torch.tensor(float(on.numel()), dtype=torch.float64, device=x.device)
+            fires = torch.bincount(on, minlength=self.d_sae)
+        else:
+            active = acts > 0
+            n_active = active.sum().to(torch.float64)
+            fires = active.sum(0)
         sums = torch.stack(
             [
                 (x_hat - x).square().sum(),
@@ -66,14 +80,14 @@ class ReconstructionStats:
                 (norm_hat / norm_x.clamp_min(tiny)).sum(),
                 norm_hat.square().sum(),
                 dot.sum(),
-                active.sum().to(torch.float64),
+                n_active.to(x.device),
             ]
         ).tolist()
         for name, value in zip(
             ("sse", "cosine", "ratio", "hat_sq", "dot", "active"), sums, strict=True
         ):
             setattr(self, name, getattr(self, name) + value)
-        self.fires += active.sum(0).cpu()
+        self.fires += fires.cpu()
         mean = x.mean(0)
         m2 = (x - mean).square().sum(0).cpu()
         delta = mean.cpu() - self.mean
@@ -89,8 +103,10 @@ class ReconstructionStats:
         mean. cosine, shrinkage: per-token means of cos(x, x_hat) and ||x_hat|| / ||x||
         (SAELens' l2_ratio). relative_reconstruction_bias: E[||x_hat||^2] / E[<x_hat, x>]
         over all tokens (Gated SAE paper, eq. 10): 1 / the gain g minimising
-        E||g x_hat - x||^2, so below 1 means shrinkage. Dead: never active; dense: active on
-        more than 10% of tokens."""
+        E||g x_hat - x||^2, so below 1 means shrinkage. median_relative_error: the median
+        over tokens of ||x_hat - x|| / ||x||, which a few huge tokens cannot move. Dead: never
+        active; dense: active on more than 10% of tokens. outlier_tokens: tokens left out
+        for their norm."""
         n = self.tokens
         if n == 0:
             raise SamesheepError("no tokens to evaluate the SAE on")
@@ -111,6 +127,8 @@ class ReconstructionStats:
             "cosine": self.cosine / n,
             "shrinkage": self.ratio / n,
             "relative_reconstruction_bias": self.hat_sq / self.dot if self.dot else math.nan,
+            "median_relative_error": float(np.median(torch.cat(self.relative_errors).numpy())),
+            "outlier_tokens": self.outliers,
         }
 
 
@@ -119,13 +137,12 @@ def reconstruction_metrics(
     store: Store,
     batch_tokens: int = 4096,
     device: torch.device | str = "cpu",
-    skip_special: bool = True,
-    skip_first: bool = True,
+    token_filter: TokenFilter | None = None,
 ) -> dict[str, Any]:
-    """Reconstruction metrics of `sae` (already on `device`) over the store's held-out shards:
-    by default without special tokens and position 0, as in training; float32 batches."""
-    stats = reconstruction_stats(sae, store, batch_tokens, device, skip_special, skip_first)
-    return stats.result()
+    """Reconstruction metrics of `sae` (already on `device`) over the store's held-out shards,
+    on the tokens `token_filter` keeps (by default neither special tokens nor position 0);
+    float32 batches."""
+    return reconstruction_stats(sae, store, batch_tokens, device, token_filter).result()
 
 
 @torch.inference_mode()
@@ -134,19 +151,23 @@ def reconstruction_stats(
     store: Store,
     batch_tokens: int = 4096,
     device: torch.device | str = "cpu",
-    skip_special: bool = True,
-    skip_first: bool = True,
+    token_filter: TokenFilter | None = None,
 ) -> ReconstructionStats:
     """The accumulated ReconstructionStats behind reconstruction_metrics (which also hold
     each latent's firing count, `fires`)."""
     if store.d_model != sae.cfg.d_in:
         raise SamesheepError(f"the SAE reads {sae.cfg.d_in} dims, the store holds {store.d_model}")
+    token_filter = token_filter or TokenFilter()
+    ordinary = TokenFilter(token_filter.skip_special, token_filter.skip_first)
     stats = ReconstructionStats(sae.cfg.d_in, sae.cfg.d_sae)
     for shard in store.shards("heldout"):
-        for x in shard.acts[shard.mask(skip_special, skip_first)].split(batch_tokens):
+        stats.outliers += int(
+            (ordinary.keep(shard.tokens) & token_filter.outliers(shard.tokens)).sum()
+        )
+        for x in shard.acts[shard.mask(token_filter)].split(batch_tokens):
             x = x.to(device, torch.float32)
-            acts = sae.encode(x)
-            stats.update(x, sae.decode(acts), acts)
+            codes = sae.encode_sparse(x)
+            stats.update(x, sae.decode_sparse(codes), codes)
     return stats
 
 
@@ -154,12 +175,13 @@ def reconstruction_stats(
 
 
 def batch_tensors(
-    windows: list[Window], batch: list[int], pad: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(ids, real, splice, score) [rows, longest] of a batch of windows, right-padded.
+    windows: list[Window], batch: list[int], pad: int, token_filter: TokenFilter | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(ids, real, splice) [rows, longest] of a batch of windows, right-padded.
 
-    real: not padding. splice: the positions the SAE replaces (real, not special, not
-    position 0). score: positions whose next-token prediction counts (see the module doc)."""
+    real: not padding. splice: the positions the SAE may replace by token_filter's special
+    and position rules (its norm rule needs the hidden states: see spliced_metrics)."""
+    token_filter = token_filter or TokenFilter()
     longest = max(len(windows[i].ids) for i in batch)
     ids = torch.full((len(batch), longest), pad, dtype=torch.long)
     real = torch.zeros((len(batch), longest), dtype=torch.bool)
@@ -169,11 +191,22 @@ def batch_tensors(
         n = len(w.ids)
         ids[row, :n] = torch.from_numpy(w.ids)
         real[row, :n] = True
-        splice[row, 1:n] = torch.from_numpy(~w.special[1:])
+        keep = np.ones(n, dtype=bool)
+        if token_filter.skip_special:
+            keep &= ~w.special
+        if token_filter.skip_first:
+            keep[0] = False
+        splice[row, :n] = torch.from_numpy(keep)
+    return ids, real, splice
+
+
+def scored_positions(real: Tensor, splice: Tensor) -> Tensor:
+    """[rows, longest] bool: positions whose next-token prediction counts: the target is a
+    real token and some position at or before this one is spliced (see the module doc)."""
     score = splice.to(torch.int8).cummax(dim=1).values.bool()
     score[:, :-1] &= real[:, 1:]
     score[:, -1] = False
-    return ids, real, splice, score
+    return score
 
 
 def _with_hidden(output: Any, h: Tensor) -> Any:
@@ -190,7 +223,7 @@ def _splice(block: nn.Module, where: Tensor, replace: Callable[[Tensor], Tensor]
     """Within the block, the block's output at `where` [batch, seq] is replace(rows)."""
 
     def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
-        h = _hidden(output)
+        h = hidden_state(output)
         new = h.clone()
         new[where] = replace(h[where])
         return _with_hidden(output, new)
@@ -227,6 +260,17 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b != 0 else math.nan
 
 
+def _norms_at(block: nn.Module, out: list[Tensor], dtype: torch.dtype | None) -> Any:
+    """A hook on `block` that appends its output's per-position norms [batch, seq] to `out`,
+    computed from the hidden states rounded to `dtype` (the store's), as the store has them."""
+
+    def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        h = hidden_state(output)
+        out.append((h.to(dtype) if dtype is not None else h).float().norm(dim=-1))
+
+    return block.register_forward_hook(hook)
+
+
 @torch.inference_mode()
 def spliced_metrics(
     lm: LoadedModel,
@@ -237,9 +281,13 @@ def spliced_metrics(
     context_length: int,
     batch_tokens: int = 1024,
     device: torch.device | str | None = None,
+    token_filter: TokenFilter | None = None,
+    norm_dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
     """Next-token cross-entropy and KL(clean || intervened) with block `layer`'s output
-    replaced by sae(h) (float32, cast back) or by zeros at the SAE's positions.
+    replaced by sae(h) (float32, cast back) or by zeros at the positions `token_filter`
+    keeps, the same rule that chose the SAE's training and evaluation tokens (norms compared
+    after rounding to `norm_dtype`, the store's dtype).
 
     Windows as in extraction (`prefix` from bos_prefix). Each batch runs the model three
     times (clean, spliced, zero-ablated); only the scored logits are kept, and only until the
@@ -247,6 +295,7 @@ def spliced_metrics(
     batch_tokens = 1024 holds about 1 GiB of logits per copy in float32. `sae` must live on
     the model's device. Scores are NaN where their denominator is 0."""
     device = torch.device(device) if device is not None else next(lm.model.parameters()).device
+    token_filter = token_filter or TokenFilter()
     block = decoder_blocks(lm.model)[layer]
     pad = pad_id(lm.tokenizer)
 
@@ -259,12 +308,25 @@ def spliced_metrics(
     while chunk := list(itertools.islice(numbered, DOC_CHUNK)):
         windows = windows_of(chunk, lm.tokenizer, prefix, context_length)
         for batch in length_batches(windows, batch_tokens):
-            ids, real, splice, score = (t.to(device) for t in batch_tensors(windows, batch, pad))
-            if not bool(score.any()):
+            ids, real, splice = (
+                t.to(device) for t in batch_tensors(windows, batch, pad, token_filter)
+            )
+            maybe = scored_positions(real, splice)  # before the norm rule: a superset
+            if not bool(maybe.any()):
                 continue
             mask = None if bool(real.all()) else real.long()
+            norms: list[Tensor] = []
+            handle = _norms_at(block, norms, norm_dtype)
+            try:
+                clean = _scored_logits(lm.model, ids, mask, maybe)
+            finally:
+                handle.remove()
+            splice &= norms[0] <= token_filter.max_norm
+            score = scored_positions(real, splice)
+            clean = clean[score[maybe]]
+            if not bool(score.any()):
+                continue
             targets = ids[:, 1:][score[:, :-1]]  # the last column is never scored
-            clean = _scored_logits(lm.model, ids, mask, score)
             for name, replace in (("spliced", reconstruct), ("zero", torch.zeros_like)):
                 with _splice(block, splice, replace):
                     other = _scored_logits(lm.model, ids, mask, score)

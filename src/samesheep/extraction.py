@@ -21,10 +21,9 @@ from .errors import SamesheepError
 from .files import read_json, write_json
 from .models import LoadedModel, capture, fingerprint, load_model, resolve_layer
 from .progress import progress
-from .store import MANIFEST, SHARD_FILES, TOKEN_SCHEMA, StoreWriter, to_store_dtype
+from .store import MANIFEST, SHARD_FILES, SPLITS, TOKEN_SCHEMA, StoreWriter, to_store_dtype
 
-SPLITS = ("train", "heldout")
-STORE_VERSION = 2
+STORE_VERSION = 3
 """Bump when what a store holds changes for the same settings, so old stores are rebuilt."""
 
 
@@ -153,8 +152,9 @@ def length_batches(windows: list[Window], batch_tokens: int) -> list[list[int]]:
     return batches
 
 
-def token_table(windows: list[Window]) -> pa.Table:
-    """The token table of a group of windows, in window order."""
+def token_table(windows: list[Window], norms: np.ndarray) -> pa.Table:
+    """The token table of a group of windows, in window order; `norms` [tokens] are the
+    activations' norms."""
     return pa.table(
         {
             "doc_index": np.concatenate([np.full(len(w.ids), w.doc_index) for w in windows]),
@@ -165,6 +165,7 @@ def token_table(windows: list[Window]) -> pa.Table:
             "char_start": np.concatenate([w.starts for w in windows]),
             "char_end": np.concatenate([w.ends for w in windows]),
             "special": np.concatenate([w.special for w in windows]),
+            "norm": norms,
         }
     ).cast(TOKEN_SCHEMA)
 
@@ -305,10 +306,11 @@ def _extract_split(
             todo = [L for L, w in writers.items() if not w.has(name)]
             if todo:
                 acts = forward_windows(lm, todo, windows, cfg.batch_tokens, device)
-                table = token_table(windows)
                 for L in todo:
                     where = f"{writers[L].folder}/{name}"
                     stored = to_store_dtype(acts[L], cfg.store_dtype, where)
+                    # The norm of what is stored, as every reader of the store sees it.
+                    table = token_table(windows, stored.float().norm(dim=1).numpy())
                     writers[L].write(name, split, stored, table, doc_start=first, doc_end=end)
                 clock.add(n)
             bar.update(task, completed=end, rate=clock.rate())

@@ -420,7 +420,7 @@ class _Stop(Exception):
     """Raised inside the deepest hook to end the forward pass early."""
 
 
-def _hidden(output: Any) -> torch.Tensor:
+def hidden_state(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
@@ -439,7 +439,7 @@ def capture(
 
     def hook(index: int):
         def fn(_module, _inputs, output):
-            out[index] = _hidden(output)
+            out[index] = hidden_state(output)
             if index == deepest:
                 raise _Stop
 

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from . import config as config_mod
 from .config import Config, settings_hash
 from .corpus import build_corpus, read_documents
-from .device import choose_device, choose_dtype, set_threads
+from .device import DTYPES, choose_device, choose_dtype, dtype_name, set_threads
 from .errors import SamesheepError
 from .evaluate import reconstruction_stats, spliced_metrics
 from .extraction import extract_model
@@ -27,8 +27,8 @@ from .models import (
 )
 from .progress import say
 from .sae_files import load_sae, save_sae
-from .store import Store, open_store
-from .train import train_sae
+from .store import Store, TokenFilter, open_store
+from .train import filter_counts, token_filter, train_sae
 
 
 def prepare_run_dir(cfg: Config) -> Path:
@@ -122,9 +122,15 @@ def extract_stage(cfg: Config) -> dict[str, dict[str, Any]]:
     return results
 
 
-SAE_VERSION = 2
+SAE_VERSION = 3
 """Bump when training changes what it produces for the same settings."""
-NOT_IN_TRAIN_KEY = ("device", "threads", "checkpoint_seconds", "splice_tokens")
+EVAL_VERSION = 2
+"""Bump when evaluation changes what it reports for the same SAE and store."""
+NOT_IN_TRAIN_KEY = ("device", "threads", "checkpoint_seconds", "splice_tokens", "pretrained")
+"""Settings that do not change the SAE training produces. (dtype stays in the key as
+written, "auto" included; the checkpoint adds the dtype it resolved to.)"""
+TOKEN_SETTINGS = ("skip_special", "skip_first", "max_norm_ratio")
+"""Settings that choose which tokens every SAE stage uses."""
 
 
 def train_stage(cfg: Config) -> dict[str, dict[int, dict[str, Any]]]:
@@ -133,21 +139,26 @@ def train_stage(cfg: Config) -> dict[str, dict[int, dict[str, Any]]]:
     run = prepare_run_dir(cfg)
     check_layers(cfg)
     results: dict[str, dict[int, dict[str, Any]]] = {}
-    for source in cfg.models:
+    stores = {}
+    for source in cfg.models:  # every store checked before any training starts
         model_dir = run / safe_name(source)
         depth = model_depth(source, cfg.trust_remote_code)
         layers = sorted({resolve_layer(spec, depth) for spec in cfg.layers})
-        stores = {L: _store_for(model_dir, source, L) for L in layers}
+        stores[source] = {L: _store_for(cfg, model_dir, source, L) for L in layers}
+    for source, by_layer in stores.items():
+        model_dir = run / safe_name(source)
         trained = {
-            L: _train_layer(cfg, source, L, stores[L], model_dir / f"layer_{L}") for L in layers
+            L: _train_layer(cfg, source, L, store, model_dir / f"layer_{L}")
+            for L, store in by_layer.items()
         }
-        results[source] = _evaluate_model(cfg, source, stores, trained, model_dir)
+        results[source] = _evaluate_model(cfg, source, by_layer, trained, model_dir)
     record_config(cfg)
     return results
 
 
-def _store_for(model_dir: Path, source: str, layer: int) -> Store:
-    """The complete activation store of a model's layer, or a clear error naming the stage."""
+def _store_for(cfg: Config, model_dir: Path, source: str, layer: int) -> Store:
+    """The complete activation store of a model's layer, with held-out tokens to evaluate
+    on, or a clear error naming what to do."""
     folder = model_dir / f"layer_{layer}" / "acts"
     try:
         store = open_store(folder)
@@ -159,6 +170,12 @@ def _store_for(model_dir: Path, source: str, layer: int) -> Store:
     if not store.complete:
         raise SamesheepError(
             f"the activations of {source} layer {layer} are incomplete: rerun `samesheep extract`"
+        )
+    if filter_counts(store, token_filter(store, cfg.train), "heldout")[0] == 0:
+        raise SamesheepError(
+            f"{source} layer {layer} has no held-out tokens to evaluate an SAE on "
+            f"(corpus.heldout_tokens = {cfg.corpus.heldout_tokens}): set corpus.heldout_tokens "
+            "above 0 and run `samesheep extract` again"
         )
     return store
 
@@ -215,7 +232,16 @@ def _pretrained_layer(
     folder = Path(path.replace("{layer}", str(layer))).expanduser()
     sae = load_sae(folder, d_in=store.d_model)
     stat = (folder / "sae_weights.safetensors").stat()
-    key = settings_hash("pretrained", str(folder.resolve()), stat.st_size, stat.st_mtime_ns)
+    # Keyed on the store too, as a trained SAE is: after re-extraction (another corpus,
+    # seed or context length) the metrics are computed again.
+    key = settings_hash(
+        "pretrained",
+        str(folder.resolve()),
+        stat.st_size,
+        stat.st_mtime_ns,
+        store.manifest["key"],
+        _token_settings(cfg),
+    )
     state_path = layer_dir / "train" / "state.json"
     summary = {"pretrained": str(folder)}
     state = read_json(state_path, corrupt_is_missing=True)
@@ -236,7 +262,15 @@ def _evaluate_model(
     """Held-out metrics of each layer's SAE, saved in sae/metrics.json and printed; the
     model (with its head, for the spliced metrics) is loaded once, only if needed."""
     device = choose_device(cfg.train.device)
-    eval_key = {L: settings_hash(trained[L][0], cfg.train.splice_tokens) for L in stores}
+    # What the metrics depend on besides the SAE: the store, the tokens evaluated, the
+    # spliced documents and the dtype the spliced model runs in.
+    spliced = (cfg.train.splice_tokens, dtype_name(choose_dtype(cfg.extract.dtype, device)))
+    eval_key = {
+        L: settings_hash(
+            EVAL_VERSION, trained[L][0], stores[L].manifest["key"], _token_settings(cfg), spliced
+        )
+        for L in stores
+    }
     out, todo = {}, []
     for L in stores:
         path = model_dir / f"layer_{L}" / "sae" / "metrics.json"
@@ -250,17 +284,16 @@ def _evaluate_model(
     for L in todo:
         _, sae, summary = trained[L]
         sae = sae.to(device)
-        t = cfg.train
-        stats = reconstruction_stats(
-            sae, stores[L], t.batch_tokens, device, t.skip_special, t.skip_first
-        )
-        metrics = stats.result()
+        tokens = token_filter(stores[L], cfg.train)
+        stats = reconstruction_stats(sae, stores[L], cfg.train.batch_tokens, device, tokens)
+        metrics = {**stats.result(), "median_norm": stores[L].median_norm()}
+        metrics["max_norm"] = tokens.to_dict()["max_norm"]
         _save_sparsity(model_dir / f"layer_{L}" / "sae", stats.fires, stats.tokens)
         if cfg.train.splice_tokens > 0:
             if lm is None:
                 dtype = choose_dtype(cfg.extract.dtype, device)
                 lm = load_model(source, dtype, device, cfg.trust_remote_code)
-            metrics.update(_spliced(cfg, lm, L, sae, stores[L], device))
+            metrics.update(_spliced(cfg, lm, L, sae, stores[L], device, tokens))
         out[L] = {"key": eval_key[L], "model": source, "layer": L, **metrics, "training": summary}
         write_json(model_dir / f"layer_{L}" / "sae" / "metrics.json", out[L])
     for L in stores:
@@ -276,8 +309,12 @@ def _save_sparsity(sae_dir: Path, fires: Any, tokens: int) -> None:
         save_file({"sparsity": (frequency + 1e-10).log10().float()}, str(tmp))
 
 
+def _token_settings(cfg: Config) -> dict[str, Any]:
+    return {k: getattr(cfg.train, k) for k in TOKEN_SETTINGS}
+
+
 def _spliced(
-    cfg: Config, lm: Any, layer: int, sae: Any, store: Store, device: Any
+    cfg: Config, lm: Any, layer: int, sae: Any, store: Store, device: Any, tokens: TokenFilter
 ) -> dict[str, Any]:
     """Spliced metrics on the first held-out documents, up to splice_tokens tokens."""
     run = Path(cfg.run_dir).expanduser()
@@ -300,6 +337,8 @@ def _spliced(
         list(store.manifest.get("prefix_ids", [])),
         int(store.manifest["context_length"]),
         device=device,
+        token_filter=tokens,
+        norm_dtype=DTYPES[store.manifest["dtype"]],
     )
     out["scored_tokens"] = out.pop("tokens")
     return out
@@ -315,10 +354,12 @@ def format_metrics(m: dict[str, Any]) -> str:
         f"cos {m['cosine']:.3f}",
         f"shrinkage {m['shrinkage']:.3f}",
     ]
+    parts.append(f"median relative error {m['median_relative_error']:.3f}")
     if "ce_loss_score" in m:
         parts.append(f"CE loss recovered {100 * m['ce_loss_score']:.1f}%")
         parts.append(f"KL {m['kl_spliced']:.3f} (zero-ablation {m['kl_zero']:.3f})")
-    return ", ".join(parts) + f" on {m['tokens']:,} held-out tokens"
+    outliers = f" ({m['outlier_tokens']:,} left out for their norm)" if m["outlier_tokens"] else ""
+    return ", ".join(parts) + f" on {m['tokens']:,} held-out tokens{outliers}"
 
 
 def run(cfg: Config) -> dict[str, Any]:

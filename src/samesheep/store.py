@@ -7,10 +7,14 @@ A store is one folder per model and layer:
     train-00000.tokens.parquet     one row per token: doc_index, doc_id, window, position,
                                    token_id, char_start, char_end, special
     heldout-00000...               the same for held-out documents
+
+The token table carries everything that decides which tokens the SAE stages use (see
+TokenFilter): whether a token is special, its position in its window, and its norm.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +33,11 @@ from .files import atomic_path, read_json, remove_stale_temporaries, write_json
 
 MANIFEST = "manifest.json"
 SHARD_FILES = (".safetensors", ".tokens.parquet")
+SPLITS = ("train", "heldout")
+"""The corpus splits, in the order extraction writes (and the manifest lists) them."""
 FLOAT16_MAX = 65504.0
+MEDIAN_SAMPLE = 2_000_000
+"""At most this many norms (an evenly spaced subset) give a store's median token norm."""
 
 TOKEN_SCHEMA = pa.schema(
     [
@@ -41,8 +49,43 @@ TOKEN_SCHEMA = pa.schema(
         ("char_start", pa.int32()),  # character span of the token in the document text
         ("char_end", pa.int32()),
         ("special", pa.bool_()),  # BOS/EOS/pad and other special tokens
+        ("norm", pa.float32()),  # L2 norm of the stored activation
     ]
 )
+
+
+@dataclass(frozen=True)
+class TokenFilter:
+    """Which stored tokens the SAE stages use (training, evaluation and every later stage):
+    by default neither special tokens, nor position 0 of a window (the attention sink), nor
+    tokens whose norm exceeds max_norm (massive activations, which would otherwise carry
+    every squared-error metric)."""
+
+    skip_special: bool = True
+    skip_first: bool = True
+    max_norm: float = math.inf
+
+    def keep(self, tokens: pa.Table) -> np.ndarray:
+        """[rows] bool: the rows of a token table to use."""
+        keep = np.ones(tokens.num_rows, dtype=bool)
+        if self.skip_special:
+            keep &= ~tokens.column("special").to_numpy(zero_copy_only=False)
+        if self.skip_first:
+            keep &= tokens.column("position").to_numpy() != 0
+        return keep & ~self.outliers(tokens)
+
+    def outliers(self, tokens: pa.Table) -> np.ndarray:
+        """[rows] bool: rows whose norm exceeds max_norm."""
+        if math.isinf(self.max_norm):
+            return np.zeros(tokens.num_rows, dtype=bool)
+        return tokens.column("norm").to_numpy() > self.max_norm
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "skip_special": self.skip_special,
+            "skip_first": self.skip_first,
+            "max_norm": None if math.isinf(self.max_norm) else self.max_norm,
+        }
 
 
 @dataclass
@@ -54,19 +97,15 @@ class Shard:
     acts: torch.Tensor  # [tokens, d]
     tokens: pa.Table  # TOKEN_SCHEMA, one row per activation row
 
-    def mask(self, skip_special: bool = True, skip_first: bool = True) -> torch.Tensor:
-        """Rows to keep: by default neither special tokens nor position 0 (attention sinks)."""
-        return torch.from_numpy(keep_rows(self.tokens, skip_special, skip_first))
+    def mask(self, token_filter: TokenFilter | None = None) -> torch.Tensor:
+        """[rows] bool: the rows to use; by default neither special tokens nor position 0
+        (attention sinks). Pass the store's token_filter(...) to leave outliers out too."""
+        return torch.from_numpy((token_filter or TokenFilter()).keep(self.tokens))
 
-
-def keep_rows(tokens: pa.Table, skip_special: bool = True, skip_first: bool = True) -> np.ndarray:
-    """Rows of a token table to keep (needs only its special and position columns)."""
-    keep = np.ones(tokens.num_rows, dtype=bool)
-    if skip_special:
-        keep &= ~tokens.column("special").to_numpy(zero_copy_only=False)
-    if skip_first:
-        keep &= tokens.column("position").to_numpy() != 0
-    return keep
+    def select(self, token_filter: TokenFilter | None = None) -> tuple[torch.Tensor, pa.Table]:
+        """(activations [kept, d], token table of the same rows): the kept rows, row for row."""
+        keep = (token_filter or TokenFilter()).keep(self.tokens)
+        return self.acts[torch.from_numpy(keep)], self.tokens.filter(pa.array(keep))
 
 
 def to_store_dtype(acts: torch.Tensor, dtype: str, where: str) -> torch.Tensor:
@@ -124,13 +163,18 @@ class StoreWriter:
     def write(self, name: str, split: str, acts: torch.Tensor, tokens: pa.Table, **info: Any):
         """Write one shard (activations already in the store dtype) and list it."""
         assert acts.shape[0] == tokens.num_rows, "one token row per activation row"
-        meta = {"name": name, "split": split, "layer": str(self.manifest["layer"])}
+        # No safetensors metadata: it is written from a hash map in an order that changes
+        # between processes, and equal stores must be equal byte for byte.
         with atomic_path(self.folder / f"{name}.safetensors") as tmp:
-            save_file({"acts": acts.cpu()}, str(tmp), metadata=meta)
+            save_file({"acts": acts.cpu()}, str(tmp))
         with atomic_path(self.folder / f"{name}.tokens.parquet") as tmp:
             pq.write_table(tokens, tmp, compression="zstd")
         entry = {"name": name, "split": split, "tokens": int(acts.shape[0]), **info}
-        self.manifest["shards"].append(entry)
+        shards = [s for s in self.manifest["shards"] if s["name"] != name] + [entry]
+        # Extraction order, whatever order shards were (re)written in: a shard rewritten
+        # after being deleted keeps its place, so batch order and the input scale stay put.
+        shards.sort(key=lambda s: (SPLITS.index(s["split"]), s["name"]))
+        self.manifest["shards"] = shards
         write_json(self.folder / MANIFEST, self.manifest)
 
     def finish(self, **totals: Any) -> None:
@@ -148,6 +192,7 @@ class Store:
         if manifest is None:
             raise SamesheepError(f"no activation store at {self.folder}: run `samesheep extract`")
         self.manifest: dict[str, Any] = manifest
+        self._medians: dict[str, float] = {}
 
     @property
     def complete(self) -> bool:
@@ -168,6 +213,41 @@ class Store:
     def num_tokens(self, split: str | None = "train") -> int:
         """Stored tokens in a split, special tokens included."""
         return sum(s["tokens"] for s in self.manifest["shards"] if split in (None, s["split"]))
+
+    def median_norm(self, split: str = "train") -> float:
+        """Median activation norm of a split's ordinary tokens (neither special nor at
+        position 0), from the token tables; an evenly spaced subset of at most
+        MEDIAN_SAMPLE norms on very large stores."""
+        if split in self._medians:
+            return self._medians[split]
+        stride = max(1, math.ceil(self.num_tokens(split) / MEDIAN_SAMPLE))
+        parts = []
+        for name in self.shard_names(split):
+            table = pq.read_table(
+                self.folder / f"{name}.tokens.parquet", columns=["special", "position", "norm"]
+            )
+            parts.append(table.column("norm").to_numpy()[TokenFilter().keep(table)][::stride])
+        norms = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+        if norms.size == 0:
+            raise SamesheepError(f"{self.folder} holds no ordinary {split} tokens")
+        self._medians[split] = float(np.median(norms))
+        return self._medians[split]
+
+    def token_filter(
+        self, skip_special: bool = True, skip_first: bool = True, max_norm_ratio: float = 0.0
+    ) -> TokenFilter:
+        """The TokenFilter whose norm limit is max_norm_ratio times the median norm of the
+        training tokens (no limit for 0)."""
+        limit = max_norm_ratio * self.median_norm("train") if max_norm_ratio > 0 else math.inf
+        return TokenFilter(skip_special, skip_first, limit)
+
+    def read_tokens(self, name: str) -> pa.Table:
+        """The token table of one shard (no activations)."""
+        path = self.folder / f"{name}.tokens.parquet"
+        try:
+            return pq.read_table(path)
+        except Exception as e:  # a damaged file surfaces as many exception types
+            raise SamesheepError(f"cannot read token table {path}: {e}") from None
 
     def read(self, name: str) -> Shard:
         """Load one shard."""
