@@ -28,7 +28,7 @@ import torch
 
 from samesheep.config import ExtractConfig
 from samesheep.corpus import Document, iter_source, write_documents
-from samesheep.device import choose_device, choose_dtype, cpu_model, matmul_gflops, set_threads
+from samesheep.device import choose_device, choose_dtype, machine_lines, set_threads
 from samesheep.extraction import extract_model
 from samesheep.models import decoder_blocks, load_model, resolve_layer
 
@@ -139,12 +139,9 @@ def main() -> None:
 
     threads = set_threads(0)
     device = choose_device("auto")
-    fp32 = matmul_gflops(torch.float32, device)
-    bf16 = matmul_gflops(torch.bfloat16, device)
-    print(f"CPU: {cpu_model()}  threads: {threads}  torch {torch.__version__}")
-    if device.type == "cuda":
-        print(f"device: {torch.cuda.get_device_name(device)} (both sides run on it)")
-    print(f"matmul 2048^2: float32 {fp32:,.0f} GFLOP/s, bfloat16 {bf16:,.0f} GFLOP/s")
+    lines, rates = machine_lines(device, threads)
+    print("\n".join(lines) + ("  (both sides run on it)" if device.type == "cuda" else ""))
+    fp32, bf16 = rates["float32"].gflops, rates["bfloat16"].gflops
     print(f"texts: {args.docs} leads of the shipped English Wikipedia, 128 tokens each")
     rows = []
     for source in args.models:

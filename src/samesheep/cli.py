@@ -38,10 +38,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("init", help="write a commented default config")
+    p = sub.add_parser(
+        "init",
+        help="write a commented config with every setting spelled out",
+        description="Write a commented config: the defaults, or --config FILE, with any --set "
+        "overrides applied.",
+    )
     p.add_argument("path", nargs="?", default="samesheep.toml", help="where to write it")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
-    _debug(p)
+    _common(p)
 
     for name, text in [
         ("run", "run every stage (now: corpus, extract, train), skipping what is up to date"),
@@ -63,7 +68,7 @@ def _init(args: argparse.Namespace) -> None:
         raise SamesheepError(f"{path} exists; pass --force to overwrite it")
     from .files import write_text
 
-    write_text(path, config_mod.to_toml(config_mod.Config()))
+    write_text(path, config_mod.to_toml(config_mod.load(args.config, args.set)))
     print(f"wrote {path}; run it with: samesheep run --config {path}")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+from dataclasses import dataclass
 from functools import cache
 
 import torch
@@ -87,18 +88,72 @@ def set_threads(threads: int) -> int:
     return n
 
 
-def matmul_gflops(dtype: torch.dtype, device: torch.device | None = None, n: int = 2048) -> float:
-    """Measured GFLOP/s of an n x n matrix product in `dtype` (best of several runs)."""
+@dataclass
+class MatmulRate:
+    """A measured matrix-product rate."""
+
+    dtype: torch.dtype
+    gflops: float
+    n: int
+    """Size of the square product measured."""
+    capped: bool
+    """Whether n was lowered from the size asked for, because one product took too long."""
+
+    def describe(self) -> str:
+        size = f"{self.n}^2" + (", size lowered to bound the time" if self.capped else "")
+        return f"{dtype_name(self.dtype)} {self.gflops:,.0f} GFLOP/s ({size})"
+
+
+def matmul_rate(
+    dtype: torch.dtype, device: torch.device | None = None, n: int = 2048, budget_s: float = 2.0
+) -> MatmulRate:
+    """Measured GFLOP/s of an n x n matrix product in `dtype` (best of up to five runs).
+    The size grows from 256 to n while one product takes under a fiftieth of budget_s, so
+    a dtype the hardware runs slowly (bfloat16 on a CPU with only AVX2 runs single-threaded:
+    minutes for 2048^2) is measured on a smaller product, in about budget_s in all."""
     device = device or torch.device("cpu")
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    best = float("inf")
-    for _ in range(5):
+
+    def once(a: torch.Tensor, b: torch.Tensor) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
         torch.mm(a, b)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best / 1e9
+        return time.perf_counter() - t
+
+    size = min(256, n)
+    while True:
+        a = torch.randn(size, size, device=device).to(dtype)
+        b = torch.randn(size, size, device=device).to(dtype)
+        first = once(a, b)
+        if size >= n or first * 8 * 5 > budget_s:  # the next size takes ~8x longer
+            break
+        size *= 2
+    best, spent = first, first
+    for _ in range(4):
+        if spent > budget_s:
+            break
+        dt = once(a, b)
+        best, spent = min(best, dt), spent + dt
+    return MatmulRate(dtype, 2 * size**3 / best / 1e9, size, size < n)
+
+
+def matmul_gflops(dtype: torch.dtype, device: torch.device | None = None, n: int = 2048) -> float:
+    """Measured GFLOP/s of an n x n matrix product in `dtype` (see matmul_rate)."""
+    return matmul_rate(dtype, device, n).gflops
+
+
+def machine_lines(device: torch.device, threads: int) -> tuple[list[str], dict[str, MatmulRate]]:
+    """(lines describing the machine, {"float32": rate, "bfloat16": rate}) for benchmarks:
+    the CPU (or GPU), threads, torch, and both matmul rates measured now."""
+    rates = {name: matmul_rate(DTYPES[name], device) for name in ("float32", "bfloat16")}
+    lines = [f"CPU: {cpu_model()}  threads: {threads}  torch {torch.__version__}"]
+    if device.type == "cuda":
+        lines.append(f"device: {torch.cuda.get_device_name(device)}")
+    fast = fast_bf16(device)
+    lines.append(
+        f"matmul: {rates['float32'].describe()}; {rates['bfloat16'].describe()}"
+        + ("" if fast else "; no fast bfloat16 here, so bfloat16 sides are skipped")
+    )
+    return lines, rates
