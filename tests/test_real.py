@@ -5,6 +5,8 @@ for Gemma), so CI pays the conversion once per machine."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -78,8 +80,11 @@ def test_windows_keep_characters_whole(real):
 def test_default_run_end_to_end(tmp_path):
     """The default config (the `make demo` path) on a small budget: both presets, the layer
     two thirds deep, stores whose sinks are marked and outsized, an SAE per model evaluated
-    with the model spliced."""
+    with the model spliced, and its features: exemplar windows whose character spans tile the
+    document text exactly (non-ASCII included) and a logit lens through the real head."""
     import json
+
+    import pyarrow.parquet as pq
 
     import samesheep
 
@@ -91,7 +96,12 @@ def test_default_run_end_to_end(tmp_path):
         train__batch_tokens=256,
         train__train_tokens=2048,
         train__splice_tokens=200,
+        train__expansion_factor=2,  # the features stage's logit lens costs width x vocabulary
     )
+    corpus = {
+        s: [json.loads(x) for x in (tmp_path / "run" / "corpus" / f"{s}.jsonl").open()]
+        for s in ("train", "heldout")
+    }
     for folder, layer, d in [("gemma-3-270m", 12, 640), ("smollm2-135m-instruct", 20, 576)]:
         store = samesheep.open_store(tmp_path / "run" / folder / f"layer_{layer}" / "acts")
         assert store.complete and store.d_model == d and store.layer == layer
@@ -103,6 +113,24 @@ def test_default_run_end_to_end(tmp_path):
         assert norms[torch.from_numpy(first)].min() > 5 * norms[shard.mask()].median()
         sae_dir = tmp_path / "run" / folder / f"layer_{layer}" / "sae"
         metrics = json.loads((sae_dir / "metrics.json").read_text())
-        assert 0 < metrics["fvu"] < 1.5 and metrics["l0"] <= 32
+        # 2,048 training tokens: a weak SAE, yet it must explain most of the variance
+        assert 0 < metrics["fvu"] < 0.6 and metrics["l0"] <= 32
+        assert 0 < metrics["median_relative_error"] < 1
         assert metrics["ce_zero"] > metrics["ce_clean"] > 0  # zeroing the layer hurts
-        assert json.loads((sae_dir / "cfg.json").read_text())["d_sae"] == 16 * d
+        assert json.loads((sae_dir / "cfg.json").read_text())["d_sae"] == 2 * d
+        features = sae_dir.parent / "features"
+        table = pq.read_table(features / "feature_table.parquet").to_pandas()
+        assert len(table) == 2 * d and (~table.dead).sum() > d // 4
+        live = table[~table.dead]
+        assert all(len(p) == 10 for p in live.promoted_tokens)
+        ex = pq.read_table(features / "exemplars.parquet").to_pandas()
+        non_ascii = 0
+        for row in ex.itertuples():
+            text = corpus[row.split][row.doc_index]["text"]
+            assert row.text == text[row.char_start : row.char_end]
+            spans = sorted(set(zip(row.token_starts, row.token_ends, strict=True)))
+            assert spans[0][0] == 0 and spans[-1][1] == len(row.text)  # relative to the window
+            for (_, e), (s2, _) in itertools.pairwise(spans):
+                assert s2 == e, (row.text, spans)  # the tokens tile the window's text
+            non_ascii += not row.text.isascii()
+        assert non_ascii > 0

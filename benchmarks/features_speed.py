@@ -1,0 +1,158 @@
+"""Features stage speed and memory on the default run's SAEs (run `make demo` first): Gemma-3-270m
+layer 12 (10,240 latents) and SmolLM2-135M layer 20 (9,216 latents), on their stores.
+
+For each SAE, in a fresh process each time, the whole stage (compute_features: the encoding
+pass, the two passes over the codes, the windows, the logit lens, the embedding view and the
+tables) on the first half of the store's shards and on all of them, printing:
+  - tokens/s of the encoding pass (the SAE's dense encoder product dominates it), against the
+    bound the matmul rate measured here sets: 2 * d_in * d_sae FLOPs per token;
+  - the time of every other phase (logit lens, embedding pooling, windows, tables);
+  - peak RSS at both sizes (it must not grow with the number of tokens);
+  - the projected time of the whole stage for 200,000 tokens (the passes scale with tokens,
+    the logit lens and the tables with latents).
+The corpus embedding (MiniLM over every document, done once per run and shared by every SAE)
+is timed separately.
+
+Usage: python benchmarks/features_speed.py [--run runs/default]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+CHILD = r"""
+import json, resource, sys, time
+from pathlib import Path
+import torch
+from samesheep.config import FeaturesConfig, TrainConfig
+from samesheep.corpus import CorpusReader
+from samesheep.device import choose_device, choose_dtype, set_threads
+from samesheep.embedding import DocumentStates
+from samesheep.features import CorpusInfo, FeatureSource, compute_features
+from samesheep.models import load_model, load_tokenizer
+from samesheep.sae_files import load_sae
+from samesheep.store import open_store
+from samesheep.train import token_filter
+
+run, source, layer, store_dir, codes = sys.argv[1:6]
+set_threads(0)
+device = choose_device("auto")
+dtype = choose_dtype("auto", device)
+store = open_store(store_dir)
+sae = load_sae(Path(run) / source / f"layer_{layer}" / "sae", device=device, d_in=store.d_model)
+tok = load_tokenizer(source)
+lm = load_model(source, dtype, device).model
+info = CorpusInfo.load(CorpusReader(Path(run) / "corpus"))
+states = DocumentStates.load(Path(run) / "corpus" / "embeddings.safetensors")
+src = FeatureSource(source, int(layer), "sae", sae, store, token_filter(store, TrainConfig()), tok)
+t = time.perf_counter()
+table, ex, cent, summary = compute_features(
+    src, info, Path(codes), FeaturesConfig(), "bench", device, dtype, lm, states
+)
+summary["wall_s"] = time.perf_counter() - t
+summary["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+summary["dtype"] = str(dtype).removeprefix("torch.")
+summary["d_in"], summary["d_sae"] = sae.cfg.d_in, sae.cfg.d_sae
+print(json.dumps(summary))
+"""
+
+
+def subset_store(store_dir: Path, names: list[str], out: Path) -> Path:
+    """A store folder listing only `names` (the shard files linked, not copied)."""
+    manifest = json.loads((store_dir / "manifest.json").read_text())
+    manifest["shards"] = [s for s in manifest["shards"] if s["name"] in names]
+    out.mkdir(parents=True)
+    for s in manifest["shards"]:
+        for ext in (".safetensors", ".tokens.parquet"):
+            os.symlink(store_dir.resolve() / f"{s['name']}{ext}", out / f"{s['name']}{ext}")
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def measure(run: Path, source: str, layer: int, store_dir: Path) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        args = [str(run), source, str(layer), str(store_dir), str(Path(tmp) / "codes")]
+        out = subprocess.run(
+            [sys.executable, "-c", CHILD, *args], capture_output=True, text=True, check=False
+        )
+    if out.returncode != 0:
+        sys.exit(f"{source} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", default="runs/default")
+    args = ap.parse_args()
+    run = Path(args.run)
+    from samesheep.device import choose_device, machine_lines, set_threads
+
+    device = choose_device("auto")
+    lines, rates = machine_lines(device, set_threads(0))
+    print("\n".join(lines))
+    if not (run / "corpus" / "manifest.json").is_file():
+        sys.exit(f"no run at {run}: run `make demo` first")
+
+    # The corpus embedding, once per run (what every SAE's embedding view pools from).
+    from samesheep.embedding import TextEmbedder
+    from samesheep.features import corpus_states
+
+    cache = run / "corpus" / "embeddings.safetensors"
+    cache.unlink(missing_ok=True)
+    corpus_hash = json.loads((run / "corpus" / "manifest.json").read_text())["hash"]
+    t = time.perf_counter()
+    states = corpus_states(run / "corpus", corpus_hash, lambda: TextEmbedder(device))
+    secs = time.perf_counter() - t
+    n_wp = len(states.states)
+    print(
+        f"corpus embedding (all-MiniLM-L6-v2, once per run): {len(states.offsets) - 1:,} "
+        f"documents, {n_wp:,} wordpieces in {secs:.1f} s = {n_wp / secs:,.0f} wordpieces/s"
+    )
+
+    for source, layer in (("gemma-3-270m", 12), ("smollm2-135m-instruct", 20)):
+        store_dir = run / source / f"layer_{layer}" / "acts"
+        if not (run / source / f"layer_{layer}" / "sae" / "cfg.json").is_file():
+            print(f"{source}: no SAE in {run}; skipped")
+            continue
+        names = [s["name"] for s in json.loads((store_dir / "manifest.json").read_text())["shards"]]
+        half_names = [n for n in names if n.startswith("train")][: len(names) // 2]
+        with tempfile.TemporaryDirectory() as tmp:
+            half = measure(run, source, layer, subset_store(store_dir, half_names, Path(tmp) / "h"))
+        full = measure(run, source, layer, store_dir)
+        rate = rates[full["dtype"]].gflops * 1e9
+        flops = 2 * full["d_in"] * full["d_sae"]
+        print(f"\n{source} layer {layer}: {full['d_sae']:,} latents, encoder in {full['dtype']}")
+        for name, r in (("half the store", half), ("the whole store", full)):
+            tokens = sum(r["tokens"].values())
+            t = r["timings_s"]
+            tps = tokens / t["stream"]
+            print(
+                f"  {name:16} {tokens:8,} tokens: encoding pass {tps:8,.0f} tok/s "
+                f"({tps * flops / rate:.0%} of the {full['dtype']} matmul bound "
+                f"{rate / flops:,.0f} tok/s); whole stage {r['wall_s']:6.1f} s; "
+                f"peak RSS {r['peak_rss_mb']:,.0f} MB"
+            )
+            print("    phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in t.items()))
+        t = full["timings_s"]
+        tokens = sum(full["tokens"].values())
+        per_token = (t["stream"] + t["sample"] + t["windows"]) / tokens
+        fixed = full["wall_s"] - (t["stream"] + t["sample"] + t["windows"])
+        print(
+            f"  projected for 200,000 tokens: {per_token * 200_000 + fixed:.0f} s "
+            f"({per_token * 200_000:.0f} s in passes over the tokens + {fixed:.0f} s per SAE: "
+            f"logit lens, embedding view, tables); target: under 60 s"
+        )
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(torch.get_num_threads())
+    main()
