@@ -99,7 +99,7 @@ def test_padding_and_batching_do_not_change_values(tmp_path, tiny_models, corpus
     for x, y in zip(sa.shards(None), sb.shards(None), strict=True):
         assert x.tokens.drop_columns("norm").equals(y.tokens.drop_columns("norm"))
         torch.testing.assert_close(x.acts, y.acts, rtol=0, atol=1e-5)
-        nx, ny = (torch.from_numpy(t.tokens.column("norm").to_numpy()) for t in (x, y))
+        nx, ny = (torch.tensor(t.tokens.column("norm").to_numpy()) for t in (x, y))
         torch.testing.assert_close(nx, ny, rtol=1e-5, atol=1e-5)
 
 

@@ -382,7 +382,7 @@ def batchtopk_forward(sae: Sae, x: Tensor, s: StepSettings) -> ForwardOutput:
         values.numel() / x.shape[0],
         float(aux.detach()),
         0.0,
-        float(values.min()) if values.numel() else None,
+        float(values.detach().min()) if values.numel() else None,
     )
 
 
