@@ -101,7 +101,7 @@ def test_killed_run_resumes_from_its_codes(run, env, tmp_path):
     # as a kill leaves it: no summary, one shard's codes missing, the tables gone
     (out / "summary.json").unlink()
     (out / "feature_table.parquet").unlink()
-    kept = sorted((out / "codes").glob("train-*.safetensors"))
+    kept = sorted((out.parent / "codes" / "sae").glob("train-*.safetensors"))
     kept[-1].unlink()
     stamps = {p: p.stat().st_mtime_ns for p in kept[:-1]}
     res = cli("features", *args, env=env)

@@ -49,11 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     _common(p)
 
     for name, text in [
-        ("run", "run every stage (corpus, extract, train, features), skipping what is up to date"),
+        ("run", "run every stage (corpus to compare), skipping what is up to date"),
         ("corpus", "sample the corpus into the run directory"),
         ("extract", "extract activations of every model and layer into the run directory"),
         ("train", "train and evaluate an SAE per model and layer on the stored activations"),
         ("features", "statistics, exemplars, logit lens and labels of every latent of every SAE"),
+        ("compare", "compare every pair of models' SAEs, with floors, nulls and ceilings"),
     ]:
         _common(sub.add_parser(name, help=text, description=text))
 
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                 "extract": pipeline.extract_stage,
                 "train": pipeline.train_stage,
                 "features": pipeline.features_stage,
+                "compare": pipeline.compare_stage,
             }[args.command]
             stage(cfg)
     except SamesheepError as e:

@@ -166,6 +166,42 @@ class FeaturesConfig:
 
 
 @dataclass
+class CompareConfig:
+    """How two models' SAEs are compared, with the floor, nulls and ceiling beside them."""
+
+    pairs: list[str] = field(default_factory=list)
+    """Pairs to compare, as "A:B" with model sources from `models`; empty: every pair."""
+    floor: bool = True
+    """Also extract, train and compare each model's random-weights copy (random:<model>):
+    the floor, how much two untrained models with these tokenizers appear to share."""
+    ceiling: bool = True
+    """Also train a second SAE (train.seed + 1) on each model and layer and compare it with
+    the first on the same units: the ceiling."""
+    null: bool = True
+    """Also compare with one model's units circularly shifted inside each document (topic
+    kept, alignment broken), and with documents paired across: the nulls."""
+    residual: bool = True
+    """Also compare what lies beyond the unit's text: each code minus its mean over the
+    units with the same text (and, apart, those text-predicted means)."""
+    min_fires: int = 20
+    """Latents firing on fewer units are too rare to judge: counted, listed, left out of
+    every headline."""
+    thresholds: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7])
+    """Partner correlations whose shares the headline reports."""
+    partners: int = 5
+    """Top partners kept per latent (the candidates for the intervals and the matching)."""
+    groups: int = 20
+    """Document groups of the delete-one-group jackknife intervals."""
+    after_break: int = 4
+    """Units within this many tokens after a window break (not the document's start) in
+    either model are left out: that model has read less context there."""
+    geometry_pairings: int = 100
+    """Random pairings against which SVCCA and RSA of the matched decoder rows are tested."""
+    seed: int = 0
+    """Seed of the document groups, the shifts and the random pairings."""
+
+
+@dataclass
 class Config:
     """A whole run: models, layers, corpus and per-stage settings."""
 
@@ -183,6 +219,7 @@ class Config:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
 
 _SECTIONS = {
@@ -190,6 +227,7 @@ _SECTIONS = {
     "extract": ExtractConfig,
     "train": TrainConfig,
     "features": FeaturesConfig,
+    "compare": CompareConfig,
 }
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow.parquet as pq
 from safetensors.torch import save_file
 
@@ -95,13 +97,62 @@ def check_layers(cfg: Config) -> None:
                 raise SamesheepError(f"{source}: {e}") from None
 
 
+@dataclass(frozen=True)
+class SaeRun:
+    """One SAE the run trains: the model it reads, its folder name, its seed, whether its
+    evaluation splices it into the model (the floors' and ceilings' SAEs are not)."""
+
+    source: str
+    sae_name: str
+    seed: int
+    spliced: bool
+
+    @property
+    def main(self) -> bool:
+        return self.sae_name == "sae" and not self.source.startswith(RANDOM_PREFIX)
+
+
+def comparing(cfg: Config) -> bool:
+    """Whether the run compares models (two or more, and SAEs trained here)."""
+    return len(cfg.models) >= 2 and not cfg.train.pretrained
+
+
+def random_copy(source: str) -> str:
+    return source if source.startswith(RANDOM_PREFIX) else RANDOM_PREFIX + source
+
+
+def ceiling_name(cfg: Config) -> str:
+    return f"sae-seed{cfg.train.seed + 1}"
+
+
+def sae_runs(cfg: Config) -> list[SaeRun]:
+    """Every SAE of the run: one per model, and where models are compared, one per model's
+    random-weights copy (the floor) and a second seed per model (the ceiling)."""
+    seed = cfg.train.seed
+    runs = [SaeRun(m, "sae", seed, True) for m in cfg.models]
+    if comparing(cfg) and cfg.compare.floor:
+        runs += [
+            SaeRun(random_copy(m), "sae", seed, False)
+            for m in cfg.models
+            if random_copy(m) not in cfg.models
+        ]
+    if comparing(cfg) and cfg.compare.ceiling:
+        runs += [SaeRun(m, ceiling_name(cfg), seed + 1, False) for m in cfg.models]
+    return runs
+
+
+def run_sources(cfg: Config) -> list[str]:
+    """Every model source the run extracts (the models, and their random copies)."""
+    return list(dict.fromkeys(r.source for r in sae_runs(cfg)))
+
+
 def extract_stage(cfg: Config) -> dict[str, dict[str, Any]]:
     """Extract activations of every model at every layer (resumes; skipped when unchanged)."""
     run = prepare_run_dir(cfg)
     check_layers(cfg)
     corpus = _sample_corpus(cfg, run)
     results = {}
-    for source in cfg.models:
+    for source in run_sources(cfg):
         result = extract_model(
             source,
             cfg.layers,
@@ -134,26 +185,33 @@ TOKEN_SETTINGS = ("skip_special", "skip_first", "max_norm_ratio")
 
 
 def train_stage(cfg: Config) -> dict[str, dict[int, dict[str, Any]]]:
-    """Train and evaluate one SAE per model and layer on the stored activations (resumes
-    from checkpoints; skipped when unchanged)."""
+    """Train and evaluate every SAE of the run, per model and layer, on the stored
+    activations (resumes from checkpoints; skipped when unchanged)."""
     run = prepare_run_dir(cfg)
     check_layers(cfg)
     results: dict[str, dict[int, dict[str, Any]]] = {}
     stores = {}
-    for source in cfg.models:  # every store checked before any training starts
+    for source in run_sources(cfg):  # every store checked before any training starts
         model_dir = run / safe_name(source)
         depth = model_depth(source, cfg.trust_remote_code)
         layers = sorted({resolve_layer(spec, depth) for spec in cfg.layers})
         stores[source] = {L: _store_for(cfg, model_dir, source, L) for L in layers}
-    for source, by_layer in stores.items():
-        model_dir = run / safe_name(source)
+    for sr in sae_runs(cfg):
+        by_layer = stores[sr.source]
+        model_dir = run / safe_name(sr.source)
         trained = {
-            L: _train_layer(cfg, source, L, store, model_dir / f"layer_{L}")
+            L: _train_layer(cfg, sr, L, store, model_dir / f"layer_{L}")
             for L, store in by_layer.items()
         }
-        results[source] = _evaluate_model(cfg, source, by_layer, trained, model_dir)
+        label = sr.source if sr.sae_name == "sae" else f"{sr.source} ({sr.sae_name})"
+        results[label] = _evaluate_model(cfg, sr, by_layer, trained, model_dir)
     record_config(cfg)
     return results
+
+
+def train_dir(layer_dir: Path, sae_name: str) -> Path:
+    """Where an SAE's checkpoint and state live ("train" for the main SAE)."""
+    return layer_dir / ("train" if sae_name == "sae" else f"train-{sae_name}")
 
 
 def _store_for(cfg: Config, model_dir: Path, source: str, layer: int) -> Store:
@@ -181,25 +239,28 @@ def _store_for(cfg: Config, model_dir: Path, source: str, layer: int) -> Store:
 
 
 def _train_layer(
-    cfg: Config, source: str, layer: int, store: Store, layer_dir: Path
+    cfg: Config, sr: SaeRun, layer: int, store: Store, layer_dir: Path
 ) -> tuple[str, Any, dict[str, Any]]:
     """(key, SAE, training summary) of the layer: trained (or resumed), or loaded when
     already trained with the same settings on the same activations."""
+    source = sr.source
     if cfg.train.pretrained:
         return _pretrained_layer(cfg, source, layer, store, layer_dir)
-    settings = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in NOT_IN_TRAIN_KEY}
+    train_cfg = dataclasses.replace(cfg.train, seed=sr.seed)
+    settings = {k: v for k, v in dataclasses.asdict(train_cfg).items() if k not in NOT_IN_TRAIN_KEY}
     key = settings_hash(SAE_VERSION, store.manifest["key"], settings)
-    state_path = layer_dir / "train" / "state.json"
+    work = train_dir(layer_dir, sr.sae_name)
+    state_path = work / "state.json"
     state = read_json(state_path, corrupt_is_missing=True)
-    sae_dir = layer_dir / "sae"
+    sae_dir = layer_dir / sr.sae_name
     if state and state.get("key") == key and state.get("complete"):
         try:
             return key, load_sae(sae_dir, d_in=store.d_model), state["summary"]
         except SamesheepError:
             pass  # the saved SAE is gone or damaged: train again (from the checkpoint)
-    label = f"{source} layer {layer}"
+    label = f"{source} layer {layer}" + ("" if sr.sae_name == "sae" else f" ({sr.sae_name})")
     set_threads(cfg.train.threads)
-    sae, summary = train_sae(store, cfg.train, layer_dir / "train", key, label)
+    sae, summary = train_sae(store, train_cfg, work, key, label)
     save_sae(sae, sae_dir, _metadata(cfg, source, layer, store))
     write_json(state_path, {"key": key, "complete": True, "summary": summary})
     rate = summary["tokens_per_second"]
@@ -254,17 +315,20 @@ def _pretrained_layer(
 
 def _evaluate_model(
     cfg: Config,
-    source: str,
+    sr: SaeRun,
     stores: dict[int, Store],
     trained: dict[int, Any],
     model_dir: Path,
 ) -> dict[int, dict[str, Any]]:
-    """Held-out metrics of each layer's SAE, saved in sae/metrics.json and printed; the
-    model (with its head, for the spliced metrics) is loaded once, only if needed."""
+    """Held-out metrics of each layer's SAE, saved in <sae>/metrics.json and printed; the
+    model (with its head, for the spliced metrics) is loaded once, only if needed. The
+    floors' and ceilings' SAEs get the reconstruction metrics only."""
+    source = sr.source
     device = choose_device(cfg.train.device)
+    splice_tokens = cfg.train.splice_tokens if sr.spliced else 0
     # What the metrics depend on besides the SAE: the store, the tokens evaluated, the
     # spliced documents and the dtype the spliced model runs in.
-    spliced = (cfg.train.splice_tokens, dtype_name(choose_dtype(cfg.extract.dtype, device)))
+    spliced = (splice_tokens, dtype_name(choose_dtype(cfg.extract.dtype, device)))
     eval_key = {
         L: settings_hash(
             EVAL_VERSION, trained[L][0], stores[L].manifest["key"], _token_settings(cfg), spliced
@@ -273,7 +337,7 @@ def _evaluate_model(
     }
     out, todo = {}, []
     for L in stores:
-        path = model_dir / f"layer_{L}" / "sae" / "metrics.json"
+        path = model_dir / f"layer_{L}" / sr.sae_name / "metrics.json"
         old = read_json(path, corrupt_is_missing=True)
         sparsity = path.parent / "sparsity.safetensors"
         if old and old.get("key") == eval_key[L] and sparsity.is_file():
@@ -288,16 +352,17 @@ def _evaluate_model(
         stats = reconstruction_stats(sae, stores[L], cfg.train.batch_tokens, device, tokens)
         metrics = {**stats.result(), "median_norm": stores[L].median_norm()}
         metrics["max_norm"] = tokens.to_dict()["max_norm"]
-        _save_sparsity(model_dir / f"layer_{L}" / "sae", stats.fires, stats.tokens)
-        if cfg.train.splice_tokens > 0:
+        _save_sparsity(model_dir / f"layer_{L}" / sr.sae_name, stats.fires, stats.tokens)
+        if splice_tokens > 0:
             if lm is None:
                 dtype = choose_dtype(cfg.extract.dtype, device)
                 lm = load_model(source, dtype, device, cfg.trust_remote_code)
             metrics.update(_spliced(cfg, lm, L, sae, stores[L], device, tokens))
         out[L] = {"key": eval_key[L], "model": source, "layer": L, **metrics, "training": summary}
-        write_json(model_dir / f"layer_{L}" / "sae" / "metrics.json", out[L])
+        write_json(model_dir / f"layer_{L}" / sr.sae_name / "metrics.json", out[L])
     for L in stores:
-        say(f"{source} layer {L}: " + format_metrics(out[L]))
+        name = "" if sr.sae_name == "sae" else f" ({sr.sae_name})"
+        say(f"{source} layer {L}{name}: " + format_metrics(out[L]))
     return out
 
 
@@ -414,7 +479,7 @@ def features_stage(cfg: Config) -> dict[str, dict[int, dict[str, Any]]]:
                 run / "corpus", corpus["hash"], lambda: TextEmbedder(device, dtype)
             )
         results.setdefault(source, {})[layer] = _features_of(
-            cfg, source, layer, store, out, key, device, dtype, doc_states, info
+            cfg, source, layer, store, out, key, sae_key, device, dtype, doc_states, info
         )
     record_config(cfg)
     return results
@@ -433,6 +498,18 @@ def _sae_for(cfg: Config, model_dir: Path, source: str, layer: int) -> tuple[str
     return state["key"], _store_for(cfg, model_dir, source, layer)
 
 
+def codes_dir(layer_dir: Path, sae_name: str) -> Path:
+    """Where an SAE's sparse codes of its layer's store are kept (features, compare)."""
+    return layer_dir / "codes" / sae_name
+
+
+def codes_key(cfg: Config, sae_key: str, store: Store, dtype: Any) -> str:
+    """What an SAE's codes depend on: the SAE, the store, the tokens used, the encoder dtype."""
+    return settings_hash(
+        "codes", sae_key, store.manifest["key"], _token_settings(cfg), dtype_name(dtype)
+    )
+
+
 def _features_of(
     cfg: Config,
     source: str,
@@ -440,6 +517,7 @@ def _features_of(
     store: Store,
     out: Path,
     key: str,
+    sae_key: str,
     device: Any,
     dtype: Any,
     doc_states: Any,
@@ -458,8 +536,8 @@ def _features_of(
     src = FeatureSource(source, layer, "sae", sae, store, token_filter(store, cfg.train), tokenizer)
     (out / "summary.json").unlink(missing_ok=True)  # incomplete until rewritten
     table, exemplars, centroids, summary = compute_features(
-        src, info, out / "codes", cfg.features, key,
-        device, dtype, lens_model, doc_states,
+        src, info, codes_dir(out.parent, "sae"), cfg.features,
+        codes_key(cfg, sae_key, store, dtype), device, dtype, lens_model, doc_states,
     )  # fmt: skip
     summary = {
         "key": key,
@@ -479,10 +557,250 @@ def _features_of(
     return summary
 
 
-def run(cfg: Config) -> dict[str, Any]:
-    """Run every stage in order."""
-    return {
-        "extract": extract_stage(cfg),
-        "train": train_stage(cfg),
-        "features": features_stage(cfg),
+COMPARE_VERSION = 1
+"""Bump when the compare stage changes what it writes for the same inputs."""
+NOT_IN_COMPARE_KEY = ("pairs",)
+
+
+def compare_pairs(cfg: Config) -> list[tuple[str, str]]:
+    """The pairs of models to compare: compare.pairs ("A:B"), else every pair of models."""
+    if not cfg.compare.pairs:
+        return [(a, b) for i, a in enumerate(cfg.models) for b in cfg.models[i + 1 :]]
+    out = []
+    for item in cfg.compare.pairs:
+        a, sep, b = item.rpartition(":") if item.count(":") > 1 else item.partition(":")
+        if not sep or a not in cfg.models or b not in cfg.models or a == b:
+            raise SamesheepError(
+                f"compare pair {item!r} must name two different models of the run as A:B "
+                f"(models: {', '.join(cfg.models)})"
+            )
+        out.append((a, b))
+    return out
+
+
+def _sae_key(layer_dir: Path, sae_name: str, source: str, layer: int) -> str:
+    state = read_json(train_dir(layer_dir, sae_name) / "state.json", corrupt_is_missing=True)
+    if not (state and state.get("complete") and (layer_dir / sae_name / "cfg.json").is_file()):
+        raise SamesheepError(
+            f"no SAE {sae_name} for {source} layer {layer}: run `samesheep train` "
+            "(or `samesheep run`) first"
+        )
+    return state["key"]
+
+
+def _load_side(
+    cfg: Config,
+    source: str,
+    layer: int,
+    sae_name: str,
+    device: Any,
+    dtype: Any,
+    n_train: int,
+    info: Any = None,
+) -> tuple[Any, str]:
+    """(the comparison's Side of one SAE, the key of its codes): its codes on every kept token
+    (encoded here where the features stage has not), its decoder, features and centroids."""
+    from safetensors.torch import load_file
+
+    from .alignment import TokenRows
+    from .codes import stream_codes
+    from .comparison import Side
+    from .sae import concat_codes
+
+    model_dir = Path(cfg.run_dir).expanduser() / safe_name(source)
+    layer_dir = model_dir / f"layer_{layer}"
+    sae_key = _sae_key(layer_dir, sae_name, source, layer)
+    store = _store_for(cfg, model_dir, source, layer)
+    if info is not None:
+        info.check(store)  # the same corpus, document for document, in every store
+    tokens = token_filter(store, cfg.train)
+    sae = load_sae(layer_dir / sae_name, device=device, d_in=store.d_model)
+    key = codes_key(cfg, sae_key, store, dtype)
+    folder = codes_dir(layer_dir, sae_name)
+    label = f"{source} layer {layer} codes" + ("" if sae_name == "sae" else f" ({sae_name})")
+    codes = concat_codes(
+        [
+            c.codes
+            for c in stream_codes(
+                sae, store, tokens, folder, key, device, dtype, cfg.features.batch_tokens, label
+            )
+        ]
+    )
+    features = centroids = None
+    fdir = layer_dir / "features"
+    if sae_name == "sae" and not source.startswith(RANDOM_PREFIX):
+        if not (fdir / "summary.json").is_file():
+            raise SamesheepError(
+                f"no features for {source} layer {layer}: run `samesheep features` "
+                "(or `samesheep run`) first"
+            )
+        features = pq.read_table(fdir / "feature_table.parquet", columns=["latent", "topic"])
+        if (fdir / "centroids.safetensors").is_file():
+            centroids = load_file(fdir / "centroids.safetensors")["centroids"].numpy()
+    side = Side(
+        model=source,
+        layer=layer,
+        sae_name=sae_name,
+        rows=TokenRows.of(store, tokens, n_train),
+        codes=codes,
+        d_sae=sae.cfg.d_sae,
+        decoder=sae.W_dec.detach().float().cpu().numpy(),
+        features=features,
+        centroids=centroids,
+    )
+    return side, key
+
+
+def compare_stage(cfg: Config) -> dict[str, Any]:
+    """Compare every pair of models: their SAEs' features on aligned units, with the
+    random-weights floor, the nulls and the seed ceilings (skipped when unchanged)."""
+    from .comparison import PairInputs
+
+    run = prepare_run_dir(cfg)
+    check_layers(cfg)
+    pairs = compare_pairs(cfg)
+    if not pairs:
+        say("compare: the run has one model, nothing to compare")
+        return {}
+    corpus = read_json(run / "corpus" / "manifest.json")
+    if not corpus:
+        raise SamesheepError(f"no corpus in {run / 'corpus'}: run `samesheep run` first")
+    from .corpus import CorpusReader
+    from .features import CorpusInfo
+
+    reader = CorpusReader(run / "corpus")
+    info = CorpusInfo.load(reader)
+    texts = [d.text for split in ("train", "heldout") for d in reader.documents(split)]
+    n_train = reader.count("train")
+    device = choose_device(cfg.features.device)
+    dtype = choose_dtype(cfg.features.dtype, device)
+    settings = {
+        k: v for k, v in dataclasses.asdict(cfg.compare).items() if k not in NOT_IN_COMPARE_KEY
     }
+    results = {}
+    for spec_index, spec in enumerate(cfg.layers):
+        for a, b in pairs:
+            la = resolve_layer(spec, model_depth(a, cfg.trust_remote_code))
+            lb = resolve_layer(spec, model_depth(b, cfg.trust_remote_code))
+            out = run / "compare" / f"{safe_name(a)}__{safe_name(b)}"
+            if len(cfg.layers) > 1:
+                out = out / f"layer_{la}__layer_{lb}"
+            side_a, key_a = _load_side(cfg, a, la, "sae", device, dtype, n_train, info)
+            side_b, key_b = _load_side(cfg, b, lb, "sae", device, dtype, n_train, info)
+            keys = [key_a, key_b]
+            floor = ceiling = None
+            if cfg.compare.floor and comparing(cfg):
+                fa, ka = _load_side(cfg, random_copy(a), la, "sae", device, dtype, n_train, info)
+                fb, kb = _load_side(cfg, random_copy(b), lb, "sae", device, dtype, n_train, info)
+                floor, keys = (fa, fb), [*keys, ka, kb]
+            if cfg.compare.ceiling and comparing(cfg):
+                ca, ka = _load_side(cfg, a, la, ceiling_name(cfg), device, dtype, n_train, info)
+                cb, kb = _load_side(cfg, b, lb, ceiling_name(cfg), device, dtype, n_train, info)
+                ceiling, keys = (ca, cb), [*keys, ka, kb]
+            key = settings_hash(COMPARE_VERSION, keys, settings, corpus["hash"])
+            old = read_json(out / "summary.json", corrupt_is_missing=True)
+            if old and old.get("key") == key:
+                say(f"compare {a} / {b}: unchanged, skipped")
+                say(old.get("answer", ""))
+                results[(a, b, spec_index)] = old
+                continue
+            inp = PairInputs(side_a, side_b, floor, ceiling, texts, n_train)
+            results[(a, b, spec_index)] = _compare_pair(cfg, inp, out, key)
+    record_config(cfg)
+    return results
+
+
+def _compare_pair(cfg: Config, inp: Any, out: Path, key: str) -> dict[str, Any]:
+    """Run one comparison and write its folder; summary.json, written last, marks it done."""
+    import time
+
+    from .comparison import (
+        answer,
+        by_topic,
+        families_table,
+        geometry,
+        headline_table,
+        meaning_agreement,
+        pairs_table,
+        partners_table,
+        run_pair,
+        too_rare,
+        verdict,
+    )
+
+    start = time.perf_counter()
+    (out / "summary.json").unlink(missing_ok=True)
+    result = run_pair(inp, cfg.compare)
+    runs, s = result["runs"], result["settings"]
+    numbers = headline_table(runs, s)
+    pairs, pair_r = pairs_table(runs, inp)
+    tables = {
+        "partners.parquet": partners_table(inp, runs, s),
+        "pairs.parquet": pairs,
+        "families.parquet": families_table(runs, inp),
+    }
+    for name, table in tables.items():
+        with atomic_path(out / name) as tmp:
+            pq.write_table(table, tmp, compression="zstd")
+    summary = {
+        "key": key,
+        "model_a": inp.a.model,
+        "model_b": inp.b.model,
+        "layer_a": inp.a.layer,
+        "layer_b": inp.b.layer,
+        "latents": {"a": inp.a.d_sae, "b": inp.b.d_sae},
+        "coverage": result["units"].coverage,
+        "units": len(result["units"]),
+        "documents": len(np.unique(result["units"].doc)),
+        "headline": numbers,
+        "too_rare": too_rare(runs, s),
+        "matched_pairs": {
+            "pairs": pairs.num_rows,
+            f"r{0.5:g}": int((pair_r >= 0.5).sum()),
+        },
+        "meaning": meaning_agreement(inp, runs, s),
+        "topics": by_topic(inp, runs, s),
+        "geometry": geometry(inp, pairs, pair_r, cfg.compare),
+        "settings": dataclasses.asdict(cfg.compare),
+        "floor": inp.floor is not None,
+        "ceiling": inp.ceiling is not None,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    summary["verdict"] = verdict(inp.a.model, inp.b.model, numbers)
+    summary["answer"] = (
+        answer(inp.a.model, inp.b.model, numbers) + "\n" + " ".join(summary["verdict"])
+    )
+    write_json(out / "summary.json", summary)
+    say(summary["answer"])
+    return summary
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Run every stage in order; print (and keep in timings.json) each stage's time."""
+    import time
+
+    stages = {
+        "extract": extract_stage,
+        "train": train_stage,
+        "features": features_stage,
+        "compare": compare_stage,
+    }
+    results, seconds = {}, {}
+    for name, stage in stages.items():
+        start = time.perf_counter()
+        results[name] = stage(cfg)
+        seconds[name] = round(time.perf_counter() - start, 1)
+    total = sum(seconds.values())
+    write_json(
+        Path(cfg.run_dir).expanduser() / "timings.json", {"seconds": seconds, "total": total}
+    )
+    say(
+        "stage times: "
+        + ", ".join(f"{k} {_minutes(v)}" for k, v in seconds.items())
+        + f"; total {_minutes(total)}"
+    )
+    return results
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"

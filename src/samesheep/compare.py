@@ -1,0 +1,308 @@
+"""Comparing two SAEs on the same text: correlations on aligned units, partners both ways,
+headline numbers with intervals over documents, nulls, and the split of agreement into what
+the unit's text predicts and what lies beyond it.
+
+One `Measurement` is the whole correlation analysis of one pair of SAEs on one set of units;
+the compare stage runs it for the trained pair, the random-weights pair (the floor), each
+model against its second-seed SAE (the ceilings) and the shifted pairings (the nulls), always
+on the same documents, and puts the numbers side by side.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+
+from .alignment import Units
+from .correlation import VIEWS, TopPartners, correlation_blocks, gather_rows
+from .matching import candidate_pairs
+from .sae import SparseCodes
+
+DIRECTIONS = ("a_to_b", "b_to_a")
+
+
+@dataclass
+class Settings:
+    """What a comparison measures (see CompareConfig for the documented defaults)."""
+
+    min_fires: int = 20
+    thresholds: tuple[float, ...] = (0.3, 0.5, 0.7)
+    partners: int = 5
+    groups: int = 20
+    residual: bool = True
+    block: int = 1024
+
+
+@dataclass
+class Measurement:
+    """The correlations of one pair of SAEs over one set of units."""
+
+    n_units: int
+    partners: dict[str, TopPartners]  # per view
+    fires_a: np.ndarray  # [m_a] units each latent fires on
+    fires_b: np.ndarray
+    cand_i: np.ndarray  # raw-view candidate pairs (top partners of either side)
+    cand_j: np.ndarray
+    group_n: np.ndarray  # [G] units per document group
+    group_cross: np.ndarray  # [G, pairs] sum of a_i b_j over each group's units
+    group_moments: dict[str, np.ndarray] = field(default_factory=dict)  # [G, m] sums, squares
+
+    @property
+    def m_a(self) -> int:
+        return len(self.fires_a)
+
+    @property
+    def m_b(self) -> int:
+        return len(self.fires_b)
+
+
+def unit_matrices(
+    units: Units, codes_a: SparseCodes, codes_b: SparseCodes, m_a: int, m_b: int
+) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    """Each side's codes on the units' representative tokens: [units, latents] CSR."""
+    return gather_rows(codes_a, units.gid_a, m_a), gather_rows(codes_b, units.gid_b, m_b)
+
+
+def measure(
+    a: sp.csr_matrix,
+    b: sp.csr_matrix,
+    text: np.ndarray | None,
+    group: np.ndarray,
+    s: Settings,
+) -> Measurement:
+    """Correlate every latent of a with every latent of b over the units (rows), keeping the
+    top partners of each latent in every view, and the per-group sums the jackknife needs
+    for the raw view. `group` [units] is each unit's document group (0..G-1)."""
+    m_a, m_b = a.shape[1], b.shape[1]
+    views = VIEWS if text is not None and s.residual else ("raw",)
+    partners = {v: TopPartners(m_a, m_b, s.partners) for v in views}
+
+    def visit(rows: slice, r: dict[str, np.ndarray]) -> None:
+        for v, block in r.items():
+            if v in partners:
+                partners[v].add(rows, block)
+
+    correlation_blocks(a, b, text if len(views) > 1 else None, visit, s.block)
+    for p in partners.values():
+        p.finish()
+    raw = partners["raw"]
+    ci, cj, _ = candidate_pairs(raw.a_idx, raw.a_val, raw.b_idx, raw.b_val)
+    n_groups = int(group.max()) + 1 if len(group) else 0
+    g_n, g_cross, g_mom = group_sums(a, b, group, n_groups, ci, cj)
+    return Measurement(
+        n_units=a.shape[0],
+        partners=partners,
+        fires_a=np.asarray((a > 0).sum(0)).ravel(),
+        fires_b=np.asarray((b > 0).sum(0)).ravel(),
+        cand_i=ci,
+        cand_j=cj,
+        group_n=g_n,
+        group_cross=g_cross,
+        group_moments=g_mom,
+    )
+
+
+def group_sums(
+    a: sp.csr_matrix,
+    b: sp.csr_matrix,
+    group: np.ndarray,
+    n_groups: int,
+    ci: np.ndarray,
+    cj: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Per document group: units, the cross products of the candidate pairs, and each
+    latent's sum and sum of squares: what recomputes any candidate's r without a group."""
+    n = np.bincount(group, minlength=n_groups)
+    cross = np.zeros((n_groups, len(ci)))
+    sizes = {"sa": a.shape[1], "qa": a.shape[1], "sb": b.shape[1], "qb": b.shape[1]}
+    mom = {k: np.zeros((n_groups, m)) for k, m in sizes.items()}
+    for g in range(n_groups):
+        rows = np.flatnonzero(group == g)
+        ag, bg = a[rows], b[rows]
+        mom["sa"][g] = np.asarray(ag.sum(0)).ravel()
+        mom["qa"][g] = np.asarray(ag.multiply(ag).sum(0)).ravel()
+        mom["sb"][g] = np.asarray(bg.sum(0)).ravel()
+        mom["qb"][g] = np.asarray(bg.multiply(bg).sum(0)).ravel()
+        if len(ci):
+            cross[g] = np.asarray(ag[:, ci].multiply(bg[:, cj]).sum(0)).ravel()
+    return n, cross, mom
+
+
+def candidate_r(m: Measurement, drop: np.ndarray | None = None) -> np.ndarray:
+    """[pairs] Pearson r of every candidate pair over the units of the groups not in `drop`
+    (a boolean [G] mask; None: all units)."""
+    keep = np.ones(len(m.group_n), dtype=bool) if drop is None else ~drop
+    n = m.group_n[keep].sum()
+    if n == 0:
+        return np.zeros(len(m.cand_i))
+    sa = m.group_moments["sa"][keep].sum(0)[m.cand_i]
+    qa = m.group_moments["qa"][keep].sum(0)[m.cand_i]
+    sb = m.group_moments["sb"][keep].sum(0)[m.cand_j]
+    qb = m.group_moments["qb"][keep].sum(0)[m.cand_j]
+    c = m.group_cross[keep].sum(0)
+    cov = c / n - sa * sb / n**2
+    var = np.maximum(qa / n - (sa / n) ** 2, 0) * np.maximum(qb / n - (sb / n) ** 2, 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(var > 0, cov / np.sqrt(var), 0.0)
+
+
+def best_from_candidates(m: Measurement, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """([m_a], [m_b]) each latent's best r among its candidate pairs."""
+    best_a = np.full(m.m_a, -np.inf)
+    best_b = np.full(m.m_b, -np.inf)
+    np.maximum.at(best_a, m.cand_i, r)
+    np.maximum.at(best_b, m.cand_j, r)
+    return best_a, best_b
+
+
+# ---------------------------------------------------------------- headline numbers
+
+
+def headline(best: np.ndarray, fires: np.ndarray, s: Settings) -> dict[str, float]:
+    """The numbers of one direction: over the latents that fire on at least min_fires units,
+    the mean best-partner r and the share with a partner of r >= each threshold (also
+    weighted by firing frequency)."""
+    judge = fires >= s.min_fires
+    out: dict[str, float] = {"judged": int(judge.sum())}
+    b = np.where(np.isfinite(best), best, 0.0)[judge]
+    w = fires[judge].astype(np.float64)
+    out["mean_best_r"] = float(b.mean()) if len(b) else math.nan
+    for t in s.thresholds:
+        out[f"share_r{t:g}"] = float((b >= t).mean()) if len(b) else math.nan
+        out[f"share_r{t:g}_weighted"] = float(w[b >= t].sum() / w.sum()) if w.sum() else math.nan
+    return out
+
+
+def curve(best: np.ndarray, fires: np.ndarray, s: Settings, steps: int = 21) -> list[list[float]]:
+    """[[r, share of judged latents with a partner of at least r]] from 0 to 1."""
+    judge = fires >= s.min_fires
+    b = np.where(np.isfinite(best), best, 0.0)[judge]
+    grid = np.linspace(0, 1, steps)
+    return [[float(t), float((b >= t).mean()) if len(b) else math.nan] for t in grid]
+
+
+def by_decile(best: np.ndarray, fires: np.ndarray, s: Settings, threshold: float) -> list[dict]:
+    """Mean best r and share >= threshold per firing-frequency decile of the judged latents."""
+    judge = np.flatnonzero(fires >= s.min_fires)
+    if not len(judge):
+        return []
+    order = judge[np.argsort(fires[judge], kind="stable")]
+    out = []
+    for d, part in enumerate(np.array_split(order, 10)):
+        b = np.where(np.isfinite(best[part]), best[part], 0.0)
+        out.append({
+            "decile": d + 1,
+            "latents": len(part),
+            "min_fires": int(fires[part].min()) if len(part) else 0,
+            "max_fires": int(fires[part].max()) if len(part) else 0,
+            "mean_best_r": float(b.mean()) if len(b) else math.nan,
+            f"share_r{threshold:g}": float((b >= threshold).mean()) if len(b) else math.nan,
+        })  # fmt: skip
+    return out
+
+
+def mutual_count(m: Measurement, view: str, threshold: float, s: Settings) -> int:
+    """Mutual best pairs with r >= threshold, among judged latents of both sides."""
+    p = m.partners[view]
+    a_best, b_best = p.a_idx[:, 0], p.b_idx[:, 0]
+    i = np.arange(m.m_a)
+    ok = (b_best[a_best] == i) & (p.a_val[:, 0] >= threshold)
+    ok &= (m.fires_a >= s.min_fires) & (m.fires_b[a_best] >= s.min_fires)
+    return int(ok.sum())
+
+
+def jackknife(
+    estimate: float, leave_out: np.ndarray, level: float = 0.95
+) -> tuple[float, float, float]:
+    """(low, high, standard error): a delete-one-group jackknife interval around the estimate
+    from the G leave-one-group-out values (groups of documents, so no document repeats)."""
+    vals = np.asarray(leave_out, dtype=np.float64)
+    vals = vals[np.isfinite(vals)]
+    g = len(vals)
+    if g < 2 or not math.isfinite(estimate):
+        return math.nan, math.nan, math.nan
+    se = math.sqrt((g - 1) / g * ((vals - vals.mean()) ** 2).sum())
+    z = {0.9: 1.6449, 0.95: 1.96, 0.99: 2.5758}.get(level, 1.96)
+    return estimate - z * se, estimate + z * se, se
+
+
+def leave_one_out(m: Measurement, s: Settings, direction: str) -> list[dict[str, float]]:
+    """The direction's headline with each document group left out in turn (best partners
+    searched among the candidate pairs, which hold them but where the data barely changes)."""
+    out = []
+    for g in range(len(m.group_n)):
+        drop = np.zeros(len(m.group_n), dtype=bool)
+        drop[g] = True
+        best_a, best_b = best_from_candidates(m, candidate_r(m, drop))
+        if direction == "a_to_b":
+            fires = m.fires_a  # the judged set stays that of all the units
+            out.append(headline(best_a, fires, s))
+        else:
+            out.append(headline(best_b, m.fires_b, s))
+    return out
+
+
+def share_curve(
+    m: Measurement, s: Settings, direction: str, threshold: float, seed: int = 0
+) -> list[list[float]]:
+    """[[share of documents, the direction's share of judged latents with r >= threshold]]:
+    how the statistic moves with the amount of text (it is a maximum over candidates)."""
+    rng = np.random.default_rng(seed)
+    n_groups = len(m.group_n)
+    order = rng.permutation(n_groups)
+    out = []
+    for k in sorted({max(1, round(f * n_groups)) for f in (0.25, 0.5, 0.75, 1.0)}):
+        drop = np.ones(n_groups, dtype=bool)
+        drop[order[:k]] = False
+        best_a, best_b = best_from_candidates(m, candidate_r(m, drop))
+        best, fires = (best_a, m.fires_a) if direction == "a_to_b" else (best_b, m.fires_b)
+        out.append([k / n_groups, headline(best, fires, s)[f"share_r{threshold:g}"]])
+    return out
+
+
+# ---------------------------------------------------------------- nulls
+
+
+def shifted_within_documents(units: Units, seed: int = 0) -> np.ndarray:
+    """A permutation of the units that shifts them circularly inside each document by a
+    random nonzero amount (topic kept, alignment broken); documents with one unit stay."""
+    rng = np.random.default_rng(seed)
+    perm = np.arange(len(units))
+    starts = np.flatnonzero(np.diff(units.doc, prepend=-1))
+    ends = np.append(starts[1:], len(units))
+    for lo, hi in zip(starts, ends, strict=True):
+        n = hi - lo
+        if n > 1:
+            perm[lo:hi] = lo + (np.arange(n) + rng.integers(1, n)) % n
+    return perm
+
+
+def across_documents(units: Units, skip: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(rows of a, rows of b): each document's units paired by index with another
+    document's, past the first `skip` units of both (where the text after a BOS would match
+    trivially), as long as both last."""
+    rng = np.random.default_rng(seed)
+    starts = np.flatnonzero(np.diff(units.doc, prepend=-1))
+    ends = np.append(starts[1:], len(units))
+    n_docs = len(starts)
+    if n_docs < 2:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    other = (np.arange(n_docs) + rng.integers(1, n_docs)) % n_docs  # never itself
+    rows_a, rows_b = [], []
+    for d in range(n_docs):
+        o = other[d]
+        n = min(ends[d] - starts[d], ends[o] - starts[o]) - skip
+        if n > 0:
+            rows_a.append(starts[d] + skip + np.arange(n))
+            rows_b.append(starts[o] + skip + np.arange(n))
+    return np.concatenate(rows_a), np.concatenate(rows_b)
+
+
+def document_groups(units: Units, n_groups: int, seed: int = 0) -> np.ndarray:
+    """[units] a document group for each unit: documents dealt at random into n_groups."""
+    docs = np.unique(units.doc)
+    g = np.random.default_rng(seed).permutation(len(docs)) % max(1, min(n_groups, len(docs)))
+    return g[np.searchsorted(docs, units.doc)]

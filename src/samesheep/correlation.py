@@ -1,0 +1,149 @@
+"""Pearson correlation between every latent of one SAE and every latent of another over the
+same units, from their sparse codes: column sums and squares, and co-firing products over
+active latents only, block by block of the first SAE's latents, never a dense
+[units, latents] matrix, and never more than one [block, latents] block of correlations.
+
+Besides the raw codes, the same pass gives the correlations of the codes' residuals after
+what the unit's text alone predicts (each latent's mean code over the units with that text),
+and of those text-predicted parts: with per-text sums S_t and counts n_t,
+    sum_u (a - m_a)(b - m_b) = sum_u a b - sum_t S_a,t S_b,t / n_t,
+so both come from one more sparse product, exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from .sae import SparseCodes
+
+VIEWS = ("raw", "residual", "token")
+"""raw codes; residuals after the unit text's mean code; the text-predicted means."""
+
+
+def gather_rows(codes: SparseCodes, rows: np.ndarray, n_latents: int) -> sp.csr_matrix:
+    """[len(rows), n_latents] CSR matrix of the codes' rows `rows` (kept-row ids), in order."""
+    offsets = codes.offsets.numpy()
+    lo, hi = offsets[rows], offsets[rows + 1]
+    counts = hi - lo
+    indptr = np.concatenate([[0], np.cumsum(counts)])
+    flat = np.repeat(lo - indptr[:-1], counts) + np.arange(indptr[-1])
+    return sp.csr_matrix(
+        (codes.values.numpy()[flat].astype(np.float64), codes.latents.numpy()[flat], indptr),
+        shape=(len(rows), n_latents),
+    )
+
+
+def text_sums(x: sp.csr_matrix, text: np.ndarray, n_texts: int) -> sp.csr_matrix:
+    """[n_texts, latents]: per text, the codes summed over its units, divided by sqrt(n_t) (so
+    that a product of two of them is sum_t S_a S_b / n_t)."""
+    counts = np.bincount(text, minlength=n_texts).astype(np.float64)
+    group = sp.csr_matrix(
+        (1.0 / np.sqrt(counts[text]), (text, np.arange(len(text)))), shape=(n_texts, len(text))
+    )
+    return (group @ x).tocsr()
+
+
+@dataclass
+class Moments:
+    """Per-latent sums over the units, for each view: sum and sum of squares."""
+
+    n: int
+    sums: dict[str, np.ndarray]
+    squares: dict[str, np.ndarray]
+
+    @classmethod
+    def of(cls, x: sp.csr_matrix, per_text: sp.csr_matrix) -> Moments:
+        total = np.asarray(x.sum(0)).ravel()
+        sq = np.asarray(x.multiply(x).sum(0)).ravel()
+        sq_text = np.asarray(per_text.multiply(per_text).sum(0)).ravel()
+        return cls(
+            n=x.shape[0],
+            sums={"raw": total, "residual": np.zeros_like(total), "token": total},
+            squares={"raw": sq, "residual": np.maximum(sq - sq_text, 0.0), "token": sq_text},
+        )
+
+    def std(self, view: str) -> np.ndarray:
+        """Population standard deviation of each latent (0 where constant)."""
+        mean = self.sums[view] / self.n
+        return np.sqrt(np.maximum(self.squares[view] / self.n - mean**2, 0.0))
+
+
+def pearson(cross: np.ndarray, ma: Moments, mb: Moments, view: str, rows: slice) -> np.ndarray:
+    """Correlations [rows of a, latents of b] from the cross products of one view (computed
+    in place in `cross`); 0 where either latent is constant."""
+    n = ma.n
+    r = cross
+    r /= n
+    r -= np.outer(ma.sums[view][rows] / n, mb.sums[view] / n)
+    std_a, std_b = ma.std(view)[rows], mb.std(view)
+    with np.errstate(divide="ignore"):
+        inv_a = np.where(std_a > 0, 1.0 / std_a, 0.0)
+        inv_b = np.where(std_b > 0, 1.0 / std_b, 0.0)
+    r *= inv_a[:, None]
+    r *= inv_b[None, :]
+    return np.clip(r, -1.0, 1.0, out=r)
+
+
+def correlation_blocks(
+    a: sp.csr_matrix,
+    b: sp.csr_matrix,
+    text: np.ndarray | None,
+    visit: Callable[[slice, dict[str, np.ndarray]], None],
+    block: int = 1024,
+) -> tuple[Moments, Moments]:
+    """Call visit(rows of a, {view: r [rows, latents of b]}) for every block of a's latents.
+    `text` [units] gives each unit's text id (None: only the raw view). Returns both SAEs'
+    moments."""
+    n_texts = int(text.max()) + 1 if text is not None and len(text) else 0
+    ta = text_sums(a, text, n_texts) if text is not None else sp.csr_matrix(a.shape)
+    tb = text_sums(b, text, n_texts) if text is not None else sp.csr_matrix(b.shape)
+    ma, mb = Moments.of(a, ta), Moments.of(b, tb)
+    a_csc, ta_csc = a.tocsc(), ta.tocsc()
+    for lo in range(0, a.shape[1], block):
+        rows = slice(lo, min(lo + block, a.shape[1]))
+        raw = (a_csc[:, rows].T @ b).toarray()
+        views = {}
+        if text is not None:
+            tok = (ta_csc[:, rows].T @ tb).toarray()
+            views["residual"] = pearson(raw - tok, ma, mb, "residual", rows)
+            views["token"] = pearson(tok, ma, mb, "token", rows)
+        views["raw"] = pearson(raw, ma, mb, "raw", rows)
+        visit(rows, views)
+    return ma, mb
+
+
+class TopPartners:
+    """Running top-k partners of every latent on both sides, over blocks of correlations."""
+
+    def __init__(self, m_a: int, m_b: int, k: int):
+        self.k = k
+        self.a_val = np.full((m_a, k), -np.inf)
+        self.a_idx = np.zeros((m_a, k), dtype=np.int64)
+        self.b_val = np.full((m_b, k), -np.inf)
+        self.b_idx = np.zeros((m_b, k), dtype=np.int64)
+
+    def add(self, rows: slice, r: np.ndarray) -> None:
+        k = min(self.k, r.shape[1])
+        top = np.argpartition(r, r.shape[1] - k, axis=1)[:, -k:]
+        self.a_val[rows, :k] = np.take_along_axis(r, top, axis=1)
+        self.a_idx[rows, :k] = top
+        rt = np.ascontiguousarray(r.T)  # [m_b, block]: each B latent's row, partitioned fast
+        kb = min(self.k, rt.shape[1])
+        col_top = np.argpartition(rt, rt.shape[1] - kb, axis=1)[:, -kb:]
+        vals = np.take_along_axis(rt, col_top, axis=1)
+        both_v = np.concatenate([self.b_val, vals], axis=1)
+        both_i = np.concatenate([self.b_idx, col_top + rows.start], axis=1)
+        keep = np.argpartition(both_v, both_v.shape[1] - self.k, axis=1)[:, -self.k :]
+        self.b_val = np.take_along_axis(both_v, keep, axis=1)
+        self.b_idx = np.take_along_axis(both_i, keep, axis=1)
+
+    def finish(self) -> None:
+        """Sort each latent's partners from best to worst."""
+        for v, i in ((self.a_val, self.a_idx), (self.b_val, self.b_idx)):
+            order = np.argsort(-v, axis=1, kind="stable")
+            v[:] = np.take_along_axis(v, order, axis=1)
+            i[:] = np.take_along_axis(i, order, axis=1)

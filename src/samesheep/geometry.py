@@ -1,0 +1,124 @@
+"""Representation similarity of paired rows (decoder directions of matched latents, or
+hidden states): SVCCA and RSA, each against random pairings (Lan et al. 2024)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.stats import rankdata
+
+
+def keep_for_variance(singular: np.ndarray, share: float) -> int:
+    """The fewest leading components whose variance (singular values squared) reaches
+    `share` of the total: the correct form of SVCCA's truncation (the published code compares
+    a normalised cumulative sum with 0.99 times the total, so it keeps one component)."""
+    var = singular.astype(np.float64) ** 2
+    total = var.sum()
+    if total <= 0:
+        return 0
+    cumulative = np.cumsum(var) / total
+    return int(min(np.searchsorted(cumulative, share - 1e-12) + 1, len(var)))
+
+
+def _top_directions(x: np.ndarray, keep: int) -> np.ndarray:
+    """The data (centred) projected onto its `keep` leading singular directions."""
+    x = x - x.mean(0)
+    u, s, _ = np.linalg.svd(x, full_matrices=False)
+    return u[:, :keep] * s[:keep]
+
+
+def cca_mean(x: np.ndarray, y: np.ndarray) -> float:
+    """Mean canonical correlation of two centred data matrices (rows paired)."""
+    qx, _ = np.linalg.qr(x - x.mean(0))
+    qy, _ = np.linalg.qr(y - y.mean(0))
+    rho = np.linalg.svd(qx.T @ qy, compute_uv=False)
+    k = min(x.shape[1], y.shape[1])
+    return float(np.clip(rho[:k], 0.0, 1.0).mean()) if k else math.nan
+
+
+def svcca(x: np.ndarray, y: np.ndarray, keep: int | float = 0.99) -> float:
+    """SVCCA of paired rows x [n, d1] and y [n, d2]: each side reduced to its leading singular
+    directions (`keep` of them, or as many as hold that share of the variance), then the mean
+    canonical correlation of the two reductions."""
+    kx = keep if isinstance(keep, int) else keep_for_variance(_sv(x), keep)
+    ky = keep if isinstance(keep, int) else keep_for_variance(_sv(y), keep)
+    kx, ky = min(kx, x.shape[1], x.shape[0] - 1), min(ky, y.shape[1], y.shape[0] - 1)
+    if kx < 1 or ky < 1:
+        return math.nan
+    return cca_mean(_top_directions(x, kx), _top_directions(y, ky))
+
+
+def _sv(x: np.ndarray) -> np.ndarray:
+    return np.linalg.svd(x - x.mean(0), compute_uv=False)
+
+
+def rsa(x: np.ndarray, y: np.ndarray, max_rows: int = 2000, seed: int = 0) -> float:
+    """RSA: Spearman correlation between the two sides' pairwise cosine similarities (upper
+    triangles), on at most max_rows rows (a seeded sample)."""
+    if len(x) > max_rows:
+        pick = np.random.default_rng(seed).choice(len(x), max_rows, replace=False)
+        x, y = x[pick], y[pick]
+    iu = np.triu_indices(len(x), 1)
+    sx, sy = _cosines(x)[iu], _cosines(y)[iu]
+    return float(np.corrcoef(rankdata(sx), rankdata(sy))[0, 1])
+
+
+def _cosines(x: np.ndarray) -> np.ndarray:
+    u = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return u @ u.T
+
+
+def _result(value: float, null: np.ndarray) -> dict[str, float]:
+    return {
+        "value": value,
+        "null_mean": float(null.mean()),
+        "null_sd": float(null.std()),
+        "p": float((1 + (null >= value).sum()) / (1 + len(null))),
+        "pairings": len(null),
+    }
+
+
+def svcca_test(
+    x: np.ndarray, y: np.ndarray, keep: int | float = 0.99, n: int = 100, seed: int = 0
+) -> dict[str, float]:
+    """SVCCA on the true pairing of rows against n random pairings (y's rows shuffled), with
+    p = (1 + #null >= value) / (1 + n). The reductions do not depend on the pairing, so each
+    random pairing costs one small SVD."""
+    kx = keep if isinstance(keep, int) else keep_for_variance(_sv(x), keep)
+    ky = keep if isinstance(keep, int) else keep_for_variance(_sv(y), keep)
+    kx, ky = min(kx, x.shape[1], x.shape[0] - 1), min(ky, y.shape[1], y.shape[0] - 1)
+    qx, _ = np.linalg.qr(_top_directions(x, kx))
+    qy, _ = np.linalg.qr(_top_directions(y, ky))
+    k = min(kx, ky)
+
+    def stat(perm: np.ndarray | None) -> float:
+        rho = np.linalg.svd(qx.T @ (qy if perm is None else qy[perm]), compute_uv=False)
+        return float(np.clip(rho[:k], 0.0, 1.0).mean())
+
+    rng = np.random.default_rng(seed)
+    null = np.array([stat(rng.permutation(len(y))) for _ in range(n)])
+    return {**_result(stat(None), null), "kept_a": kx, "kept_b": ky}
+
+
+def rsa_test(
+    x: np.ndarray, y: np.ndarray, n: int = 100, seed: int = 0, max_rows: int = 2000
+) -> dict[str, float]:
+    """RSA on the true pairing against n random pairings: the Spearman correlation of the two
+    sides' pairwise cosine similarities (on at most max_rows rows, a seeded sample)."""
+    rng = np.random.default_rng(seed)
+    if len(x) > max_rows:
+        pick = rng.choice(len(x), max_rows, replace=False)
+        x, y = x[pick], y[pick]
+    iu = np.triu_indices(len(x), 1)
+    rank_x = rankdata(_cosines(x)[iu])
+    rank_y = np.zeros((len(y), len(y)))
+    rank_y[iu] = rankdata(_cosines(y)[iu])
+    rank_y = rank_y + rank_y.T  # symmetric, so a permuted pairing reads it back in place
+
+    def stat(perm: np.ndarray | None) -> float:
+        ry = rank_y if perm is None else rank_y[np.ix_(perm, perm)]
+        return float(np.corrcoef(rank_x, ry[iu])[0, 1])
+
+    null = np.array([stat(rng.permutation(len(y))) for _ in range(n)])
+    return _result(stat(None), null)

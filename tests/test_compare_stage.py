@@ -1,0 +1,85 @@
+"""The compare stage through the real CLI on two tiny models: every pair compared with its
+floor (random-weights copies), nulls and seed ceilings; the files; one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+from helpers import flat, sets, write_corpus
+from test_cli import assert_one_line_error, cli
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict[str, str]:
+    return {"SAMESHEEP_CACHE": str(tmp_path_factory.getbasetemp() / "cache")}
+
+
+@pytest.fixture(scope="module")
+def run(tiny_models, tmp_path_factory, env):
+    corpus = write_corpus(tmp_path_factory.mktemp("ccorpus") / "docs.jsonl", n=60, titles=True)
+    run_dir = tmp_path_factory.mktemp("compare_run")
+    models = json.dumps([str(tiny_models["llama"]), str(tiny_models["gpt2"])])
+    extra = {"models": models, "compare.min_fires": "5", "compare.groups": "5",
+             "compare.geometry_pairings": "10"}  # fmt: skip
+    args = sets(run_dir, tiny_models["llama"], corpus, **extra)
+    res = cli("run", *args, env=env)
+    return res, run_dir, args, tiny_models
+
+
+def test_run_compares_with_floor_null_and_ceiling(run):
+    res, run_dir, _, _ = run
+    assert res.returncode == 0, res.stderr
+    # the floor's random copies and the ceiling's second seed were made
+    assert (run_dir / "random-llama0" / "layer_1" / "sae" / "cfg.json").is_file()
+    assert (run_dir / "llama0" / "layer_1" / "sae-seed1" / "cfg.json").is_file()
+    assert not (run_dir / "random-llama0" / "layer_1" / "features").exists()
+    out = run_dir / "compare" / "llama0__gpt20"
+    summary = json.loads((out / "summary.json").read_text())
+    raw = summary["headline"]["raw"]["a_to_b"]
+    for role in ("raw", "floor", "null", "across", "ceiling"):
+        assert 0 <= raw[role]["share_r0.5"] <= 1, role
+    assert "share_r0.5" in raw["normalised"]
+    lo, hi = raw["intervals"]["share_r0.5"]["raw"]
+    assert lo <= raw["raw"]["share_r0.5"] <= hi
+    assert summary["headline"]["residual"]["b_to_a"]["raw"]["judged"] > 0
+    # the same tokenizer on both sides: the units are the tokens (a few are left out: after
+    # window breaks, and where a random copy's norm limit drops a token)
+    cov = summary["coverage"]
+    assert summary["units"] > 100 and cov["one_to_one_share_a"] > 0.95
+    assert cov["tokens_per_unit_a"] < 1.05 and cov["tokens_per_unit_b"] < 1.05
+    partners = pq.read_table(out / "partners.parquet").to_pandas()
+    assert set(partners.side) == {"a", "b"} and "partner_by_meaning" in partners
+    assert len(partners) == 128 * 2
+    pairs = pq.read_table(out / "pairs.parquet").to_pandas()
+    assert pairs.latent_a.is_unique and pairs.latent_b.is_unique
+    pq.read_table(out / "families.parquet")
+    assert "judged latents have a" in flat(res.stderr)
+
+
+def test_rerun_skips_and_prints_the_answer(run, env):
+    _, run_dir, args, _ = run
+    summary = run_dir / "compare" / "llama0__gpt20" / "summary.json"
+    before = summary.stat().st_mtime_ns
+    res = cli("compare", *args, env=env)
+    assert res.returncode == 0, res.stderr
+    assert "unchanged, skipped" in flat(res.stderr) and "judged latents" in flat(res.stderr)
+    assert summary.stat().st_mtime_ns == before
+
+
+def test_a_pair_naming_another_model_is_a_one_line_error(run, env):
+    _, _, args, _ = run
+    res = cli("compare", *args, "--set", 'compare.pairs=["nope:other"]', env=env)
+    assert_one_line_error(res)
+    assert "compare pair" in res.stderr
+
+
+def test_compare_before_train_names_the_stage(tiny_models, tmp_path, env):
+    corpus = write_corpus(tmp_path / "docs.jsonl", n=30)
+    models = json.dumps([str(tiny_models["llama"]), str(tiny_models["gpt2"])])
+    args = sets(tmp_path / "r", tiny_models["llama"], corpus, models=models)
+    assert cli("extract", *args, env=env).returncode == 0
+    res = cli("compare", *args, env=env)
+    assert_one_line_error(res)
+    assert "samesheep train" in res.stderr
