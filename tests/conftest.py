@@ -87,3 +87,9 @@ def corpus_file(tmp_path) -> Path:
 def _private_cache(tmp_path_factory, monkeypatch):
     """Converted GGUF models go to a per-session temporary cache, never the user's."""
     monkeypatch.setenv("SAMESHEEP_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="session")
+def env(tmp_path_factory) -> dict[str, str]:
+    """The environment of CLI runs: the session's private model cache."""
+    return {"SAMESHEEP_CACHE": str(tmp_path_factory.getbasetemp() / "cache")}

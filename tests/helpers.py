@@ -108,3 +108,12 @@ def sparse_data(n: int, d: int = 32, n_dirs: int = 64, k: int = 4, seed: int = 0
     mags = 0.5 + torch.rand(n, k, generator=g)
     coef = torch.zeros(n, n_dirs).scatter_(1, idx, mags)
     return coef @ dirs + 0.3, dirs
+
+
+def copy_run(run_dir: Path, args: list[str], to: Path) -> tuple[Path, list[str]]:
+    """A copy of a run folder, and the CLI arguments pointing at the copy (a test may then
+    damage it without touching the module's shared run)."""
+    import shutil
+
+    shutil.copytree(run_dir, to)
+    return to, [a.replace(str(run_dir), str(to)) for a in args]

@@ -12,11 +12,6 @@ from test_cli import assert_one_line_error, cli
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict[str, str]:
-    return {"SAMESHEEP_CACHE": str(tmp_path_factory.getbasetemp() / "cache")}
-
-
-@pytest.fixture(scope="module")
 def run(tiny_models, tmp_path_factory, env):
     corpus = write_corpus(tmp_path_factory.mktemp("ccorpus") / "docs.jsonl", n=60, titles=True)
     run_dir = tmp_path_factory.mktemp("compare_run")

@@ -173,6 +173,33 @@ def test_auto_dtype_follows_hardware(monkeypatch):
         device.choose_dtype("int8", cpu)
 
 
+def test_matmul_rate_lowers_the_size_of_a_slow_dtype(monkeypatch):
+    """Where a dtype runs slowly (bfloat16 without hardware support: minutes for 2048^2), the
+    measurement lowers the product's size to stay within its time budget, and says so."""
+    from samesheep import device
+
+    clock = {"t": 0.0}
+
+    def slow_mm(a, b):  # a simulated second per 256^3 multiply-adds
+        clock["t"] += (a.shape[0] / 256) ** 3
+        return a
+
+    monkeypatch.setattr(device.torch, "mm", slow_mm)
+    monkeypatch.setattr(device.time, "perf_counter", lambda: clock["t"])
+    rate = device.matmul_rate(torch.float32, n=2048, budget_s=2.0)
+    assert rate.capped and rate.n == 256 and "lowered" in rate.describe()
+    assert rate.gflops == pytest.approx(2 * 256**3 / 1e9)
+    assert clock["t"] <= 2.0 + 1.0  # the budget, give or take the last product
+
+    def fast_mm(a, b):
+        clock["t"] += 1e-6 * (a.shape[0] / 256) ** 3
+        return a
+
+    monkeypatch.setattr(device.torch, "mm", fast_mm)
+    rate = device.matmul_rate(torch.float32, n=2048, budget_s=2.0)
+    assert not rate.capped and rate.n == 2048
+
+
 def test_writer_clears_what_a_killed_writer_left(tmp_path):
     from samesheep.store import StoreWriter
 

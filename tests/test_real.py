@@ -137,3 +137,14 @@ def test_default_run_end_to_end(tmp_path):
             assert reach == len(row.text)
             non_ascii += not row.text.isascii()
         assert non_ascii > 0
+    # the comparison, with its floor (random-weights copies) and ceiling (second seeds)
+    summary = json.loads(
+        (
+            tmp_path / "run" / "compare" / "gemma-3-270m__smollm2-135m-instruct" / "summary.json"
+        ).read_text()
+    )
+    for direction in ("a_to_b", "b_to_a"):
+        e = summary["headline"]["raw"][direction]
+        assert {"raw", "floor", "null", "ceiling", "normalised", "intervals"} <= e.keys()
+        assert 0 <= e["null"]["share_r0.5"] <= e["ceiling"]["share_r0.5"] <= 1
+    assert len(summary["verdict"]) == 2 and summary["units"] > 3000

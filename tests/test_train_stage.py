@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import sae_lens  # in the test extra: these checks fail, never skip, where it is missing
 import torch
-from helpers import flat, sets, write_corpus
+from helpers import copy_run, flat, sets, write_corpus
 from safetensors.torch import load_file, save_file
 from test_cli import assert_one_line_error, cli
 
@@ -25,11 +25,6 @@ METRICS = [
     "ce_loss_score", "kl_spliced", "kl_zero", "kl_div_score", "median_relative_error",
     "outlier_tokens", "median_norm",
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict[str, str]:
-    return {"SAMESHEEP_CACHE": str(tmp_path_factory.getbasetemp() / "cache")}
 
 
 @pytest.fixture(scope="module")
@@ -153,12 +148,8 @@ def test_bad_settings(run, env, override, says):
 
 
 def test_nan_in_the_store_names_the_shard(run, env, tmp_path):
-    import shutil
-
     _, run_dir, layer_dir, args = run
-    copy = tmp_path / "run"
-    shutil.copytree(run_dir, copy)
-    args = [a.replace(str(run_dir), str(copy)) for a in args]
+    copy, args = copy_run(run_dir, args, tmp_path / "run")
     shard = copy / layer_dir.parent.name / "layer_1" / "acts" / "train-00003.safetensors"
     acts = load_file(shard)["acts"]
     acts[5, 2] = float("nan")
@@ -169,12 +160,8 @@ def test_nan_in_the_store_names_the_shard(run, env, tmp_path):
 
 
 def test_corrupt_checkpoint_is_a_one_line_error(run, env, tmp_path):
-    import shutil
-
     _, run_dir, layer_dir, args = run
-    copy = tmp_path / "run"
-    shutil.copytree(run_dir, copy)
-    args = [a.replace(str(run_dir), str(copy)) for a in args]
+    copy, args = copy_run(run_dir, args, tmp_path / "run")
     train = copy / layer_dir.parent.name / "layer_1" / "train"
     (train / "checkpoint.safetensors").write_bytes(os.urandom(300))
     os.remove(train / "state.json")
@@ -229,12 +216,8 @@ def test_no_heldout_tokens_is_an_error_before_training(tiny_models, corpus, tmp_
 def test_pretrained_metrics_follow_the_store(run, env, tmp_path):
     """A pretrained SAE's metrics are keyed on the store and the evaluation settings as a
     trained SAE's are: after re-extraction with another corpus seed they are computed again."""
-    import shutil
-
     _, run_dir, layer_dir, args = run
-    copy = tmp_path / "run"
-    shutil.copytree(run_dir, copy)
-    args = [a.replace(str(run_dir), str(copy)) for a in args]
+    copy, args = copy_run(run_dir, args, tmp_path / "run")
     layer = copy / layer_dir.parent.name / "layer_1"
     theirs = sae_lens.StandardSAE(sae_lens.StandardSAEConfig(d_in=32, d_sae=40))
     with torch.no_grad():
@@ -263,12 +246,8 @@ def test_pretrained_metrics_follow_the_store(run, env, tmp_path):
 def test_outliers_by_norm_are_left_out_and_counted(run, env, tmp_path):
     """With a norm limit that catches real tokens, training and evaluation leave them out and
     say how many; metrics.json records the limit and the median norm it came from."""
-    import shutil
-
     _, run_dir, layer_dir, args = run
-    copy = tmp_path / "run"
-    shutil.copytree(run_dir, copy)
-    args = [a.replace(str(run_dir), str(copy)) for a in args]
+    copy, args = copy_run(run_dir, args, tmp_path / "run")
     layer = copy / layer_dir.parent.name / "layer_1"
     store = open_store(layer / "acts")
     ratio = 1.05  # tight enough to catch some ordinary tokens of the tiny model

@@ -184,17 +184,15 @@ def headline_table(runs: dict[str, Measurement], s: Settings) -> dict[str, Any]:
 
 
 def normalised(entry: dict[str, Any]) -> dict[str, float]:
-    """(raw - floor) / (ceiling - floor) of every number that has all three."""
+    """(raw - floor) / (ceiling - floor) of every number that has all three; nan where the
+    floor is not below the ceiling (then no scale runs from one to the other)."""
     if not {"raw", "floor", "ceiling"} <= entry.keys():
         return {}
-    out = {}
-    for key, raw in entry["raw"].items():
-        if key == "judged":
-            continue
-        floor, ceiling = entry["floor"][key], entry["ceiling"][key]
-        span = ceiling - floor
-        out[key] = (raw - floor) / span if span != 0 else math.nan
-    return out
+    return {
+        key: _norm(entry["raw"], entry["floor"], entry["ceiling"], key)
+        for key in entry["raw"]
+        if key != "judged"
+    }
 
 
 def intervals(runs: dict[str, Measurement], s: Settings, direction: str) -> dict[str, Any]:
@@ -229,7 +227,7 @@ def intervals(runs: dict[str, Measurement], s: Settings, direction: str) -> dict
 
 def _norm(raw: dict, floor: dict, ceiling: dict, key: str) -> float:
     span = ceiling[key] - floor[key]
-    return (raw[key] - floor[key]) / span if span else math.nan
+    return (raw[key] - floor[key]) / span if span > 0 else math.nan
 
 
 # ---------------------------------------------------------------- tables
@@ -459,9 +457,12 @@ def answer(a: str, b: str, numbers: dict[str, Any]) -> str:
         if norm is not None and math.isfinite(norm):
             lo, hi = ci.get("normalised", [math.nan, math.nan])
             parts.append(f"normalised {norm:.2f}, 95% CI {lo:.2f}-{hi:.2f}")
-        elif "raw" in ci:
-            lo, hi = ci["raw"]
-            parts.append(f"95% CI {100 * lo:.0f}-{100 * hi:.0f}%")
+        else:
+            if norm is not None:
+                parts.append("normalised undefined: the floor is not below the ceiling")
+            if "raw" in ci:
+                lo, hi = ci["raw"]
+                parts.append(f"95% CI {100 * lo:.0f}-{100 * hi:.0f}%")
         judged = e["raw"]["judged"]
         line = (
             f"{100 * e['raw'][key]:.0f}% of {x}'s {judged:,} judged latents have a {y} partner "
@@ -489,7 +490,14 @@ def verdict(a: str, b: str, numbers: dict[str, Any]) -> list[str]:
             continue
         raw, floor, ceiling = e["raw"][key], e["floor"][key], e["ceiling"][key]
         where = f"{x} -> {y}: {100 * raw:.0f}%"
-        if floor < raw < ceiling:
+        if floor >= ceiling:
+            out.append(
+                f"{where}; its random-weights floor ({100 * floor:.0f}%) is not below its seed "
+                f"ceiling ({100 * ceiling:.0f}%): by this measure two untrained models share "
+                "more than two seeds of one trained model, so the share cannot be read on that "
+                "scale" + ("; the trained pair lies below its floor." if raw <= floor else ".")
+            )
+        elif floor < raw < ceiling:
             out.append(f"{where} lies above its random-weights floor and below its seed ceiling.")
         elif raw <= floor:
             out.append(f"{where} does NOT lie above its random-weights floor ({100 * floor:.0f}%).")

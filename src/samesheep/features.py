@@ -403,6 +403,8 @@ def latent_terms(
     for z, ids_ in terms:
         if any(set(ids_) <= set(c) or set(c) <= set(ids_) for _, c in chosen):
             continue  # a token already shown inside a bigram, or the reverse
+        if "\ufffd" in decode(*ids_):
+            continue  # a byte piece of a character: no readable text on its own
         chosen.append((z, ids_))
     return [(term_text(decode(*ids_)), z) for z, ids_ in chosen[:5]]
 

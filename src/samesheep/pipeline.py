@@ -427,7 +427,7 @@ def format_metrics(m: dict[str, Any]) -> str:
     return ", ".join(parts) + f" on {m['tokens']:,} held-out tokens{outliers}"
 
 
-FEATURES_VERSION = 1
+FEATURES_VERSION = 2
 """Bump when the features stage changes what it writes for the same inputs."""
 NOT_IN_FEATURES_KEY = ("device", "batch_tokens", "threads")
 FEATURE_FILES = ("feature_table.parquet", "exemplars.parquet", "summary.json")
