@@ -16,8 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import sparse_data, write_store
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from samesheep.config import TrainConfig
+from samesheep.config import TrainConfig, settings_hash
 from samesheep.errors import SamesheepError
 from samesheep.sae import (
     AUXK_K,
@@ -270,16 +272,18 @@ from samesheep.train import train_sae
 from safetensors.torch import save_file
 cfg = TrainConfig(expansion_factor=4, k=4, batch_tokens=256, buffer_tokens=1024, threads=1,
                   dtype="float32", device="cpu", train_tokens=256 * 600, checkpoint_seconds=0)
-sae, _ = train_sae(open_store(sys.argv[1]), cfg, Path(sys.argv[2]), "key")
+sae, summary = train_sae(open_store(sys.argv[1]), cfg, Path(sys.argv[2]), "key")
 save_file({k: v.contiguous() for k, v in sae.state_dict().items()}, sys.argv[3])
+print("resumed" if summary["resumed"] else "fresh")
 """
 
 
 def _run(store, work: Path, out: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-c", KILL_SCRIPT, str(store.folder), str(work), str(out)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
 
 
@@ -287,7 +291,8 @@ def test_sigkill_at_a_random_moment_then_resume_gives_the_same_weights(synthetic
     from safetensors.torch import load_file
 
     store, _ = synthetic
-    assert _run(store, tmp_path / "ref", tmp_path / "ref.safetensors").wait() == 0
+    ref_run = _run(store, tmp_path / "ref", tmp_path / "ref.safetensors")
+    assert ref_run.communicate()[0].strip() == "fresh" and ref_run.returncode == 0
     work = tmp_path / "killed"
     proc = _run(store, work, tmp_path / "killed.safetensors")
     deadline = time.time() + 60
@@ -297,7 +302,9 @@ def test_sigkill_at_a_random_moment_then_resume_gives_the_same_weights(synthetic
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "killed.safetensors").exists(), "killed too late to test resuming"
-    assert _run(store, work, tmp_path / "killed.safetensors").wait() == 0
+    again = _run(store, work, tmp_path / "killed.safetensors")
+    # it continued from the checkpoint (a silent restart would give the same weights too)
+    assert again.communicate()[0].strip() == "resumed" and again.returncode == 0
     ref, got = load_file(tmp_path / "ref.safetensors"), load_file(tmp_path / "killed.safetensors")
     for name in ref:
         assert torch.equal(ref[name], got[name]), name
@@ -333,6 +340,29 @@ def test_a_checkpoint_of_another_dtype_starts_over_and_says_why(synthetic, tmp_p
     assert "written computing in bfloat16" in said and "starts over" in said
     _, summary = train_sae(store, small_cfg(train_tokens=256 * 3, dtype="float32"), work, "key")
     assert summary["resumed"]
+
+
+def test_a_checkpoint_of_another_device_starts_over_and_says_why(synthetic, tmp_path, capsys):
+    """A checkpoint computed on another kind of device (a GPU) cannot continue exactly on
+    this one: training starts over and says so in a line, never a silent mix."""
+    store, _ = synthetic
+    work = tmp_path / "w"
+    cfg = small_cfg(train_tokens=256 * 6, dtype="float32", checkpoint_seconds=0)
+    train_sae(store, cfg, work, "key")
+    path = work / CHECKPOINT
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    assert meta["device"] == "cpu" and meta["dtype"] == "float32"
+    # The same checkpoint as a CUDA machine would have written it (its key names the device).
+    made_on = {"dtype": "float32", "device": "cuda"}
+    meta = {**meta, **made_on, "key": settings_hash("key", "float32", "cuda")}
+    save_file(tensors, str(path), metadata=meta)
+    capsys.readouterr()
+    _, summary = train_sae(store, cfg, work, "key")
+    said = " ".join(capsys.readouterr().err.split())
+    assert not summary["resumed"]
+    assert "written computing in cuda; this run computes in cpu" in said, said
+    assert "starts over" in said
 
 
 def test_bad_input(synthetic, tmp_path):

@@ -4,6 +4,8 @@ plain lines saying what started, how far it is now and then, and what finished a
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
@@ -105,6 +107,24 @@ class LineProgress:
             f"{t.description}: finished {self._count(t)} in {seconds:,.1f} s"
             + (f", {t.rate}" if t.rate else "")
         )
+
+
+@contextmanager
+def step(description: str, timings: dict[str, float] | None = None, name: str = "") -> Iterator:
+    """A step without a count: a spinner on a terminal, else a line when it starts and one
+    when it finishes with its time; its seconds go to timings[name] where both are given."""
+    start = time.perf_counter()
+    if console.is_terminal:
+        with console.status(description):
+            yield
+    else:
+        say(f"{description}: started")
+        yield
+    seconds = time.perf_counter() - start
+    if not console.is_terminal:
+        say(f"{description}: finished in {seconds:,.1f} s")
+    if timings is not None and name:
+        timings[name] = seconds
 
 
 def say(message: str) -> None:

@@ -150,8 +150,11 @@ class TrainState:
     step: int = 0
 
 
-def save_checkpoint(path: Path, state: TrainState, key: str, dtype: str = "") -> None:
-    """Weights, Adam's moments and the dead-latent counters in one safetensors file."""
+def save_checkpoint(
+    path: Path, state: TrainState, key: str, made_on: dict[str, str] | None = None
+) -> None:
+    """Weights, Adam's moments and the dead-latent counters in one safetensors file;
+    `made_on` ({"dtype": ..., "device": ...}) records what it was computed with."""
     tensors = {f"sae.{n}": t.detach() for n, t in state.sae.state_dict().items()}
     names = {id(p): n for n, p in state.sae.named_parameters()}
     for p, s in state.opt.state.items():
@@ -159,28 +162,26 @@ def save_checkpoint(path: Path, state: TrainState, key: str, dtype: str = "") ->
             # safetensors keeps no 0-d tensors: Adam's step count goes as shape [1]
             tensors[f"adam.{names[id(p)]}.{field}"] = value.reshape(1) if value.ndim == 0 else value
     tensors["since_fired"] = state.since_fired
-    meta = {"key": key, "step": str(state.step), "dtype": dtype}
+    meta = {"key": key, "step": str(state.step), **(made_on or {})}
     tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
 
 
-def load_checkpoint(path: Path, state: TrainState, key: str, dtype: str = "") -> bool:
+def load_checkpoint(
+    path: Path, state: TrainState, key: str, made_on: dict[str, str] | None = None
+) -> bool:
     """Restore a checkpoint written with the same key; False where there is none to use
-    (saying so where one exists for the same settings but another compute dtype). A damaged
-    or mismatched checkpoint is an error: it is never silently trained over."""
+    (saying so in a line where one exists that was computed with another dtype or on another
+    kind of device, which cannot continue exactly). A damaged or mismatched checkpoint is an
+    error: it is never silently trained over."""
     if not path.is_file():
         return False
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
             if meta.get("key") != key:
-                if dtype and meta.get("dtype") not in (None, dtype):
-                    say(
-                        f"{path} was written computing in {meta['dtype']}; this machine resolves "
-                        f"{dtype}, so training starts over (set train.dtype = "
-                        f'"{meta["dtype"]}" to continue it instead)'
-                    )
+                _say_why_not_resumed(path, meta, made_on or {})
                 return False
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError) as e:
@@ -207,6 +208,21 @@ def load_checkpoint(path: Path, state: TrainState, key: str, dtype: str = "") ->
             "delete it to train from the start"
         ) from None
     return True
+
+
+def _say_why_not_resumed(path: Path, meta: dict[str, str], made_on: dict[str, str]) -> None:
+    """One line where a checkpoint differs from this run only in what it was computed with."""
+    differ = [k for k, v in made_on.items() if meta.get(k) not in (None, v)]
+    if not differ:
+        return  # other settings: an unrelated checkpoint, replaced without a word
+    was = " on ".join(meta[k] for k in differ)
+    now = " on ".join(made_on[k] for k in differ)
+    hint = " or ".join(f'train.{k} = "{meta[k]}"' for k in differ)
+    say(
+        f"{path} was written computing in {was}; this run computes in {now}, which cannot "
+        f"continue it exactly, so training starts over (set {hint} to continue it instead, "
+        "where that is possible)"
+    )
 
 
 # ---- the loop ----
@@ -292,12 +308,14 @@ def train_sae(
     work_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(work_dir)
     path = work_dir / CHECKPOINT
-    # The checkpoint is keyed on the resolved compute dtype too: one made in bfloat16 never
-    # continues in float32 (or the reverse) on a machine that resolves "auto" otherwise.
-    ckpt_key = settings_hash(key, dtype_name(dtype))
+    # The checkpoint is keyed on the resolved compute dtype and the kind of device too: one
+    # made in bfloat16 (or on a GPU) never continues in float32 (or on the CPU), where
+    # "auto" resolves otherwise, since it could not continue exactly.
+    made_on = {"dtype": dtype_name(dtype), "device": device.type}
+    ckpt_key = settings_hash(key, made_on["dtype"], made_on["device"])
     scale, mean = input_statistics(store, tokens)
     state = new_state(cfg, store.d_model, scale, mean, device)
-    resumed = load_checkpoint(path, state, ckpt_key, dtype_name(dtype))
+    resumed = load_checkpoint(path, state, ckpt_key, made_on)
 
     stream = batch_stream(store, cfg, tokens)
     for _ in range(state.step):  # replay the stream up to where the checkpoint left it
@@ -314,7 +332,7 @@ def train_sae(
             fvu_avg += w * (out.fvu.item() - fvu_avg)
             l0_avg += w * (out.l0 - l0_avg)
             if state.step < total and time.monotonic() - last_save > cfg.checkpoint_seconds:
-                save_checkpoint(path, state, ckpt_key, dtype_name(dtype))
+                save_checkpoint(path, state, ckpt_key, made_on)
                 last_save = time.monotonic()
             rate = done / (time.perf_counter() - start)
             bar.update(
@@ -323,7 +341,7 @@ def train_sae(
                 rate=f"{rate:,.0f} tok/s  fvu {fvu_avg:.3f}  L0 {l0_avg:.1f}",
             )
     seconds = time.perf_counter() - start
-    save_checkpoint(path, state, ckpt_key, dtype_name(dtype))
+    save_checkpoint(path, state, ckpt_key, made_on)
     summary = {
         "steps": total,
         "tokens": total * cfg.batch_tokens,
