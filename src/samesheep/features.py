@@ -26,6 +26,7 @@ from .config import FeaturesConfig
 from .corpus import CorpusReader, Document
 from .errors import SamesheepError
 from .labels import MIN_TOPIC_LIFT, format_label, lift, term_text, top_terms
+from .progress import step
 from .sae import Sae
 from .selection import PairCounter, TopList
 from .store import SPLITS, Store, TokenFilter
@@ -184,7 +185,11 @@ class Statistics:
         self.bigrams = PairCounter(vocab * vocab)  # (latent, bigram): firings
         self.docs = PairCounter(1 << 40)  # (latent, doc_key): mass, exact for top titles
         self.n_docs = np.zeros(d_sae, dtype=np.int64)
-        self._open_pairs = np.zeros(0, dtype=np.int64)  # (latent, doc) of the last document
+        # per latent, the last document (doc_key) it fired in, in store order: documents are
+        # contiguous in the store, so a (latent, document) pair is new exactly where the
+        # document differs from it (however many shards the document spans)
+        self._last_doc = np.full(d_sae, -1, dtype=np.int64)
+        self._last_key = -1  # the last document of the store read so far
         self.corpus_tokens = np.zeros(vocab, dtype=np.int64)
         self.corpus_bigrams = PairCounter(1 << 62, cap=1 << 62)
         self.corpus_topics = np.zeros(max(n_topics, 1), dtype=np.int64)
@@ -222,15 +227,26 @@ class Statistics:
         )
 
     def _add_docs(self, r: Rows) -> None:
-        """Per (latent, document) mass. Documents are contiguous in the store, so the pairs of
-        every document but the shard's last are final: they are counted in n_docs once and
-        pruned to the DOC_KEEP heaviest per latent, exactly."""
-        pair = r.latent * (1 << 40) + r.doc_key[r.entry_row]
+        """Per (latent, document) mass, and per latent the number of distinct documents it
+        fires in. Documents are contiguous in the store, so a latent's firings in one document
+        are a run in store order: a document counts once in n_docs, where it differs from
+        the last document the latent fired in (which may be several shards back: a long
+        document spans shards, and a latent may fire in its first and third but not its
+        second). Every document but the last one read is final, so the pairs are pruned to
+        the DOC_KEEP heaviest per latent exactly."""
+        doc = r.doc_key[r.entry_row]
+        pair = r.latent * (1 << 40) + doc
         self.docs.add(pair, r.value)
-        fresh = np.setdiff1d(np.unique(pair), self._open_pairs, assume_unique=True)
-        self.n_docs += np.bincount(fresh >> 40, minlength=self.d_sae)
-        last = r.doc_key[-1] if len(r.doc_key) else -1
-        self._open_pairs = np.unique(pair[r.doc_key[r.entry_row] == last])
+        lat_u, first = np.unique(pair, return_index=True)
+        lat_u >>= 40
+        doc_u = doc[first]
+        self.n_docs += np.bincount(lat_u[doc_u != self._last_doc[lat_u]], minlength=self.d_sae)
+        if len(r.latent):  # each latent's last entry in store order
+            back, at = np.unique(r.latent[::-1], return_index=True)
+            self._last_doc[back] = doc[len(doc) - 1 - at]
+        if len(r.doc_key):
+            self._last_key = int(r.doc_key[-1])
+        last = self._last_key
         self.docs.prune(DOC_KEEP, protect=(self.docs.keys & ((1 << 40) - 1)) == last)
 
 
@@ -522,6 +538,7 @@ def compute_features(
     by TextEmbedder.embed_documents, train documents then held-out ones) are optional:
     without them those columns are left out (or nan)."""
     timings: dict[str, float] = {}
+    label = f"{src.model} layer {src.layer} features"
     clock = time.perf_counter()
     info.check(src.store)
     vocab = vocab_size(src.tokenizer)
@@ -529,66 +546,64 @@ def compute_features(
     stats = Statistics(m, vocab, len(info.topics), cfg)
     shards = stream_codes(
         src.sae, src.store, src.token_filter, codes_dir, key, device, dtype, cfg.batch_tokens,
-        label=f"{src.model} layer {src.layer} features",
+        label=label,
     )  # fmt: skip
     n_kept = stream_pass(src, info, shards, vocab, lambda r, _: stats.add(r))
     if n_kept == 0:
         raise SamesheepError(f"{src.store.folder} holds no tokens the SAE stages use")
     timings["stream"] = time.perf_counter() - clock
 
-    clock = time.perf_counter()
-    rng = np.random.default_rng([cfg.seed, 0])
-    pool = np.sort(rng.choice(n_kept, size=min(RANDOM_POOL, n_kept), replace=False))
-    samples = Samples(stats, cfg, pool, histogram_edges(stats, cfg.histogram_bins))
-    stream_pass(
-        src, info, read_codes(codes_dir, src.store, src.token_filter), vocab,
-        lambda r, shard: samples.add(r, shard),
-    )  # fmt: skip
-    refs = exemplar_refs(stats, samples, cfg)
-    timings["sample"] = time.perf_counter() - clock
+    with step(f"{label}: histograms and sampled exemplars", timings, "sample"):
+        rng = np.random.default_rng([cfg.seed, 0])
+        pool = np.sort(rng.choice(n_kept, size=min(RANDOM_POOL, n_kept), replace=False))
+        samples = Samples(stats, cfg, pool, histogram_edges(stats, cfg.histogram_bins))
+        stream_pass(
+            src, info, read_codes(codes_dir, src.store, src.token_filter), vocab,
+            lambda r, shard: samples.add(r, shard),
+        )  # fmt: skip
+        refs = exemplar_refs(stats, samples, cfg)
 
-    clock = time.perf_counter()
-    parts: list[dict[str, Any]] = []
-    picked: list[np.ndarray] = []
-    gid0 = 0
-    for shard in read_codes(codes_dir, src.store, src.token_filter):
-        n = shard.tokens.num_rows
-        sel = np.flatnonzero((refs.gid >= gid0) & (refs.gid < gid0 + n))
-        if len(sel):
-            parts.append(cut_windows(refs, sel, shard, gid0, info, m, cfg.window_tokens))
-            picked.append(sel)
-        gid0 += n
-    refs = refs.take(np.concatenate(picked) if picked else np.zeros(0, dtype=np.int64))
-    order = np.lexsort((refs.rank, refs.bin, refs.kind, refs.latent))
-    exemplars = exemplar_table(src, refs, parts, order)
-    timings["windows"] = time.perf_counter() - clock
+    with step(f"{label}: exemplar windows", timings, "windows"):
+        parts: list[dict[str, Any]] = []
+        picked: list[np.ndarray] = []
+        gid0 = 0
+        for shard in read_codes(codes_dir, src.store, src.token_filter):
+            n = shard.tokens.num_rows
+            sel = np.flatnonzero((refs.gid >= gid0) & (refs.gid < gid0 + n))
+            if len(sel):
+                parts.append(cut_windows(refs, sel, shard, gid0, info, m, cfg.window_tokens))
+                picked.append(sel)
+            gid0 += n
+        refs = refs.take(np.concatenate(picked) if picked else np.zeros(0, dtype=np.int64))
+        order = np.lexsort((refs.rank, refs.bin, refs.kind, refs.latent))
+        exemplars = exemplar_table(src, refs, parts, order)
 
     coherence = np.full(m, np.nan)
     centroids = None
     if doc_states is not None:
-        clock = time.perf_counter()
-        centroids, coherence = embed_exemplars(exemplars, info, doc_states, m, cfg.top_exemplars)
-        timings["embed"] = time.perf_counter() - clock
+        with step(f"{label}: embedding view", timings, "embed"):
+            centroids, coherence = embed_exemplars(
+                exemplars, info, doc_states, m, cfg.top_exemplars
+            )
     lens = None
     if lens_model is not None:
         from .logit_lens import excluded_token_ids, logit_lens
 
-        clock = time.perf_counter()
-        live = torch.from_numpy(stats.fires.sum(0) > 0)  # dead latents have nothing to show
-        directions = src.sae.W_dec.detach().float().cpu()[live]
-        vocab_rows = lens_model.get_output_embeddings().weight.shape[0]
-        exclude = excluded_token_ids(src.tokenizer, vocab_rows)
-        part = logit_lens(lens_model, directions.to(device), exclude, cfg.top_tokens, dtype)
-        lens = {}
-        for name, t in zip(part._fields, part, strict=True):
-            full = torch.full((m, t.shape[1]), -1 if "ids" in name else math.nan, dtype=t.dtype)
-            full[live] = t.cpu()
-            lens[name] = full
-        timings["logit_lens"] = time.perf_counter() - clock
+        with step(f"{label}: logit lens", timings, "logit_lens"):
+            live = torch.from_numpy(stats.fires.sum(0) > 0)  # dead latents have nothing to show
+            directions = src.sae.W_dec.detach().float().cpu()[live]
+            vocab_rows = lens_model.get_output_embeddings().weight.shape[0]
+            exclude = excluded_token_ids(src.tokenizer, vocab_rows)
+            part = logit_lens(lens_model, directions.to(device), exclude, cfg.top_tokens, dtype)
+            lens = {}
+            for name, t in zip(part._fields, part, strict=True):
+                fill = -1 if "ids" in name else math.nan
+                full = torch.full((m, t.shape[1]), fill, dtype=t.dtype)
+                full[live] = t.cpu()
+                lens[name] = full
 
-    clock = time.perf_counter()
-    table = feature_table(src, stats, samples, info, cfg.top_tokens, lens, coherence)
-    timings["table"] = time.perf_counter() - clock
+    with step(f"{label}: feature table", timings, "table"):
+        table = feature_table(src, stats, samples, info, cfg.top_tokens, lens, coherence)
     summary = {
         "latents": m,
         "dead": int(table.column("dead").to_numpy().sum()),
@@ -609,7 +624,14 @@ def embed_exemplars(
     """(centroids [d_sae, dim], coherence [d_sae]): the normalised mean embedding of each
     latent's top exemplar windows, and their mean pairwise cosine minus that of the random
     windows (0: no more alike than random text). `doc_states` holds every corpus document's
-    wordpiece states (train documents first, then held-out ones)."""
+    wordpiece states (train documents first, then held-out ones).
+
+    A window's embedding is the mean of the states of the wordpieces its character span
+    overlaps, taken from one contextual pass over the whole document (in pieces of 254
+    wordpieces), not from embedding the window's text on its own: the rest of the document
+    leaks into every window through attention. Two windows of one text in different
+    documents therefore differ somewhat, and windows of one document are more alike than
+    their text alone would make them (the random windows of the baseline share this)."""
     from .embedding import coherence as coherence_of
     from .embedding import mean_pairwise_cosine
 

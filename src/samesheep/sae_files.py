@@ -87,6 +87,12 @@ def save_sae(sae: Sae, folder: str | Path, metadata: dict[str, Any] | None = Non
     write_json(folder / CFG_FILE, sl_cfg)  # last: a folder with a cfg.json is complete
 
 
+def read_sae_config(folder: str | Path) -> SaeConfig:
+    """The configuration of the SAE in `folder`, from its cfg.json alone (no weights read)."""
+    path = Path(folder) / CFG_FILE
+    return _config(_read_json(path), path)[0]
+
+
 def load_sae(
     folder: str | Path, device: torch.device | str = "cpu", d_in: int | None = None
 ) -> Sae:
