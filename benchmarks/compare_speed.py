@@ -11,6 +11,8 @@ correlation of every latent pair:
           float64), raw view only, keeping each latent's top 5 partners.
 Printed: both times and peak memory (each side in a fresh process), the speed-up, and the
 largest difference of the best-partner correlations (float32 dense against float64 sparse).
+Then the sparse side alone on two 65,536-latent SAEs (20,000 units, three views as the
+compare stage runs them): its time and peak memory, which the block size bounds.
 
 Usage: python benchmarks/compare_speed.py [--units 200000]
 """
@@ -29,11 +31,12 @@ import numpy as np
 M_A, M_B, K = 10_240, 9_216, 32
 
 
-def codes(units: int, seed: int = 0):
+def codes(units: int, seed: int = 0, m_a: int = M_A, m_b: int = M_B):
     """Two models' TopK-like codes on the same units: random active sets, with 2,000 latent
     pairs of A and B that fire together (shared features)."""
     import scipy.sparse as sp
 
+    M_A, M_B = m_a, m_b
     rng = np.random.default_rng(seed)
     idx_a = np.stack([rng.choice(M_A, K, replace=False) for _ in range(2000)])
     rows_a = np.sort(rng.integers(0, M_A, (units, K)), axis=1)
@@ -87,8 +90,20 @@ def run_sparse(units: int) -> dict:
     return {"seconds": time.perf_counter() - start, "best": partners.a_val[:, 0].tolist()}
 
 
+def run_wide(units: int, m: int = 65_536) -> dict:
+    """The sparse side on two 65,536-latent SAEs with the residual and token views."""
+    from samesheep.compare import Settings, measure
+
+    a, b = codes(units, m_a=m, m_b=m)
+    text = np.random.default_rng(1).integers(0, units // 4, units)
+    start = time.perf_counter()
+    measure(a, b, text, np.arange(units) % 20, Settings())
+    return {"seconds": time.perf_counter() - start, "best": []}
+
+
 def child(kind: str, units: int) -> None:
-    out = run_dense(units) if kind == "dense" else run_sparse(units)
+    runs = {"dense": run_dense, "sparse": run_sparse, "wide": run_wide}
+    out = runs[kind](units)
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(out))
 
@@ -120,6 +135,15 @@ def main() -> None:
     speedup = res["dense"]["seconds"] / res["sparse"]["seconds"]
     print(f"speed-up of sparse over dense: {speedup:.1f}x (target: at least 20x)")
     print(f"largest difference of the best-partner r: {diff:.2e} (target: within 1e-5)")
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", "wide", "--units", "20000"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    print(
+        "65,536 x 65,536 latents, 20,000 units, raw + residual + token views, top-5 partners "
+        f"and jackknife sums: {r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:,.0f} MB"
+    )
 
 
 if __name__ == "__main__":

@@ -78,3 +78,72 @@ def test_compare_before_train_names_the_stage(tiny_models, tmp_path, env):
     res = cli("compare", *args, env=env)
     assert_one_line_error(res)
     assert "samesheep train" in res.stderr
+
+
+def test_later_stages_leave_out_tokens_by_their_norm(run, env, tmp_path):
+    """The compare stage uses the token rule of training, the norm limit included: with a
+    tight limit its units hold exactly the tokens the rule keeps, fewer than by default."""
+    from helpers import copy_run
+
+    from samesheep.config import TrainConfig
+    from samesheep.store import open_store
+    from samesheep.train import filter_counts, token_filter
+
+    _, run_dir, args, _ = run
+    copy, cargs = copy_run(run_dir, args, tmp_path / "copy")
+    res = cli("compare", *cargs, "--set", "train.max_norm_ratio=1.05", env=env)
+    assert res.returncode == 0, res.stderr
+    cov = json.loads((copy / "compare" / "llama0__gpt20" / "summary.json").read_text())["coverage"]
+    store = open_store(copy / "llama0" / "layer_1" / "acts")
+
+    def kept(ratio: float) -> int:
+        tokens = token_filter(store, TrainConfig(max_norm_ratio=ratio))
+        return sum(filter_counts(store, tokens, split)[0] for split in ("train", "heldout"))
+
+    assert cov["kept_tokens_a"] == kept(1.05) < kept(3.0)
+    default = json.loads((run_dir / "compare" / "llama0__gpt20" / "summary.json").read_text())
+    assert default["coverage"]["kept_tokens_a"] == kept(3.0)
+
+
+def test_stores_from_another_corpus_are_a_one_line_error(run, env, tmp_path):
+    from helpers import copy_run
+
+    _, run_dir, args, _ = run
+    copy, cargs = copy_run(run_dir, args, tmp_path / "copy")
+    summary = copy / "compare" / "llama0__gpt20" / "summary.json"
+    summary.unlink()
+    manifest = copy / "corpus" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["hash"] = "0" * 16  # as if the corpus had been sampled again since extraction
+    manifest.write_text(json.dumps(data))
+    res = cli("compare", *cargs, env=env)
+    assert_one_line_error(res)
+    assert "another corpus" in res.stderr and "samesheep extract" in res.stderr
+    assert not summary.exists()
+
+
+def test_compare_without_features_names_the_stage(run, env, tmp_path):
+    from helpers import copy_run
+
+    _, run_dir, args, _ = run
+    copy, cargs = copy_run(run_dir, args, tmp_path / "copy")
+    (copy / "compare" / "llama0__gpt20" / "summary.json").unlink()
+    (copy / "gpt20" / "layer_1" / "features" / "summary.json").unlink()
+    res = cli("compare", *cargs, env=env)
+    assert_one_line_error(res)
+    assert "samesheep features" in res.stderr
+    assert not (copy / "compare" / "llama0__gpt20" / "summary.json").exists()
+
+
+def test_the_python_api_returns_the_comparison(run, tmp_path):
+    import samesheep
+
+    _, run_dir, _, _ = run
+    cfg = samesheep.load_config(run_dir / "config.toml")
+    out = samesheep.compare_models(cfg)
+    [(key, comparison)] = out.items()
+    assert key[:2] == (cfg.models[0], cfg.models[1])
+    assert comparison.summary["units"] > 100
+    assert comparison.partners.num_rows == 2 * 128
+    assert comparison.pairs.num_rows == comparison.summary["matched_pairs"]["pairs"]
+    assert "members" in comparison.families.column_names

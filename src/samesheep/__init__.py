@@ -19,6 +19,7 @@ __all__ = [
     "Shard",
     "Store",
     "capture",
+    "compare_models",
     "extract",
     "load_config",
     "load_model",
@@ -43,6 +44,20 @@ def run(config: Config | str | None = None, **overrides: Any) -> dict[str, Any]:
     from .pipeline import run as run_all
 
     return run_all(_config(config, overrides))
+
+
+def compare_models(config: Config | str | None = None, **overrides: Any) -> dict[tuple, Any]:
+    """Compare every pair of models, as `samesheep compare` does; returns a Comparison
+    (summary, partners, pairs, families) per (A, B, index of the layer setting). (Not named
+    `compare`: that is the module samesheep.compare.)"""
+    from .comparison import Comparison
+    from .pipeline import compare_folder, compare_stage
+
+    cfg = _config(config, overrides)
+    return {
+        (a, b, i): Comparison.load(compare_folder(cfg, a, b, s["layer_a"], s["layer_b"]))
+        for (a, b, i), s in compare_stage(cfg).items()
+    }
 
 
 def _config(config: Config | str | None, overrides: dict[str, Any]) -> Config:

@@ -66,6 +66,9 @@ def clean_ends(rows: TokenRows, doc_offset: np.ndarray) -> tuple[np.ndarray, np.
     return g_end[clean], real[clean]
 
 
+FIELDS = ("doc", "start", "end", "row_a", "row_b", "gid_a", "gid_b", "first_a", "first_b")
+
+
 @dataclass
 class Units:
     """Aligned units of two stores over the same documents, one entry per unit."""
@@ -77,6 +80,8 @@ class Units:
     row_b: np.ndarray
     gid_a: np.ndarray  # and its kept-row id (the row of that SAE's codes)
     gid_b: np.ndarray
+    first_a: np.ndarray  # the row of the first token inside the unit in each store: the
+    first_b: np.ndarray  # unit's tokens are rows first..row (for unit values "max", "mean")
     coverage: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -85,10 +90,7 @@ class Units:
     def take(self, idx: np.ndarray) -> Units:
         """The units idx, in that order."""
         return Units(
-            *(
-                getattr(self, f)[idx]
-                for f in ("doc", "start", "end", "row_a", "row_b", "gid_a", "gid_b")
-            ),
+            *(getattr(self, f)[idx] for f in FIELDS),
             coverage=self.coverage,
         )
 
@@ -109,6 +111,12 @@ def align(
     prev = np.concatenate([[-1], shared[:-1]])
     same_doc = np.concatenate([[False], doc[1:] == doc[:-1]])
     g_start = np.where(same_doc, prev, doc_offset[doc])
+    # the first token inside each unit: the one after the previous unit's last, or the
+    # document's first (store rows are in document and character order)
+    first = {
+        name: np.where(same_doc, np.concatenate([[0], r[:-1] + 1]), np.searchsorted(t.doc, doc))
+        for name, t, r in (("a", a, ra), ("b", b, rb))
+    }
     ok = (a.gid[ra] >= 0) & (b.gid[rb] >= 0)
     for rows, r in ((a, ra), (b, rb)):
         ok &= ~((rows.window[r] > 0) & (rows.position[r] <= after_break))
@@ -120,24 +128,30 @@ def align(
         row_b=rb[ok],
         gid_a=a.gid[ra][ok],
         gid_b=b.gid[rb][ok],
+        first_a=first["a"][ok],
+        first_b=first["b"][ok],
     )
     units.coverage = coverage(a, b, units, ra, rb)
     return units
 
 
 def coverage(a: TokenRows, b: TokenRows, units: Units, ra: np.ndarray, rb: np.ndarray) -> dict:
-    """How the units cover each model's kept tokens: units, tokens per unit, the share of
-    kept tokens that form a unit on their own (one-to-one)."""
+    """How the units cover each model's kept tokens: units, tokens per unit (the unit's
+    tokens in each model, left-out ones included), and the share of each model's kept tokens
+    that sit in one-to-one units (one token in each model). Tokens without characters (BOS,
+    padding) belong to no unit."""
     out = {"units": len(units), "boundaries_shared": len(ra)}
-    for name, rows, gid in (("a", a, units.gid_a), ("b", b, units.gid_b)):
-        # tokens per unit: kept tokens between consecutive representatives of the same doc
-        kept_index = gid
-        prev = np.concatenate([[-1], kept_index[:-1]])
-        same = np.concatenate([[False], units.doc[1:] == units.doc[:-1]])
-        per_unit = np.where(same, kept_index - prev, 1)
+    per_unit = {}
+    for name, rows in (("a", a), ("b", b)):
+        real = np.concatenate([[0], np.cumsum(rows.end > rows.start)])
+        first, last = getattr(units, f"first_{name}"), getattr(units, f"row_{name}")
+        per_unit[name] = real[last + 1] - real[first]
+    one_to_one = (per_unit["a"] == 1) & (per_unit["b"] == 1)
+    for name, rows in (("a", a), ("b", b)):
+        n = per_unit[name]
         out[f"kept_tokens_{name}"] = rows.kept
-        out[f"tokens_per_unit_{name}"] = float(per_unit.mean()) if len(per_unit) else float("nan")
-        out[f"one_to_one_share_{name}"] = float((per_unit == 1).sum() / max(rows.kept, 1))
+        out[f"tokens_per_unit_{name}"] = float(n.mean()) if len(n) else float("nan")
+        out[f"one_to_one_share_{name}"] = float(one_to_one.sum() / max(rows.kept, 1))
         out[f"units_share_of_kept_{name}"] = float(len(units) / max(rows.kept, 1))
     return out
 

@@ -17,9 +17,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from .alignment import Units
-from .correlation import VIEWS, TopPartners, correlation_blocks, gather_rows
+from .correlation import VIEWS, TopPartners, correlation_blocks
 from .matching import candidate_pairs
-from .sae import SparseCodes
 
 DIRECTIONS = ("a_to_b", "b_to_a")
 
@@ -33,7 +32,7 @@ class Settings:
     partners: int = 5
     groups: int = 20
     residual: bool = True
-    block: int = 1024
+    block: int = 0  # rows of a per block of correlations (0: sized from b's width)
 
 
 @dataclass
@@ -57,13 +56,6 @@ class Measurement:
     @property
     def m_b(self) -> int:
         return len(self.fires_b)
-
-
-def unit_matrices(
-    units: Units, codes_a: SparseCodes, codes_b: SparseCodes, m_a: int, m_b: int
-) -> tuple[sp.csr_matrix, sp.csr_matrix]:
-    """Each side's codes on the units' representative tokens: [units, latents] CSR."""
-    return gather_rows(codes_a, units.gid_a, m_a), gather_rows(codes_b, units.gid_b, m_b)
 
 
 def measure(
@@ -184,6 +176,14 @@ def curve(best: np.ndarray, fires: np.ndarray, s: Settings, steps: int = 21) -> 
     return [[float(t), float((b >= t).mean()) if len(b) else math.nan] for t in grid]
 
 
+def histogram(best: np.ndarray, fires: np.ndarray, s: Settings, bins: int = 20) -> list[int]:
+    """Judged latents per bin of best-partner r, bins of equal width over [0, 1] (an r
+    below 0 counts in the first bin)."""
+    judge = fires >= s.min_fires
+    b = np.clip(np.where(np.isfinite(best), best, 0.0)[judge], 0.0, 1.0)
+    return np.histogram(b, bins=bins, range=(0.0, 1.0))[0].tolist()
+
+
 def by_decile(best: np.ndarray, fires: np.ndarray, s: Settings, threshold: float) -> list[dict]:
     """Mean best r and share >= threshold per firing-frequency decile of the judged latents."""
     judge = np.flatnonzero(fires >= s.min_fires)
@@ -280,10 +280,14 @@ def shifted_within_documents(units: Units, seed: int = 0) -> np.ndarray:
     return perm
 
 
-def across_documents(units: Units, skip: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(rows of a, rows of b): each document's units paired by index with another
+def across_documents(
+    units: Units, skip: int = 3, max_offset: int = 8, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """(rows of a, rows of b): each document's units paired in order with another
     document's, past the first `skip` units of both (where the text after a BOS would match
-    trivially), as long as both last."""
+    trivially), from starting points `skip + 0..max_offset` drawn apart for the two sides so
+    that the documents' starts never line up (a latent that follows the position in the
+    document finds no partner there), as long as both last."""
     rng = np.random.default_rng(seed)
     starts = np.flatnonzero(np.diff(units.doc, prepend=-1))
     ends = np.append(starts[1:], len(units))
@@ -291,13 +295,18 @@ def across_documents(units: Units, skip: int = 3, seed: int = 0) -> tuple[np.nda
     if n_docs < 2:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     other = (np.arange(n_docs) + rng.integers(1, n_docs)) % n_docs  # never itself
+    off_a = rng.integers(0, max_offset + 1, n_docs)
+    off_b = (off_a + rng.integers(1, max_offset + 1, n_docs)) % (max_offset + 1)  # != off_a
     rows_a, rows_b = [], []
     for d in range(n_docs):
         o = other[d]
-        n = min(ends[d] - starts[d], ends[o] - starts[o]) - skip
+        lo_a, lo_b = starts[d] + skip + off_a[d], starts[o] + skip + off_b[d]
+        n = min(ends[d] - lo_a, ends[o] - lo_b)
         if n > 0:
-            rows_a.append(starts[d] + skip + np.arange(n))
-            rows_b.append(starts[o] + skip + np.arange(n))
+            rows_a.append(lo_a + np.arange(n))
+            rows_b.append(lo_b + np.arange(n))
+    if not rows_a:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     return np.concatenate(rows_a), np.concatenate(rows_b)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ from .compare import (
     curve,
     document_groups,
     headline,
+    histogram,
     jackknife,
     leave_one_out,
     measure,
@@ -30,10 +32,11 @@ from .compare import (
     shifted_within_documents,
 )
 from .config import CompareConfig
-from .correlation import gather_rows
+from .correlation import unit_codes
 from .errors import SamesheepError
 from .geometry import rsa_test, svcca_test
 from .matching import assignment, families
+from .progress import step
 from .sae import SparseCodes
 
 HEADLINE_R = 0.5
@@ -65,6 +68,34 @@ class PairInputs:
     ceiling: tuple[Side, Side] | None  # each model's second-seed SAE
     texts: list[str]  # every document, train then held-out
     n_train_docs: int
+
+
+@dataclass
+class Comparison:
+    """One comparison as the compare stage wrote it: the summary and the three tables."""
+
+    folder: Path
+    summary: dict[str, Any]
+    partners: pa.Table
+    pairs: pa.Table
+    families: pa.Table
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Comparison:
+        """Read a compare/<A>__<B> folder (a clear error where it is incomplete)."""
+        import pyarrow.parquet as pq
+
+        from .files import read_json
+
+        folder = Path(folder)
+        summary = read_json(folder / "summary.json", corrupt_is_missing=True)
+        if not summary:
+            raise SamesheepError(f"no comparison in {folder}: run `samesheep compare` first")
+        tables = {n: pq.read_table(folder / f"{n}.parquet") for n in TABLES}
+        return cls(folder, summary, **tables)
+
+
+TABLES = ("partners", "pairs", "families")
 
 
 def settings_of(cfg: CompareConfig) -> Settings:
@@ -101,8 +132,10 @@ def common_units(inp: PairInputs, cfg: CompareConfig) -> Units:
     return units
 
 
-def _side_matrix(side: Side, rows: np.ndarray) -> Any:
-    return gather_rows(side.codes, side.rows.gid[rows], side.d_sae)
+def _side_matrix(side: Side, units: Units, which: str, how: str) -> Any:
+    """[units, latents] CSR: the side's codes on the units (model `which` of the pair)."""
+    first, last = getattr(units, f"first_{which}"), getattr(units, f"row_{which}")
+    return unit_codes(side.codes, side.rows.gid, first, last, side.d_sae, how)
 
 
 def run_pair(inp: PairInputs, cfg: CompareConfig) -> dict[str, Any]:
@@ -113,27 +146,35 @@ def run_pair(inp: PairInputs, cfg: CompareConfig) -> dict[str, Any]:
         raise SamesheepError(f"only {len(units)} aligned units: too few to compare the models")
     text, _ = unit_texts(units, inp.texts)
     groups = document_groups(units, cfg.groups, cfg.seed)
-    a = _side_matrix(inp.a, units.row_a)
-    b = _side_matrix(inp.b, units.row_b)
-    runs: dict[str, Measurement] = {"raw": measure(a, b, text, groups, s)}
+    how = cfg.unit_value
+    a = _side_matrix(inp.a, units, "a", how)
+    b = _side_matrix(inp.b, units, "b", how)
+    label = f"compare {inp.a.model} / {inp.b.model}"
+    runs: dict[str, Measurement] = {}
+
+    def run(name: str, what: str, *args: Any) -> None:
+        with step(f"{label}: {what}"):
+            runs[name] = measure(*args, s)
+
+    run("raw", f"the trained pair on {len(units):,} units", a, b, text, groups)
     if inp.floor is not None:
         fa, fb = inp.floor
-        runs["floor"] = measure(
-            _side_matrix(fa, units.row_a), _side_matrix(fb, units.row_b), text, groups, s
-        )
+        fa, fb = _side_matrix(fa, units, "a", how), _side_matrix(fb, units, "b", how)
+        run("floor", "the random-weights floor", fa, fb, text, groups)
     if inp.ceiling is not None:
         ca, cb = inp.ceiling
-        runs["ceiling_a"] = measure(a, _side_matrix(ca, units.row_a), text, groups, s)
-        runs["ceiling_b"] = measure(b, _side_matrix(cb, units.row_b), text, groups, s)
+        ca, cb = _side_matrix(ca, units, "a", how), _side_matrix(cb, units, "b", how)
+        run("ceiling_a", "the seed ceiling of A", a, ca, text, groups)
+        run("ceiling_b", "the seed ceiling of B", b, cb, text, groups)
     if cfg.null:
         perm = shifted_within_documents(units, cfg.seed)
-        runs["null"] = measure(a, b[perm], None, groups, s)
+        run("null", "the within-document null", a, b[perm], None, groups)
         ra, rb = across_documents(units, seed=cfg.seed)
         if len(ra) >= 2 * cfg.min_fires:
-            runs["across"] = measure(a[ra], b[rb], None, groups[ra], s)
+            run("across", "the across-document null", a[ra], b[rb], None, groups[ra])
     heldout = np.flatnonzero(units.doc >= inp.n_train_docs)
     if len(heldout) >= 2 * cfg.min_fires:
-        runs["heldout"] = measure(a[heldout], b[heldout], None, groups[heldout], s)
+        run("heldout", "the held-out check", a[heldout], b[heldout], None, groups[heldout])
     return {"units": units, "runs": runs, "settings": s, "a": a, "b": b}
 
 
@@ -162,6 +203,7 @@ def headline_table(runs: dict[str, Measurement], s: Settings) -> dict[str, Any]:
         out[view] = {}
         for direction in DIRECTIONS:
             entry: dict[str, Any] = {}
+            curves, histograms, deciles = {}, {}, {}
             for role in ("raw", "floor", "null", "across", "ceiling", "heldout"):
                 name, d = direction_of(role, direction)
                 m = runs.get(name)
@@ -169,9 +211,15 @@ def headline_table(runs: dict[str, Measurement], s: Settings) -> dict[str, Any]:
                     continue
                 best, fires = best_of(m, view, d)
                 entry[role] = headline(best, fires, s)
-            best, fires = best_of(runs["raw"], view, direction)
-            entry["curve"] = curve(best, fires, s)
-            entry["deciles"] = by_decile(best, fires, s, HEADLINE_R)
+                curves[role] = curve(best, fires, s)
+                histograms[role] = histogram(best, fires, s)
+                if role in ("raw", "floor", "ceiling"):
+                    deciles[role] = by_decile(best, fires, s, HEADLINE_R)
+            entry["curve"] = curves["raw"]
+            entry["curves"] = curves
+            entry["histograms"] = histograms
+            entry["deciles"] = deciles["raw"]
+            entry["deciles_by_role"] = deciles
             entry["normalised"] = normalised(entry)
             if view == "raw":
                 entry["intervals"] = intervals(runs, s, direction)
@@ -179,6 +227,11 @@ def headline_table(runs: dict[str, Measurement], s: Settings) -> dict[str, Any]:
             out[view][direction] = entry
         out[view]["mutual_pairs"] = {
             f"r{t:g}": mutual_count(runs["raw"], view, t, s) for t in s.thresholds
+        }
+        out[view]["mutual_pairs_by_role"] = {
+            name: {f"r{t:g}": mutual_count(m, view, t, s) for t in s.thresholds}
+            for name, m in runs.items()
+            if view in m.partners
         }
     return out
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+from .errors import SamesheepError
 from .sae import SparseCodes
 
 VIEWS = ("raw", "residual", "token")
@@ -35,6 +36,46 @@ def gather_rows(codes: SparseCodes, rows: np.ndarray, n_latents: int) -> sp.csr_
         (codes.values.numpy()[flat].astype(np.float64), codes.latents.numpy()[flat], indptr),
         shape=(len(rows), n_latents),
     )
+
+
+UNIT_VALUES = ("last", "max", "mean")
+"""A model's value on a unit: at its last token inside it (where both models have read the
+same text), or the maximum or mean over its kept tokens inside it."""
+
+
+def unit_codes(
+    codes: SparseCodes,
+    gid: np.ndarray,
+    first: np.ndarray,
+    last: np.ndarray,
+    n_latents: int,
+    how: str = "last",
+) -> sp.csr_matrix:
+    """[units, n_latents] CSR: each unit's codes from the store rows first..last (inclusive)
+    that are kept (`gid` [store rows] is each row's kept-row id, -1 where left out): the last
+    row's ("last"), or the maximum or mean over the kept rows ("max", "mean")."""
+    if how == "last":
+        return gather_rows(codes, gid[last], n_latents)
+    if how not in UNIT_VALUES:
+        raise SamesheepError(f"unit value {how!r} is not one of {', '.join(UNIT_VALUES)}")
+    lengths = last - first + 1
+    unit = np.repeat(np.arange(len(first)), lengths)
+    rows = np.repeat(first - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+    rows += np.arange(len(unit))
+    kept = gid[rows] >= 0
+    unit, rows = unit[kept], gid[rows][kept]
+    x = gather_rows(codes, rows, n_latents).tocoo()
+    u, j, v = unit[x.row], x.col, x.data
+    if how == "mean":
+        n = np.maximum(np.bincount(unit, minlength=len(first)), 1)
+        out = sp.csr_matrix((v / n[u], (u, j)), shape=(len(first), n_latents))
+        out.sum_duplicates()
+        return out
+    order = np.lexsort((j, u))
+    u, j, v = u[order], j[order], v[order]
+    new = np.flatnonzero(np.diff(u * n_latents + j, prepend=-1))
+    top = np.maximum.reduceat(v, new) if len(v) else v
+    return sp.csr_matrix((top, (u[new], j[new])), shape=(len(first), n_latents))
 
 
 def text_sums(x: sp.csr_matrix, text: np.ndarray, n_texts: int) -> sp.csr_matrix:
@@ -88,16 +129,29 @@ def pearson(cross: np.ndarray, ma: Moments, mb: Moments, view: str, rows: slice)
     return np.clip(r, -1.0, 1.0, out=r)
 
 
+BLOCK_BYTES = 128 << 20
+"""Memory for one block of correlations: each view's [block, latents of b] float64 matrix
+is held a few times over (products, correlations, the partner search), so a wide SAE gets
+fewer rows per block rather than more memory."""
+
+
+def block_rows(m_b: int) -> int:
+    """Rows of a per block: 1,024 for the default widths, fewer past them (65,536 latents of
+    b: 256)."""
+    return max(16, min(1024, BLOCK_BYTES // (8 * max(m_b, 1))))
+
+
 def correlation_blocks(
     a: sp.csr_matrix,
     b: sp.csr_matrix,
     text: np.ndarray | None,
     visit: Callable[[slice, dict[str, np.ndarray]], None],
-    block: int = 1024,
+    block: int = 0,
 ) -> tuple[Moments, Moments]:
     """Call visit(rows of a, {view: r [rows, latents of b]}) for every block of a's latents.
-    `text` [units] gives each unit's text id (None: only the raw view). Returns both SAEs'
-    moments."""
+    `text` [units] gives each unit's text id (None: only the raw view). `block` (0: sized
+    from b's width, see block_rows) bounds the memory. Returns both SAEs' moments."""
+    block = block or block_rows(b.shape[1])
     n_texts = int(text.max()) + 1 if text is not None and len(text) else 0
     ta = text_sums(a, text, n_texts) if text is not None else sp.csr_matrix(a.shape)
     tb = text_sums(b, text, n_texts) if text is not None else sp.csr_matrix(b.shape)

@@ -256,6 +256,7 @@ def extract_model(
         "device": device.type,
         "context_length": cfg.context_length,
         "prefix_ids": prefix,
+        "corpus": corpus_hash,  # later stages check that the run's corpus is still this one
     }
     # Each store is keyed on its own resolved layer: adding a layer, or naming one another
     # way ("2/3" or 12), keeps the stores already complete.

@@ -186,12 +186,16 @@ class Sae(nn.Module):
 
     # ---- inference ----
 
-    def pre_acts(self, x_scaled: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-        """Encoder pre-activations of already scaled inputs, the product run in `dtype`."""
+    def pre_acts(
+        self, x_scaled: Tensor, dtype: torch.dtype | None = None, w_enc: Tensor | None = None
+    ) -> Tensor:
+        """Encoder pre-activations of already scaled inputs, the product run in `dtype`
+        (`w_enc`: the encoder already cast to it, where a caller encodes many chunks)."""
         xc = x_scaled - self.b_dec
         if dtype is None or dtype == self.W_enc.dtype:
             return F.linear(xc, self.W_enc, self.b_enc)
-        return F.linear(xc.to(dtype), self.W_enc.to(dtype)).float() + self.b_enc
+        w = self.W_enc.to(dtype) if w_enc is None else w_enc
+        return F.linear(xc.to(dtype), w).float().add_(self.b_enc)
 
     def activate(self, pre: Tensor) -> Tensor:
         """Dense activations [tokens, d_sae] of pre-activations, by the inference rule."""
@@ -215,8 +219,10 @@ class Sae(nn.Module):
         """The active latents of raw activations [tokens, d_in], any architecture, a chunk of
         tokens at a time (the encoder product in `dtype`, float32 by default)."""
         parts = []
+        cast = dtype is not None and dtype != self.W_enc.dtype
+        w_enc = self.W_enc.to(dtype) if cast else None  # cast once, not once per chunk
         for chunk in self.scale(x).split(ENCODE_CHUNK):
-            pre = self.pre_acts(chunk, dtype)
+            pre = self.pre_acts(chunk, dtype, w_enc)
             if self.cfg.architecture == "topk":
                 vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
                 parts.append(sparse_from_topk(vals.relu(), idx))
