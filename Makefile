@@ -1,6 +1,6 @@
 # Two commands for a new user: `make demo` runs the default comparison end to end, offline;
 # `make test` runs the tests. Both install everything into .venv/ first.
-.PHONY: setup demo test test-fast lint bench
+.PHONY: setup browser demo test test-fast lint bench
 
 setup:
 	bash scripts/setup.sh
@@ -8,7 +8,10 @@ setup:
 demo: setup
 	.venv/bin/samesheep run
 
-test: setup
+browser:
+	bash scripts/setup_browser.sh
+
+test: setup browser
 	.venv/bin/python -m pytest -q
 
 test-fast: setup

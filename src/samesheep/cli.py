@@ -49,12 +49,13 @@ def _parser() -> argparse.ArgumentParser:
     _common(p)
 
     for name, text in [
-        ("run", "run every stage (corpus to compare), skipping what is up to date"),
+        ("run", "run every stage (corpus to report), skipping what is up to date"),
         ("corpus", "sample the corpus into the run directory"),
         ("extract", "extract activations of every model and layer into the run directory"),
         ("train", "train and evaluate an SAE per model and layer on the stored activations"),
         ("features", "statistics, exemplars, logit lens and labels of every latent of every SAE"),
         ("compare", "compare every pair of models' SAEs, with floors, nulls and ceilings"),
+        ("report", "write the run's static site (report/index.html) from its files"),
     ]:
         _common(sub.add_parser(name, help=text, description=text))
 
@@ -106,8 +107,12 @@ def main(argv: list[str] | None = None) -> int:
                 "train": pipeline.train_stage,
                 "features": pipeline.features_stage,
                 "compare": pipeline.compare_stage,
+                "report": pipeline.report_stage,
             }[args.command]
             stage(cfg)
+            if args.command in ("run", "report"):
+                index = Path(cfg.run_dir).expanduser() / "report" / "index.html"
+                print(f"report: {index.resolve().as_uri()}")
     except SamesheepError as e:
         if args.debug:
             raise

@@ -192,6 +192,10 @@ class CompareConfig:
     """Top partners kept per latent (the candidates for the intervals and the matching)."""
     groups: int = 20
     """Document groups of the delete-one-group jackknife intervals."""
+    unit_value: str = "last"
+    """A model's value on an aligned unit: "last" (its last token inside the unit, the one
+    position where both models have read the same text), "max" or "mean" (over its tokens
+    inside the unit)."""
     after_break: int = 4
     """Units within this many tokens after a window break (not the document's start) in
     either model are left out: that model has read less context there."""
@@ -199,6 +203,29 @@ class CompareConfig:
     """Random pairings against which SVCCA and RSA of the matched decoder rows are tested."""
     seed: int = 0
     """Seed of the document groups, the shifts and the random pairings."""
+
+
+@dataclass
+class ReportConfig:
+    """What the static site shows: how many exemplars per latent and pair, and how its data
+    is split into files (each page loads only the block it shows)."""
+
+    top_exemplars: int = 10
+    """Top exemplar windows shown on a feature page (of the features stage's top ones)."""
+    per_bin: int = 1
+    """Exemplars shown per quantile bin of the activation range."""
+    context_tokens: int = 12
+    """Tokens shown each side of an exemplar's token."""
+    pair_exemplars: int = 3
+    """Top windows of each latent shown on a pair page, with both models' activations."""
+    pair_min_r: float = 0.3
+    """Matched pairs with at least this correlation get a pair page ..."""
+    max_pairs: int = 3000
+    """... at most this many, the best first."""
+    block: int = 32
+    """Latents per feature data file."""
+    pair_block: int = 32
+    """Pairs per pair data file."""
 
 
 @dataclass
@@ -220,6 +247,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
 
 _SECTIONS = {
@@ -228,6 +256,7 @@ _SECTIONS = {
     "train": TrainConfig,
     "features": FeaturesConfig,
     "compare": CompareConfig,
+    "report": ReportConfig,
 }
 
 

@@ -27,7 +27,7 @@ from .models import (
     resolve_layer,
     safe_name,
 )
-from .progress import say
+from .progress import say, step
 from .sae_files import load_sae, save_sae
 from .store import Store, TokenFilter, open_store
 from .train import filter_counts, token_filter, train_sae
@@ -177,9 +177,12 @@ SAE_VERSION = 3
 """Bump when training changes what it produces for the same settings."""
 EVAL_VERSION = 2
 """Bump when evaluation changes what it reports for the same SAE and store."""
-NOT_IN_TRAIN_KEY = ("device", "threads", "checkpoint_seconds", "splice_tokens", "pretrained")
-"""Settings that do not change the SAE training produces. (dtype stays in the key as
-written, "auto" included; the checkpoint adds the dtype it resolved to.)"""
+NOT_IN_TRAIN_KEY = (
+    "dtype", "device", "threads", "checkpoint_seconds", "splice_tokens", "pretrained",
+)  # fmt: skip
+"""Settings that do not change the SAE training produces as written: dtype enters the key
+as what it resolves to on this machine ("auto" is bfloat16 on one, float32 on another), and
+the checkpoint adds the kind of device it was computed on."""
 TOKEN_SETTINGS = ("skip_special", "skip_first", "max_norm_ratio")
 """Settings that choose which tokens every SAE stage uses."""
 
@@ -229,6 +232,13 @@ def _store_for(cfg: Config, model_dir: Path, source: str, layer: int) -> Store:
         raise SamesheepError(
             f"the activations of {source} layer {layer} are incomplete: rerun `samesheep extract`"
         )
+    corpus = read_json(Path(cfg.run_dir).expanduser() / "corpus" / "manifest.json", True)
+    made_from = store.manifest.get("corpus")  # (stores made before it was recorded lack it)
+    if made_from and corpus and made_from != corpus.get("hash"):
+        raise SamesheepError(
+            f"the activations of {source} layer {layer} come from another corpus than the "
+            "run's (it was sampled again since): run `samesheep extract` again"
+        )
     if filter_counts(store, token_filter(store, cfg.train), "heldout")[0] == 0:
         raise SamesheepError(
             f"{source} layer {layer} has no held-out tokens to evaluate an SAE on "
@@ -248,6 +258,7 @@ def _train_layer(
         return _pretrained_layer(cfg, source, layer, store, layer_dir)
     train_cfg = dataclasses.replace(cfg.train, seed=sr.seed)
     settings = {k: v for k, v in dataclasses.asdict(train_cfg).items() if k not in NOT_IN_TRAIN_KEY}
+    settings["dtype"] = dtype_name(choose_dtype(train_cfg.dtype, choose_device(train_cfg.device)))
     key = settings_hash(SAE_VERSION, store.manifest["key"], settings)
     work = train_dir(layer_dir, sr.sae_name)
     state_path = work / "state.json"
@@ -349,7 +360,9 @@ def _evaluate_model(
         _, sae, summary = trained[L]
         sae = sae.to(device)
         tokens = token_filter(stores[L], cfg.train)
-        stats = reconstruction_stats(sae, stores[L], cfg.train.batch_tokens, device, tokens)
+        label = f"{source} layer {L}" + ("" if sr.sae_name == "sae" else f" ({sr.sae_name})")
+        with step(f"{label}: held-out reconstruction"):
+            stats = reconstruction_stats(sae, stores[L], cfg.train.batch_tokens, device, tokens)
         metrics = {**stats.result(), "median_norm": stores[L].median_norm()}
         metrics["max_norm"] = tokens.to_dict()["max_norm"]
         _save_sparsity(model_dir / f"layer_{L}" / sr.sae_name, stats.fires, stats.tokens)
@@ -357,7 +370,8 @@ def _evaluate_model(
             if lm is None:
                 dtype = choose_dtype(cfg.extract.dtype, device)
                 lm = load_model(source, dtype, device, cfg.trust_remote_code)
-            metrics.update(_spliced(cfg, lm, L, sae, stores[L], device, tokens))
+            with step(f"{label}: spliced CE and KL"):
+                metrics.update(_spliced(cfg, lm, L, sae, stores[L], device, tokens))
         out[L] = {"key": eval_key[L], "model": source, "layer": L, **metrics, "training": summary}
         write_json(model_dir / f"layer_{L}" / sr.sae_name / "metrics.json", out[L])
     for L in stores:
@@ -487,15 +501,26 @@ def features_stage(cfg: Config) -> dict[str, dict[int, dict[str, Any]]]:
 
 def _sae_for(cfg: Config, model_dir: Path, source: str, layer: int) -> tuple[str, Store]:
     """(the key the SAE was made under, its store): the SAE the train stage left for the
-    layer, or a clear error naming the stage to run."""
+    layer, checked to fit its store (from its cfg.json alone, no weights read), or a clear
+    error naming the stage to run."""
+    from .sae_files import CFG_FILE, read_sae_config
+
     layer_dir = model_dir / f"layer_{layer}"
     state = read_json(layer_dir / "train" / "state.json", corrupt_is_missing=True)
-    if not (state and state.get("complete") and (layer_dir / "sae" / "cfg.json").is_file()):
+    sae_dir = layer_dir / "sae"
+    if not (state and state.get("complete") and (sae_dir / CFG_FILE).is_file()):
         raise SamesheepError(
-            f"no SAE for {source} layer {layer} in {layer_dir / 'sae'}: run `samesheep train` "
+            f"no SAE for {source} layer {layer} in {sae_dir}: run `samesheep train` "
             "(or `samesheep run`) first"
         )
-    return state["key"], _store_for(cfg, model_dir, source, layer)
+    store = _store_for(cfg, model_dir, source, layer)
+    d_in = read_sae_config(sae_dir).d_in
+    if d_in != store.d_model:
+        raise SamesheepError(
+            f"SAE at {sae_dir} expects d_in={d_in} but the activations of {source} layer "
+            f"{layer} have {store.d_model}: run `samesheep train` again"
+        )
+    return state["key"], store
 
 
 def codes_dir(layer_dir: Path, sae_name: str) -> Path:
@@ -557,7 +582,7 @@ def _features_of(
     return summary
 
 
-COMPARE_VERSION = 1
+COMPARE_VERSION = 2
 """Bump when the compare stage changes what it writes for the same inputs."""
 NOT_IN_COMPARE_KEY = ("pairs",)
 
@@ -588,6 +613,22 @@ def _sae_key(layer_dir: Path, sae_name: str, source: str, layer: int) -> str:
     return state["key"]
 
 
+def _check_side(cfg: Config, source: str, layer: int, sae_name: str) -> tuple[str, Store]:
+    """(the SAE's key, its store) of one side of a comparison, with its features where the
+    comparison reads them, or a clear error naming the stage to run."""
+    model_dir = Path(cfg.run_dir).expanduser() / safe_name(source)
+    layer_dir = model_dir / f"layer_{layer}"
+    sae_key = _sae_key(layer_dir, sae_name, source, layer)
+    store = _store_for(cfg, model_dir, source, layer)
+    main = sae_name == "sae" and not source.startswith(RANDOM_PREFIX)
+    if main and not (layer_dir / "features" / "summary.json").is_file():
+        raise SamesheepError(
+            f"no features for {source} layer {layer}: run `samesheep features` "
+            "(or `samesheep run`) first"
+        )
+    return sae_key, store
+
+
 def _load_side(
     cfg: Config,
     source: str,
@@ -609,8 +650,7 @@ def _load_side(
 
     model_dir = Path(cfg.run_dir).expanduser() / safe_name(source)
     layer_dir = model_dir / f"layer_{layer}"
-    sae_key = _sae_key(layer_dir, sae_name, source, layer)
-    store = _store_for(cfg, model_dir, source, layer)
+    sae_key, store = _check_side(cfg, source, layer, sae_name)
     if info is not None:
         info.check(store)  # the same corpus, document for document, in every store
     tokens = token_filter(store, cfg.train)
@@ -629,11 +669,6 @@ def _load_side(
     features = centroids = None
     fdir = layer_dir / "features"
     if sae_name == "sae" and not source.startswith(RANDOM_PREFIX):
-        if not (fdir / "summary.json").is_file():
-            raise SamesheepError(
-                f"no features for {source} layer {layer}: run `samesheep features` "
-                "(or `samesheep run`) first"
-            )
         features = pq.read_table(fdir / "feature_table.parquet", columns=["latent", "topic"])
         if (fdir / "centroids.safetensors").is_file():
             centroids = load_file(fdir / "centroids.safetensors")["centroids"].numpy()
@@ -651,13 +686,26 @@ def _load_side(
     return side, key
 
 
-def compare_stage(cfg: Config) -> dict[str, Any]:
+def compare_folder(cfg: Config, a: str, b: str, layer_a: int, layer_b: int) -> Path:
+    """Where the comparison of two models' layers is written."""
+    out = Path(cfg.run_dir).expanduser() / "compare" / f"{safe_name(a)}__{safe_name(b)}"
+    return out / f"layer_{layer_a}__layer_{layer_b}" if len(cfg.layers) > 1 else out
+
+
+def compare_stage(cfg: Config) -> dict[tuple[str, str, int], dict[str, Any]]:
     """Compare every pair of models: their SAEs' features on aligned units, with the
-    random-weights floor, the nulls and the seed ceilings (skipped when unchanged)."""
+    random-weights floor, the nulls and the seed ceilings (skipped when unchanged). Returns
+    {(A, B, index of the layer setting): summary}."""
     from .comparison import PairInputs
+    from .correlation import UNIT_VALUES
 
     run = prepare_run_dir(cfg)
     check_layers(cfg)
+    if cfg.compare.unit_value not in UNIT_VALUES:
+        raise SamesheepError(
+            f"compare.unit_value must be one of {', '.join(UNIT_VALUES)}, "
+            f"got {cfg.compare.unit_value!r}"
+        )
     pairs = compare_pairs(cfg)
     if not pairs:
         say("compare: the run has one model, nothing to compare")
@@ -677,14 +725,24 @@ def compare_stage(cfg: Config) -> dict[str, Any]:
     settings = {
         k: v for k, v in dataclasses.asdict(cfg.compare).items() if k not in NOT_IN_COMPARE_KEY
     }
+    sides = []  # every side of every comparison checked before any work starts
+    for spec in cfg.layers:
+        for a, b in pairs:
+            for m in (a, b):
+                layer = resolve_layer(spec, model_depth(m, cfg.trust_remote_code))
+                sides.append((m, layer, "sae"))
+                if cfg.compare.floor and comparing(cfg):
+                    sides.append((random_copy(m), layer, "sae"))
+                if cfg.compare.ceiling and comparing(cfg):
+                    sides.append((m, layer, ceiling_name(cfg)))
+    for side in dict.fromkeys(sides):
+        _check_side(cfg, *side)
     results = {}
     for spec_index, spec in enumerate(cfg.layers):
         for a, b in pairs:
             la = resolve_layer(spec, model_depth(a, cfg.trust_remote_code))
             lb = resolve_layer(spec, model_depth(b, cfg.trust_remote_code))
-            out = run / "compare" / f"{safe_name(a)}__{safe_name(b)}"
-            if len(cfg.layers) > 1:
-                out = out / f"layer_{la}__layer_{lb}"
+            out = compare_folder(cfg, a, b, la, lb)
             side_a, key_a = _load_side(cfg, a, la, "sae", device, dtype, n_train, info)
             side_b, key_b = _load_side(cfg, b, lb, "sae", device, dtype, n_train, info)
             keys = [key_a, key_b]
@@ -739,9 +797,6 @@ def _compare_pair(cfg: Config, inp: Any, out: Path, key: str) -> dict[str, Any]:
         "pairs.parquet": pairs,
         "families.parquet": families_table(runs, inp),
     }
-    for name, table in tables.items():
-        with atomic_path(out / name) as tmp:
-            pq.write_table(table, tmp, compression="zstd")
     summary = {
         "key": key,
         "model_a": inp.a.model,
@@ -770,13 +825,18 @@ def _compare_pair(cfg: Config, inp: Any, out: Path, key: str) -> dict[str, Any]:
     summary["answer"] = (
         answer(inp.a.model, inp.b.model, numbers) + "\n" + " ".join(summary["verdict"])
     )
+    # written only once everything is computed; summary.json, last, marks the folder done
+    for name, table in tables.items():
+        with atomic_path(out / name) as tmp:
+            pq.write_table(table, tmp, compression="zstd")
     write_json(out / "summary.json", summary)
     say(summary["answer"])
     return summary
 
 
 def run(cfg: Config) -> dict[str, Any]:
-    """Run every stage in order; print (and keep in timings.json) each stage's time."""
+    """Run every stage in order; print (and keep in timings.json, written after each stage,
+    so the report shows the stages before it) each stage's time."""
     import time
 
     stages = {
@@ -784,22 +844,31 @@ def run(cfg: Config) -> dict[str, Any]:
         "train": train_stage,
         "features": features_stage,
         "compare": compare_stage,
+        "report": report_stage,
     }
     results, seconds = {}, {}
+    timings = Path(cfg.run_dir).expanduser() / "timings.json"
     for name, stage in stages.items():
         start = time.perf_counter()
         results[name] = stage(cfg)
         seconds[name] = round(time.perf_counter() - start, 1)
+        write_json(timings, {"seconds": seconds, "total": round(sum(seconds.values()), 1)})
     total = sum(seconds.values())
-    write_json(
-        Path(cfg.run_dir).expanduser() / "timings.json", {"seconds": seconds, "total": total}
-    )
     say(
         "stage times: "
         + ", ".join(f"{k} {_minutes(v)}" for k, v in seconds.items())
         + f"; total {_minutes(total)}"
     )
     return results
+
+
+def report_stage(cfg: Config) -> Path:
+    """Write the static site of the run (report/index.html); returns the index's path."""
+    from .report import report_stage as build
+
+    index = build(cfg)
+    record_config(cfg)
+    return index
 
 
 def _minutes(seconds: float) -> str:

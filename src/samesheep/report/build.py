@@ -1,0 +1,355 @@
+"""The report stage: one static site per run, from the files the other stages wrote.
+
+report/index.html        the question, the answer for every pair, SAE quality, plots
+report/feature.html      one latent (?sae=<model>.L<layer>&latent=<i>)
+report/pair.html         one matched pair side by side (?cmp=<A>__<B>&rank=<k>)
+report/latents.html      every latent of a pair, searchable and sortable (?cmp=...)
+report/assets/           the style sheet and the one script every page loads
+report/data/             data files loaded as scripts, one per page or block of latents
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ..config import Config, settings_hash
+from ..errors import SamesheepError
+from ..files import read_json, write_json
+from ..models import model_depth, resolve_layer, safe_name
+from ..progress import say, step
+from . import overview
+from .data import FeatureData, TokenIndex, latent_map, pair_window, read_features, sig
+from .site import copy_assets, site_size, write_data, write_page
+
+REPORT_VERSION = 1
+"""Bump when the report changes what it writes for the same run."""
+
+
+@dataclass
+class SaePage:
+    """One SAE whose latents get feature pages: the main SAE of a model's layer."""
+
+    key: str  # "<model folder>.L<layer>": the URL and data name
+    model: str
+    name: str  # the model's short name, for headings
+    layer: int
+    folder: Path  # the layer folder
+
+
+@dataclass
+class ComparisonPage:
+    key: str  # "<A folder>__<B folder>" (+ ".L<a>-<b>" where the run compares several layers)
+    a: SaePage
+    b: SaePage
+    folder: Path
+    summary: dict[str, Any]
+
+
+def short_name(source: str) -> str:
+    """A model's name for headings: its folder name."""
+    return safe_name(source)
+
+
+def report_stage(cfg: Config) -> Path:
+    """Write run_dir/report (skipped when the run's files have not changed); returns the
+    index page."""
+    from ..pipeline import compare_folder, compare_pairs, prepare_run_dir
+
+    run = prepare_run_dir(cfg)
+    rc = cfg.report
+    saes: dict[tuple[str, int], SaePage] = {}
+    for source in cfg.models:
+        depth = model_depth(source, cfg.trust_remote_code)
+        for spec in cfg.layers:
+            layer = resolve_layer(spec, depth)
+            folder = run / safe_name(source) / f"layer_{layer}"
+            if not (folder / "features" / "summary.json").is_file():
+                raise SamesheepError(
+                    f"no features for {source} layer {layer}: run `samesheep features` "
+                    "(or `samesheep run`) first"
+                )
+            key = f"{safe_name(source)}.L{layer}"
+            saes[(source, layer)] = SaePage(key, source, short_name(source), layer, folder)
+    comparisons = []
+    multi = len(cfg.layers) > 1
+    for spec in cfg.layers:
+        for a, b in compare_pairs(cfg):
+            la = resolve_layer(spec, model_depth(a, cfg.trust_remote_code))
+            lb = resolve_layer(spec, model_depth(b, cfg.trust_remote_code))
+            folder = compare_folder(cfg, a, b, la, lb)
+            summary = read_json(folder / "summary.json", corrupt_is_missing=True)
+            if not summary:
+                raise SamesheepError(
+                    f"no comparison of {a} and {b} in {folder}: run `samesheep compare` "
+                    "(or `samesheep run`) first"
+                )
+            key = f"{safe_name(a)}__{safe_name(b)}" + (f".L{la}-{lb}" if multi else "")
+            comparisons.append(ComparisonPage(key, saes[(a, la)], saes[(b, lb)], folder, summary))
+
+    for sae in saes.values():  # every input checked before any work starts
+        _check_tables(sae.folder / "features", ("feature_table", "exemplars"), "features")
+    for c in comparisons:
+        _check_tables(c.folder, ("partners", "pairs", "families"), "compare")
+    inputs = [read_json(s.folder / "features" / "summary.json").get("key") for s in saes.values()]
+    inputs += [c.summary.get("key") for c in comparisons]
+    # (not the stage times: a rerun that does nothing must not rebuild the site)
+    key = settings_hash(
+        REPORT_VERSION,
+        _code_hash(),
+        dataclasses.asdict(rc),
+        inputs,
+        {k: m.get("key") for k, m in saes_metrics(cfg).items()},
+    )
+    root = run / "report"
+    old = read_json(root / "manifest.json", corrupt_is_missing=True)
+    if old and old.get("key") == key and (root / "index.html").is_file():
+        say(f"report unchanged, skipped: {root / 'index.html'}")
+        return root / "index.html"
+
+    start = time.perf_counter()
+    stage = run / f".report.{os.getpid()}.tmp"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        sizes = build_site(cfg, stage, list(saes.values()), comparisons)
+        write_json(stage / "manifest.json", {"key": key, **sizes})
+        _swap_in(stage, root)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    files, total, largest = site_size(root)
+    seconds = time.perf_counter() - start
+    say(
+        f"report: {files:,} files, {total / 1e6:,.1f} MB (largest {largest / 1e6:,.2f} MB) "
+        f"in {seconds:,.0f} s: {root / 'index.html'}"
+    )
+    return root / "index.html"
+
+
+def _check_tables(folder: Path, names: tuple[str, ...], stage: str) -> None:
+    """Fail in one line where a table the site reads is missing or damaged."""
+    for name in names:
+        path = folder / f"{name}.parquet"
+        try:
+            pq.ParquetFile(path)
+        except (OSError, pa.ArrowInvalid) as e:
+            raise SamesheepError(
+                f"cannot read {path} ({str(e).splitlines()[0]}): run `samesheep {stage}` again"
+            ) from None
+
+
+def _code_hash() -> str:
+    """A hash of the report's own code, templates and assets: a site built by other code is
+    built again."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.rglob("*")):
+        if path.suffix in (".py", ".html", ".css", ".js"):
+            h.update(path.name.encode() + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _swap_in(stage: Path, root: Path) -> None:
+    """Put the finished site in place of the old one (never a half-written site)."""
+    old = root.with_name(f".report.{os.getpid()}.old")
+    if root.exists():
+        root.rename(old)
+    stage.rename(root)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def saes_metrics(cfg: Config) -> dict[str, dict[str, Any]]:
+    """metrics.json of every SAE the run trained (the models', the floors', the ceilings'),
+    keyed "<model folder>/layer_<L>/<sae>"."""
+    from ..pipeline import sae_runs
+
+    run = Path(cfg.run_dir).expanduser()
+    out = {}
+    for sr in sae_runs(cfg):
+        depth = model_depth(sr.source, cfg.trust_remote_code)
+        for spec in cfg.layers:
+            layer = resolve_layer(spec, depth)
+            rel = f"{safe_name(sr.source)}/layer_{layer}/{sr.sae_name}"
+            metrics = read_json(run / rel / "metrics.json", corrupt_is_missing=True)
+            if metrics:
+                out[rel] = {"source": sr.source, "sae": sr.sae_name, "layer": layer, **metrics}
+    return out
+
+
+def build_site(
+    cfg: Config, root: Path, saes: list[SaePage], comparisons: list[ComparisonPage]
+) -> dict[str, Any]:
+    """Every page and data file of the site, into root."""
+    from ..corpus import CorpusReader
+
+    rc = cfg.report
+    run = Path(cfg.run_dir).expanduser()
+    n_train = CorpusReader(run / "corpus").count("train")
+    copy_assets(root)
+    features: dict[str, FeatureData] = {}
+    bytes_by_kind: dict[str, int] = {}
+
+    def add(kind: str, n: int) -> None:
+        bytes_by_kind[kind] = bytes_by_kind.get(kind, 0) + n
+
+    for sae in saes:
+        with step(f"report: {sae.name} layer {sae.layer} feature pages"):
+            fd = read_features(
+                sae.folder / "features",
+                rc.top_exemplars,
+                rc.per_bin,
+                rc.context_tokens,
+                rc.pair_exemplars,
+                n_train,
+            )
+            features[sae.key] = fd
+            add(
+                "features",
+                write_data(
+                    root,
+                    f"i/{sae.key}",
+                    {"d_sae": fd.d_sae, "edges": fd.histogram_edges, **fd.index},
+                ),
+            )
+            for lo in range(0, fd.d_sae, rc.block):
+                block = {
+                    i: fd.records[i]
+                    for i in range(lo, min(lo + rc.block, fd.d_sae))
+                    if i in fd.records
+                }
+                add("features", write_data(root, f"f/{sae.key}/{lo // rc.block}", block))
+    pages = []
+    for c in comparisons:
+        with step(f"report: {c.key} pairs and latent table"):
+            pages.append(comparison_data(cfg, root, c, features, n_train, add))
+    run_info = overview.run_info(
+        cfg, saes_metrics(cfg), read_json(run / "timings.json", corrupt_is_missing=True)
+    )
+    site = {
+        "saes": {
+            s.key: {"name": s.name, "model": s.model, "layer": s.layer, "block": rc.block}
+            for s in saes
+        },
+        "comparisons": {
+            p["key"]: {k: p[k] for k in ("a", "b", "pairs", "pair_block")} for p in pages
+        },
+    }
+    for name, template in (
+        ("feature.html", "feature.html"),
+        ("pair.html", "pair.html"),
+        ("latents.html", "latents.html"),
+    ):
+        add("pages", write_page(root, name, template, site=site, run=run_info, page=name))
+    add(
+        "pages",
+        write_page(
+            root,
+            "index.html",
+            "index.html",
+            site=site,
+            run=run_info,
+            comparisons=pages,
+            page="index.html",
+        ),
+    )
+    return {"bytes": bytes_by_kind}
+
+
+def comparison_data(
+    cfg: Config,
+    root: Path,
+    c: ComparisonPage,
+    features: dict[str, FeatureData],
+    n_train: int,
+    add: Any,
+) -> dict[str, Any]:
+    """The data files of one comparison (partners, pairs, pair windows, map) and what its
+    section of the overview shows."""
+    rc = cfg.report
+    partners = pq.read_table(c.folder / "partners.parquet")
+    pairs = pq.read_table(c.folder / "pairs.parquet")
+    cols = {}
+    for side in ("a", "b"):
+        t = partners.filter(pc.equal(partners["side"], side))
+        cols[side] = {
+            name: [sig(v) if isinstance(v, float) else v for v in t.column(name).to_pylist()]
+            for name in t.column_names
+            if name not in ("side", "model")
+        }
+    add("compare", write_data(root, f"p/{c.key}", cols))
+    order = np.argsort(-pairs.column("r").to_numpy(), kind="stable")
+    pr = pairs.take(order).to_pydict()
+    matched = [
+        [a, b, sig(r), bool(m)]
+        for a, b, r, m in zip(pr["latent_a"], pr["latent_b"], pr["r"], pr["mutual"], strict=True)
+    ]
+    shown = [p for p in matched if p[2] is not None and p[2] >= rc.pair_min_r][: rc.max_pairs]
+    add("compare", write_data(root, f"q/{c.key}", {"pairs": matched, "shown": len(shown)}))
+    fa, fb = features[c.a.key], features[c.b.key]
+    ta, tb = token_index(cfg, c.a), token_index(cfg, c.b)
+    for lo in range(0, len(shown), rc.pair_block):
+        block = {}
+        for rank in range(lo, min(lo + rc.pair_block, len(shown))):
+            la, lb, r, mutual = shown[rank]
+            windows = [
+                pair_window(row, w, "a", la, lb, ta, tb) for row, w in fa.top_windows.get(la, [])
+            ]
+            windows += [
+                pair_window(row, w, "b", la, lb, ta, tb) for row, w in fb.top_windows.get(lb, [])
+            ]
+            block[rank] = {"a": la, "b": lb, "r": r, "mutual": mutual, "windows": windows}
+        add("pairs", write_data(root, f"pp/{c.key}/{lo // rc.pair_block}", block))
+    centroids = [_centroids(s.folder) for s in (c.a, c.b)]
+    coords = latent_map(*centroids)
+    if coords is not None:
+        links = [[a, b, r] for a, b, r, _ in shown if r >= 0.5]
+        add("compare", write_data(root, f"m/{c.key}", {**coords, "links": links}))
+    return {
+        "key": c.key,
+        "a": c.a.key,
+        "b": c.b.key,
+        "name_a": c.a.name,
+        "name_b": c.b.name,
+        "pairs": len(shown),
+        "pair_block": rc.pair_block,
+        "map": coords is not None,
+        **overview.comparison_view(c.summary, c.a.name, c.b.name, c.a.key, c.b.key, fa, fb),
+    }
+
+
+def _centroids(layer_dir: Path) -> np.ndarray | None:
+    from safetensors.numpy import load_file
+
+    path = layer_dir / "features" / "centroids.safetensors"
+    return load_file(str(path))["centroids"] if path.is_file() else None
+
+
+def token_index(cfg: Config, sae: SaePage) -> TokenIndex:
+    """The model's tokens and its SAE's codes, for windows of any text (the pair pages)."""
+    from ..alignment import TokenRows
+    from ..codes import read_codes
+    from ..corpus import CorpusReader
+    from ..pipeline import codes_dir
+    from ..sae import concat_codes
+    from ..sae_files import read_sae_config
+    from ..store import open_store
+    from ..train import token_filter
+
+    store = open_store(sae.folder / "acts")
+    tokens = token_filter(store, cfg.train)
+    n_train = CorpusReader(Path(cfg.run_dir).expanduser() / "corpus").count("train")
+    rows = TokenRows.of(store, tokens, n_train)
+    codes = concat_codes([c.codes for c in read_codes(codes_dir(sae.folder, "sae"), store, tokens)])
+    d_sae = read_sae_config(sae.folder / "sae").d_sae
+    return TokenIndex(rows.doc, rows.start, rows.end, rows.gid, codes, d_sae)

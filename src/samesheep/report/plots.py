@@ -1,0 +1,226 @@
+"""Plots drawn as SVG when the site is built: no script, no library, readable from file://.
+Every point or bar carries a <title> (the browser shows it on hover) and may link to a page."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from markupsafe import Markup, escape
+
+WIDTH, HEIGHT = 460, 260
+MARGIN = {"left": 52, "right": 12, "top": 14, "bottom": 40}
+COLORS = {
+    "raw": "#1f5fbf",
+    "floor": "#b23b3b",
+    "null": "#8a8a8a",
+    "across": "#c0a040",
+    "ceiling": "#2e8b57",
+    "a": "#1f5fbf",
+    "b": "#d9822b",
+}
+
+
+@dataclass
+class Series:
+    """One line (or one set of bars) of a plot: its name, colour, and (x, y) points; `tips`
+    (one per point) are shown on hover, `links` (one per point, or empty) open on click."""
+
+    name: str
+    color: str
+    points: list[tuple[float, float]]
+    dash: str = ""
+    tips: list[str] = field(default_factory=list)
+    links: list[str] = field(default_factory=list)
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.1f}"
+
+
+def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    if hi <= lo:
+        return [lo]
+    raw = (hi - lo) / n
+    mag = 10 ** math.floor(math.log10(raw))
+    step = min((m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw), default=raw)
+    first = math.ceil(lo / step) * step
+    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def _label(v: float, percent: bool) -> str:
+    if percent:
+        return f"{100 * v:.0f}%"
+    return f"{v:g}" if abs(v) >= 0.01 or v == 0 else f"{v:.0e}"
+
+
+class Frame:
+    """Axes from data ranges to pixels, with gridlines and labels."""
+
+    def __init__(self, x: tuple[float, float], y: tuple[float, float], width: int, height: int):
+        self.x0, self.x1 = x
+        self.y0, self.y1 = y
+        self.w, self.h = width, height
+        self.left, self.right = MARGIN["left"], width - MARGIN["right"]
+        self.top, self.bottom = MARGIN["top"], height - MARGIN["bottom"]
+
+    def px(self, x: float) -> float:
+        span = (self.x1 - self.x0) or 1.0
+        return self.left + (x - self.x0) / span * (self.right - self.left)
+
+    def py(self, y: float) -> float:
+        span = (self.y1 - self.y0) or 1.0
+        return self.bottom - (y - self.y0) / span * (self.bottom - self.top)
+
+    def axes(
+        self, xlabel: str, ylabel: str, x_percent: bool, y_percent: bool, x_ticks: bool = True
+    ) -> list[str]:
+        out = []
+        for t in _ticks(self.y0, self.y1):
+            y = self.py(t)
+            out.append(
+                f'<line class="grid" x1="{self.left}" x2="{self.right}" y1="{_fmt(y)}" '
+                f'y2="{_fmt(y)}"/>'
+            )
+            out.append(
+                f'<text class="tick" x="{self.left - 6}" y="{_fmt(y + 4)}" '
+                f'text-anchor="end">{escape(_label(t, y_percent))}</text>'
+            )
+        if x_ticks:
+            for t in _ticks(self.x0, self.x1):
+                x = self.px(t)
+                out.append(
+                    f'<text class="tick" x="{_fmt(x)}" y="{self.bottom + 16}" '
+                    f'text-anchor="middle">{escape(_label(t, x_percent))}</text>'
+                )
+        out.append(
+            f'<line class="axis" x1="{self.left}" x2="{self.right}" y1="{self.bottom}" '
+            f'y2="{self.bottom}"/>'
+        )
+        out.append(
+            f'<line class="axis" x1="{self.left}" x2="{self.left}" y1="{self.top}" '
+            f'y2="{self.bottom}"/>'
+        )
+        out.append(
+            f'<text class="label" x="{(self.left + self.right) / 2}" y="{self.h - 6}" '
+            f'text-anchor="middle">{escape(xlabel)}</text>'
+        )
+        mid = (self.top + self.bottom) / 2
+        out.append(
+            f'<text class="label" transform="translate(13 {_fmt(mid)}) rotate(-90)" '
+            f'text-anchor="middle">{escape(ylabel)}</text>'
+        )
+        return out
+
+
+def _svg(body: list[str], width: int, height: int, title: str) -> Markup:
+    head = (
+        f'<svg class="plot" viewBox="0 0 {width} {height}" width="{width}" '
+        f'height="{height}" role="img" aria-label="{escape(title)}">'
+    )
+    return Markup(head + "".join(body) + "</svg>")
+
+
+def _legend(series: list[Series], frame: Frame) -> list[str]:
+    out, x = [], frame.left + 8
+    for s in series:
+        dash = f' stroke-dasharray="{s.dash}"' if s.dash else ""
+        out.append(
+            f'<line x1="{x}" x2="{x + 16}" y1="{frame.top + 4}" y2="{frame.top + 4}" '
+            f'stroke="{s.color}" stroke-width="2.5"{dash}/>'
+        )
+        out.append(f'<text class="legend" x="{x + 20}" y="{frame.top + 8}">{escape(s.name)}</text>')
+        x += 26 + 6.2 * len(s.name)
+    return out
+
+
+def _point(x: float, y: float, color: str, tip: str, link: str, r: float = 3.2) -> str:
+    dot = (
+        f'<circle cx="{_fmt(x)}" cy="{_fmt(y)}" r="{r}" fill="{color}">'
+        f"<title>{escape(tip)}</title></circle>"
+    )
+    return f'<a href="{escape(link)}">{dot}</a>' if link else dot
+
+
+def line_plot(
+    series: list[Series],
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    x_range: tuple[float, float] = (0.0, 1.0),
+    y_range: tuple[float, float] | None = None,
+    x_percent: bool = False,
+    y_percent: bool = True,
+    width: int = WIDTH,
+    height: int = HEIGHT,
+) -> Markup:
+    """Lines through each series' points, a dot with its tip on every point."""
+    ys = [y for s in series for _, y in s.points if y is not None and math.isfinite(y)]
+    y_range = y_range or (0.0, max(ys, default=1.0) or 1.0)
+    f = Frame(x_range, y_range, width, height)
+    body = f.axes(xlabel, ylabel, x_percent, y_percent)
+    for s in series:
+        pts = [(x, y) for x, y in s.points if y is not None and math.isfinite(y)]
+        if not pts:
+            continue
+        path = " ".join(f"{_fmt(f.px(x))},{_fmt(f.py(y))}" for x, y in pts)
+        dash = f' stroke-dasharray="{s.dash}"' if s.dash else ""
+        body.append(
+            f'<polyline fill="none" stroke="{s.color}" stroke-width="2"{dash} points="{path}"/>'
+        )
+        for i, (x, y) in enumerate(s.points):
+            if y is None or not math.isfinite(y):
+                continue
+            tip = s.tips[i] if i < len(s.tips) else f"{s.name}: {y:.3g} at {x:.3g}"
+            link = s.links[i] if i < len(s.links) else ""
+            body.append(_point(f.px(x), f.py(y), s.color, tip, link, r=2.6))
+    body += _legend(series, f)
+    return _svg(body, width, height, title)
+
+
+def bar_plot(
+    categories: list[str],
+    series: list[Series],
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    y_percent: bool = True,
+    width: int = WIDTH,
+    height: int = HEIGHT,
+    rotate: bool = False,
+) -> Markup:
+    """Grouped bars: one group per category, one bar per series (its points' y, in order)."""
+    ys = [y for s in series for _, y in s.points if y is not None and math.isfinite(y)]
+    bottom = height + (60 if rotate else 0)
+    f = Frame((0, max(len(categories), 1)), (0.0, max(ys, default=1.0) or 1.0), width, bottom)
+    body = f.axes(xlabel if not rotate else "", ylabel, False, y_percent, x_ticks=False)
+    group = (f.right - f.left) / max(len(categories), 1)
+    bar = group * 0.8 / max(len(series), 1)
+    for i, cat in enumerate(categories):
+        x = f.left + i * group + group * 0.1
+        label_x = x + group * 0.4
+        if rotate:
+            body.append(
+                f'<text class="tick" transform="translate({_fmt(label_x)} '
+                f'{f.bottom + 10}) rotate(35)">{escape(cat)}</text>'
+            )
+        else:
+            body.append(
+                f'<text class="tick" x="{_fmt(label_x)}" y="{f.bottom + 16}" '
+                f'text-anchor="middle">{escape(cat)}</text>'
+            )
+        for j, s in enumerate(series):
+            y = s.points[i][1] if i < len(s.points) else None
+            if y is None or not math.isfinite(y):
+                continue
+            top = f.py(y)
+            tip = s.tips[i] if i < len(s.tips) else f"{cat}, {s.name}: {y:.3g}"
+            rect = (
+                f'<rect x="{_fmt(x + j * bar)}" y="{_fmt(top)}" width="{_fmt(bar)}" '
+                f'height="{_fmt(f.bottom - top)}" fill="{s.color}">'
+                f"<title>{escape(tip)}</title></rect>"
+            )
+            link = s.links[i] if i < len(s.links) else ""
+            body.append(f'<a href="{escape(link)}">{rect}</a>' if link else rect)
+    body += _legend(series, f)
+    return _svg(body, width, bottom, title)
