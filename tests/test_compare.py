@@ -14,9 +14,11 @@ from samesheep.alignment import TokenRows, align, unit_texts
 from samesheep.compare import (
     Settings,
     across_documents,
+    by_decile,
     candidate_r,
     document_groups,
     headline,
+    histogram,
     jackknife,
     leave_one_out,
     measure,
@@ -266,6 +268,27 @@ def test_across_documents_never_lines_the_starts_up():
     at_four = np.concatenate([np.arange(30) == 4] * 40).astype(float)
     assert at_four[ra].sum() > 0 and at_four[rb].sum() > 0
     assert (at_four[ra] * at_four[rb]).sum() == 0
+
+
+def test_headline_numbers_by_hand():
+    """Four judged latents (one too rare) with known best partners: every headline number,
+    the histogram and the deciles by hand."""
+    best = np.array([0.9, 0.65, 0.4, 0.1, 0.95])
+    fires = np.array([100, 30, 25, 50, 5])  # the last is too rare to judge
+    s = Settings(min_fires=20, thresholds=(0.3, 0.5))
+    h = headline(best, fires, s)
+    assert h["judged"] == 4
+    assert h["mean_best_r"] == pytest.approx(2.05 / 4)
+    assert h["mean_best_r_weighted"] == pytest.approx((90 + 19.5 + 10 + 5) / 205)
+    assert h["share_r0.5"] == pytest.approx(0.5)
+    assert h["share_r0.5_weighted"] == pytest.approx(130 / 205)
+    assert h["share_r0.3"] == pytest.approx(0.75)
+    counts = histogram(best, fires, s, bins=10)
+    assert counts == [0, 1, 0, 0, 1, 0, 1, 0, 0, 1]
+    rows = by_decile(best, fires, s, 0.5)
+    assert sum(r["latents"] for r in rows) == 4
+    assert [r["share_r0.5"] for r in rows if r["latents"]] == [0.0, 1.0, 0.0, 1.0]  # by fires
+    assert all("share_r0.3" in r for r in rows)
 
 
 def test_jackknife_interval_covers_the_truth_at_about_its_rate():

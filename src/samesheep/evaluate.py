@@ -30,8 +30,10 @@ from .store import Store, TokenFilter
 
 DENSE_FRACTION = 0.1
 """A latent active on more than this fraction of tokens counts as dense."""
-LOGIT_CHUNK = 1 << 24
-"""Logit elements (rows x vocabulary) log-softmaxed at once: 64 MiB of float32."""
+LOGIT_CHUNK = 1 << 19
+"""Logit elements (rows x vocabulary) turned into log-probabilities at once: 2 MiB of
+float32, so each pass over them stays in cache (measured on 1,000 rows of Gemma's 262,144:
+1.3 s at 2 MiB against 5.1 s at 64 MiB)."""
 DOC_CHUNK = 64
 """Documents tokenized at a time."""
 
@@ -235,25 +237,78 @@ def _splice(block: nn.Module, where: Tensor, replace: Callable[[Tensor], Tensor]
         handle.remove()
 
 
+def _keep_output(block: nn.Module, out: list[Any]) -> Any:
+    """A hook on `block` that appends its output (as the block returned it) to `out`."""
+
+    def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        out.append(output)
+
+    return block.register_forward_hook(hook)
+
+
+@contextlib.contextmanager
+def _replay(blocks: list[nn.Module], outputs: list[Any]) -> Iterator:
+    """Within the block, `blocks` skip their computation and return the outputs they gave in
+    the clean run (their inputs are the same in every run up to the spliced layer), so the
+    interventions compute only the layers after it. Forward hooks still run on them."""
+
+    def replay(output: Any) -> Callable[..., Any]:
+        return lambda *_args, **_kwargs: output
+
+    for b, output in zip(blocks, outputs, strict=True):
+        b.forward = replay(output)
+    try:
+        yield
+    finally:
+        for b in blocks:
+            del b.forward  # back to the class's own forward
+
+
+HEAD_ONLY_TYPES = {
+    "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gpt2", "opt",
+    "gpt_neox", "phi3",
+}  # fmt: skip
+"""Model types whose causal-LM logits are the output embedding of the base model's last
+hidden state (then soft-capped where the config says so): for them the head is applied at
+the scored positions only. Others run their whole forward."""
+
+
 def _scored_logits(model: nn.Module, ids: Tensor, mask: Tensor | None, score: Tensor) -> Tensor:
-    """Logits [scored positions, vocab] of one forward pass (the full tensor is freed)."""
-    return model(input_ids=ids, attention_mask=mask, use_cache=False).logits[score]
+    """Logits [scored positions, vocab] of one forward pass: the LM head at the scored
+    positions only, where the model type allows (HEAD_ONLY_TYPES), else the full logits
+    indexed (and freed)."""
+    if model.config.model_type not in HEAD_ONLY_TYPES:
+        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits[score]
+    hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
+    logits = model.get_output_embeddings()(hidden.last_hidden_state[score])
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
 
 
-def _sums(clean: Tensor, other: Tensor, targets: Tensor) -> tuple[float, float, float]:
-    """Sums over rows of CE(clean), CE(other) and KL(clean || other), log-softmax in float32
-    on a chunk of rows at a time."""
+def _sums(clean: Tensor, others: list[Tensor], targets: Tensor) -> list[float]:
+    """[CE(clean), CE(other), KL(clean || other) for each other] summed over the rows, in
+    float32 on a chunk of rows at a time. With lse the log-sum-exp of a row's logits and p
+    the clean probabilities, CE = lse - logit[target] and
+    KL = sum p (clean - other) - lse(clean) + lse(other): one exponential per row and logit
+    for the clean run and one per intervention, the clean one computed once for both."""
     rows = max(1, LOGIT_CHUNK // clean.shape[1])
-    total = torch.zeros(3, device=clean.device)  # float32: one batch's sums; MPS has no float64
+    total = torch.zeros(1 + 2 * len(others), device=clean.device)  # float32 (MPS: no float64)
     for lo in range(0, clean.shape[0], rows):
-        c = clean[lo : lo + rows].float().log_softmax(-1)
-        o = other[lo : lo + rows].float().log_softmax(-1)
         t = targets[lo : lo + rows, None]
-        p = c.exp()
-        kl = torch.where(p > 0, p * (c - o), 0.0).sum()
-        total += torch.stack([-c.gather(1, t).sum(), -o.gather(1, t).sum(), kl])
-    ce_clean, ce_other, kl = total.tolist()
-    return ce_clean, ce_other, kl
+        c = clean[lo : lo + rows].float()
+        lse_c = c.logsumexp(-1)
+        p = (c - lse_c[:, None]).exp_()
+        pc = (p * c).sum(-1)
+        sums = [(lse_c - c.gather(1, t)[:, 0]).sum()]
+        for other in others:
+            o = other[lo : lo + rows].float()
+            lse_o = o.logsumexp(-1)
+            sums.append((lse_o - o.gather(1, t)[:, 0]).sum())
+            sums.append((pc - (p * o).sum(-1) - lse_c + lse_o).sum())
+        total += torch.stack(sums)
+    return total.tolist()
 
 
 def _ratio(a: float, b: float) -> float:
@@ -296,7 +351,9 @@ def spliced_metrics(
     the model's device. Scores are NaN where their denominator is 0."""
     device = torch.device(device) if device is not None else next(lm.model.parameters()).device
     token_filter = token_filter or TokenFilter()
-    block = decoder_blocks(lm.model)[layer]
+    blocks = decoder_blocks(lm.model)
+    block = blocks[layer]
+    prefix_blocks = list(blocks[: layer + 1])  # the same in every run: computed once
     pad = pad_id(lm.tokenizer)
 
     def reconstruct(h: Tensor) -> Tensor:
@@ -316,27 +373,31 @@ def spliced_metrics(
                 continue
             mask = None if bool(real.all()) else real.long()
             norms: list[Tensor] = []
-            handle = _norms_at(block, norms, norm_dtype)
+            replayed: list[Any] = []  # the clean outputs of blocks 0..layer, replayed after
+            handles = [_norms_at(block, norms, norm_dtype)]
+            handles += [_keep_output(b, replayed) for b in prefix_blocks]
             try:
                 clean = _scored_logits(lm.model, ids, mask, maybe)
             finally:
-                handle.remove()
+                for h in handles:
+                    h.remove()
             splice &= norms[0] <= token_filter.max_norm
             score = scored_positions(real, splice)
             clean = clean[score[maybe]]
             if not bool(score.any()):
                 continue
             targets = ids[:, 1:][score[:, :-1]]  # the last column is never scored
-            for name, replace in (("spliced", reconstruct), ("zero", torch.zeros_like)):
-                with _splice(block, splice, replace):
-                    other = _scored_logits(lm.model, ids, mask, score)
-                ce_clean, ce_other, kl = _sums(clean, other, targets)
-                del other
-                sums[f"ce_{name}"] += ce_other
-                sums[f"kl_{name}"] += kl
-            sums["ce_clean"] += ce_clean
+            others = []
+            for replace in (reconstruct, torch.zeros_like):
+                with _replay(prefix_blocks, replayed), _splice(block, splice, replace):
+                    others.append(_scored_logits(lm.model, ids, mask, score))
+            ce_clean, ce_spliced, kl_spliced, ce_zero, kl_zero = _sums(clean, others, targets)
+            for name, value in (("ce_clean", ce_clean), ("ce_spliced", ce_spliced),
+                                ("kl_spliced", kl_spliced), ("ce_zero", ce_zero),
+                                ("kl_zero", kl_zero)):  # fmt: skip
+                sums[name] += value
             tokens += len(targets)
-            del clean
+            del clean, others
     if tokens == 0:
         raise SamesheepError("no positions to score: the documents are too short")
     m = {key: value / tokens for key, value in sums.items()}
