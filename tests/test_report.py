@@ -4,6 +4,7 @@ site in a real browser (headless Chromium driven by Playwright) from file://."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import struct
@@ -273,3 +274,33 @@ def test_the_site_in_a_browser(run, browser):
     p = tab.open("feature.html?sae=llama0.L1&latent=99999")
     p.wait_for_selector(".error")
     tab.check_clean()
+
+
+def test_windows_cut_at_once_equal_one_by_one(run):
+    """The vectorized cut of every exemplar window equals cutting each alone with
+    `segments` (overlapping byte pieces, left-out tokens and gaps included)."""
+    import pyarrow.parquet as pq
+
+    from samesheep.report.data import cut_windows, segments
+
+    _, run_dir, _ = run
+    ex = pq.read_table(run_dir / "llama0" / "layer_1" / "features" / "exemplars.parquet")
+    context, n_train = 5, 1000
+    windows = cut_windows(ex, context, n_train)
+    assert len(windows) == ex.num_rows
+    overlapping = 0
+    for row, w in zip(ex.to_pylist(), windows, strict=True):
+        st, en, acts, c = row["token_starts"], row["token_ends"], row["activations"], row["center"]
+        lo, hi = max(0, c - context), min(len(st), c + context + 1)
+        s0, e0 = min(st[lo:hi]), max(en[lo:hi])
+        assert w.text == row["text"][s0:e0]
+        assert w.start == row["char_start"] + s0 and w.end == w.start + len(w.text)
+        assert w.center == (st[c] - s0, en[c] - s0)
+        spans = [
+            (s - s0, e - s0, a) for s, e, a in zip(st[lo:hi], en[lo:hi], acts[lo:hi], strict=False)
+        ]
+        overlapping += any(b[0] < a[1] for a, b in itertools.pairwise(spans))
+        assert w.seg == segments(spans, len(w.text)), row
+        heldout = row["split"] == "heldout"
+        assert w.doc == row["doc_index"] + (n_train if heldout else 0)
+    assert overlapping > 0  # the hostile corpus's byte pieces are among them

@@ -153,24 +153,91 @@ class Window:
     start: int  # characters of the window in its document
     end: int
     text: str
-    spans: list[tuple[int, int, float]]  # the exemplar model's tokens, window-relative
+    seg: list[list[Any]]  # the exemplar model's activations as segments (see `segments`)
     center: tuple[int, int]  # the exemplar token's characters, window-relative
 
 
-def cut(row: dict[str, Any], context: int, n_train_docs: int) -> Window:
-    """The exemplar row's window with at most `context` tokens each side of its token."""
-    starts, ends, acts = row["token_starts"], row["token_ends"], row["activations"]
-    c = int(row["center"])
-    lo, hi = max(0, c - context), min(len(starts), c + context + 1)
-    s0 = min(starts[lo:hi])
-    e0 = max(ends[lo:hi])
-    text = row["text"][s0:e0]
-    spans = [
-        (s - s0, e - s0, a) for s, e, a in zip(starts[lo:hi], ends[lo:hi], acts[lo:hi], strict=True)
-    ]
-    doc = int(row["doc_index"]) + (n_train_docs if row["split"] == "heldout" else 0)
-    start = int(row["char_start"]) + s0
-    return Window(doc, start, start + len(text), text, spans, (starts[c] - s0, ends[c] - s0))
+def sig_array(v: np.ndarray, digits: int = 3) -> np.ndarray:
+    """`sig` over an array (nan stays nan, 0 stays 0)."""
+    v = np.asarray(v, dtype=np.float64)
+    ok = np.isfinite(v) & (v != 0)
+    scale = np.zeros_like(v)
+    scale[ok] = 10.0 ** (digits - 1 - np.floor(np.log10(np.abs(v[ok]))))
+    out = v.copy()
+    out[ok] = np.round(v[ok] * scale[ok]) / scale[ok]
+    return out
+
+
+def cut_windows(ex: pa.Table, context: int, n_train_docs: int) -> list[Window]:
+    """Every exemplar row's window with at most `context` tokens each side of its token, and
+    its segments as `segments` gives them (tokens of overlapping spans, the byte pieces of
+    one character, form one segment with their largest value), computed for all rows at once."""
+    n = ex.num_rows
+    if n == 0:
+        return []
+    col = {k: ex.column(k).combine_chunks() for k in ("token_starts", "token_ends", "activations")}
+    offsets = col["token_starts"].offsets.to_numpy().astype(np.int64)
+    starts = col["token_starts"].values.to_numpy().astype(np.int64)
+    ends = col["token_ends"].values.to_numpy().astype(np.int64)
+    acts = col["activations"].values.to_numpy(zero_copy_only=False).astype(np.float64)
+    center = ex.column("center").to_numpy().astype(np.int64)
+    length = np.diff(offsets)
+    lo = np.maximum(0, center - context)
+    hi = np.minimum(length, center + context + 1)
+    count = hi - lo
+    win = np.repeat(np.arange(n), count)
+    tok = np.repeat(offsets[:-1] + lo - np.concatenate([[0], np.cumsum(count)[:-1]]), count)
+    tok += np.arange(len(win))
+    first = np.concatenate([[0], np.cumsum(count)[:-1]])  # each window's first token
+    s0 = np.minimum.reduceat(starts[tok], first)
+    e0 = np.maximum.reduceat(ends[tok], first)
+    rs, re_, v = starts[tok] - s0[win], ends[tok] - s0[win], acts[tok]
+    # a token starts a new segment unless it begins before an earlier token's end (pieces)
+    big = int(e0.max() - s0.min()) + 2
+    reach = np.maximum.accumulate(re_ + win * big) - win * big  # running end in the window
+    prev_reach = np.concatenate([[0], reach[:-1]])
+    is_first = np.zeros(len(win), dtype=bool)
+    is_first[first] = True
+    new = is_first | (rs >= prev_reach)
+    at = np.flatnonzero(new)
+    seg_win = win[at]
+    seg_start = rs[at]
+    seg_end = np.maximum.reduceat(re_, at)
+    with np.errstate(invalid="ignore"):
+        seg_val = np.fmax.reduceat(v, at)  # nan only where every piece was left out
+    seg_val = np.where(np.isnan(seg_val), np.nan, np.where(seg_val > 0, sig_array(seg_val), 0.0))
+    # inactive characters before a segment (a gap between tokens) become a 0 segment
+    prev_end = np.concatenate([[0], seg_end[:-1]])
+    seg_first = np.concatenate([[True], seg_win[1:] != seg_win[:-1]])
+    prev_end[seg_first] = 0
+    gap = seg_start > prev_end
+    ends_all = np.stack([seg_start, seg_end], 1).reshape(-1)
+    vals_all = np.stack([np.zeros(len(at)), seg_val], 1).reshape(-1)
+    wins_all = np.repeat(seg_win, 2)
+    keep = np.stack([gap, np.ones(len(at), dtype=bool)], 1).reshape(-1)
+    ends_all, vals_all, wins_all = ends_all[keep], vals_all[keep], wins_all[keep]
+    # runs of inactive segments merge into their last one
+    nxt_zero = np.concatenate([(vals_all[1:] == 0) & (wins_all[1:] == wins_all[:-1]), [False]])
+    keep = ~((vals_all == 0) & nxt_zero)
+    ends_all, vals_all, wins_all = ends_all[keep], vals_all[keep], wins_all[keep]
+    bounds = np.searchsorted(wins_all, np.arange(n + 1))
+    e_list = ends_all.tolist()
+    v_list = [None if x != x else (x if x > 0 else 0) for x in vals_all.tolist()]
+    texts = ex.column("text").to_pylist()
+    doc = ex.column("doc_index").to_numpy().astype(np.int64)
+    heldout = np.array([x == "heldout" for x in ex.column("split").to_pylist()])
+    doc = doc + np.where(heldout, n_train_docs, 0)
+    char_start = ex.column("char_start").to_numpy().astype(np.int64) + s0
+    c_start = starts[offsets[:-1] + center] - s0
+    c_end = ends[offsets[:-1] + center] - s0
+    out = []
+    for i in range(n):
+        a, b = bounds[i], bounds[i + 1]
+        text = texts[i][s0[i] : e0[i]]
+        seg = [[e, x] for e, x in zip(e_list[a:b], v_list[a:b], strict=True)]
+        out.append(Window(int(doc[i]), int(char_start[i]), int(char_start[i]) + len(text),
+                          text, seg, (int(c_start[i]), int(c_end[i]))))  # fmt: skip
+    return out
 
 
 def window_record(row: dict[str, Any], w: Window) -> dict[str, Any]:
@@ -182,7 +249,7 @@ def window_record(row: dict[str, Any], w: Window) -> dict[str, Any]:
         "value": sig(row["value"]),
         "bin": int(row["bin"]),
         "text": w.text,
-        "seg": segments(w.spans, len(w.text)),
+        "seg": w.seg,
         "center": list(w.center),
     }
 
@@ -237,12 +304,14 @@ def read_features(
         if not r["dead"]:
             records[int(r["latent"])] = feature_record(r, {"top": [], "quantile": []})
     top_windows: dict[int, list] = {}
-    for row in ex.filter(keep).to_pylist():
+    shown = ex.filter(keep)
+    windows = cut_windows(shown, context, n_train_docs)
+    meta = shown.select(["latent", "kind", "rank", "bin", "value", "split", "doc_id", "title"])
+    for row, w in zip(meta.to_pylist(), windows, strict=True):
         latent = int(row["latent"])
         rec = records.get(latent)
         if rec is None:
             continue
-        w = cut(row, context, n_train_docs)
         if row["kind"] == "top" and row["rank"] < n_pair:
             top_windows.setdefault(latent, []).append((row, w))
         if row["kind"] == "top" and row["rank"] >= n_top:
