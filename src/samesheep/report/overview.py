@@ -101,7 +101,7 @@ def answer_sentences(summary: dict[str, Any], a: str, b: str) -> list[str]:
         out.append(
             f"The decoder directions of the {geometry['pairs']:,} matched pairs with r ≥ {R:g} "
             f"have an SVCCA of {sv['value']:.2f} at 90% of the variance, against "
-            f"{sv['null_mean']:.2f} ± {sv['null_sd']:.2f} for {sv['pairings']} random pairings "
+            f"{sv['null_mean']:.3f} ± {sv['null_sd']:.3f} for {sv['pairings']} random pairings "
             f"(p = {sv['p']:.3g})."
         )
     elif geometry.get("note"):
