@@ -240,3 +240,19 @@ def test_token_strings(tiny_models):
     assert token_strings(tok, [5, 6]) == [tok.decode([5]), tok.decode([6])]
     assert token_strings(tok, torch.tensor(7)) == [tok.decode([7])]
     assert token_strings(tok, torch.zeros(0, 3, dtype=torch.int64)) == []
+
+
+@pytest.mark.parametrize("largest", [True, False])
+def test_grouped_block_top_equals_a_plain_top_k(largest):
+    """The grouped search finds the same values as torch's top-k, excluded (infinite)
+    entries and a block too small to group included."""
+    from samesheep.logit_lens import _block_top
+
+    g = torch.Generator().manual_seed(0)
+    for cols in (64 * 8 * 10, 300):
+        x = torch.randn(50, cols, generator=g)
+        x[:, :200] = -torch.inf if largest else torch.inf  # excluded ids
+        vals, ids = _block_top(x, 10, largest)
+        want = x.topk(10, dim=1, largest=largest).values
+        assert torch.equal(vals.sort(1).values, want.sort(1).values)
+        assert torch.equal(x.gather(1, ids), vals)

@@ -184,12 +184,33 @@ def excluded_token_ids(tokenizer: Any, vocab_size: int) -> Tensor:
     return out
 
 
+TOP_GROUP = 64
+"""Logits per group in a block's top-k: the k best lie in the k groups with the best maxima."""
+
+
+def _block_top(logits: Tensor, k: int, largest: bool) -> tuple[Tensor, Tensor]:
+    """The k largest (or smallest) logits of each row and their columns: the k groups of
+    TOP_GROUP columns with the best maxima (minima) hold them, so only those are searched
+    (a quarter of a plain top-k's time on a 1,024 x 32,768 block). Equal values may be
+    picked in another order than by a plain top-k."""
+    b, v = logits.shape
+    g = TOP_GROUP
+    if v % g or v < 8 * g * k:
+        return logits.topk(k, dim=1, largest=largest)
+    grouped = logits.view(b, v // g, g)
+    best = grouped.amax(-1) if largest else grouped.amin(-1)
+    groups = best.topk(k, dim=1, largest=largest).indices  # [b, k]
+    cand = grouped.gather(1, groups[:, :, None].expand(b, k, g)).reshape(b, k * g)
+    vals, at = cand.topk(k, dim=1, largest=largest)
+    return vals, groups.gather(1, at // g) * g + at % g
+
+
 def _merge_top(
     vals: Tensor, ids: Tensor, logits: Tensor, offset: int, k: int, largest: bool
 ) -> tuple[Tensor, Tensor]:
     """The running top-k (vals, ids) [b, k] merged with a block of logits [b, vb]."""
-    blk_vals, blk_idx = logits.topk(min(k, logits.shape[1]), dim=1, largest=largest)
-    all_vals = torch.cat([vals, blk_vals], dim=1)
+    blk_vals, blk_idx = _block_top(logits, min(k, logits.shape[1]), largest)
+    all_vals = torch.cat([vals, blk_vals.float()], dim=1)  # exact: the block's own values
     all_ids = torch.cat([ids, blk_idx + offset], dim=1)
     vals, pick = all_vals.topk(k, dim=1, largest=largest)
     return vals, all_ids.gather(1, pick)
@@ -202,7 +223,7 @@ def logit_lens(
     k: int = 10,
     dtype: torch.dtype = torch.float32,
     block_latents: int = 1024,
-    block_vocab: int = 16384,
+    block_vocab: int = 32768,
 ) -> LensResult:
     """The k tokens whose logits each direction [m, d_model] raises and lowers most, through
     the final norm and unembedding (lens_directions @ W_U.T; the head's bias, if any, is left
@@ -244,7 +265,9 @@ def logit_lens(
             top_ids = torch.full((b, k), -1, dtype=torch.int64, device=device)
             bottom_ids = top_ids.clone()
             for v, any_excluded in zip(starts, fill, strict=True):
-                logits = (x @ w_u[v : v + block_vocab].to(dtype).T).float()
+                # in the product's dtype: top-k picks the same values as after a cast to
+                # float32 (which would cost a pass over every logit), then casts only those
+                logits = x @ w_u[v : v + block_vocab].to(dtype).T
                 excluded = mask[v : v + block_vocab]
                 # In place, so one [b, block_vocab] buffer serves both ends.
                 if any_excluded:
