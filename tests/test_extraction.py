@@ -162,15 +162,54 @@ def test_auto_dtype_follows_hardware(monkeypatch):
     from samesheep import device
 
     cpu = torch.device("cpu")
+    monkeypatch.setattr(device, "cpu_bf16_measured", lambda: True)
     monkeypatch.setattr(device, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
     assert device.choose_dtype("auto", cpu) == torch.bfloat16
     monkeypatch.setattr(device, "cpu_flags", lambda: frozenset({"avx2", "amx_bf16"}))
     assert device.choose_dtype("auto", cpu) == torch.bfloat16
     monkeypatch.setattr(device, "cpu_flags", lambda: frozenset({"avx2"}))
     assert device.choose_dtype("auto", cpu) == torch.float32
+    # the instructions exist, but bfloat16 measured no faster (an Intel Xeon with avx512_bf16)
+    monkeypatch.setattr(device, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
+    monkeypatch.setattr(device, "cpu_bf16_measured", lambda: False)
+    assert device.choose_dtype("auto", cpu) == torch.float32
+    assert device.choose_dtype("bfloat16", cpu) == torch.bfloat16  # named: never second-guessed
     assert device.choose_dtype("float16", cpu) == torch.float16
     with pytest.raises(SamesheepError):
         device.choose_dtype("int8", cpu)
+
+
+def test_bf16_speed_is_measured_once_and_remembered(monkeypatch, tmp_path):
+    from samesheep import device
+
+    monkeypatch.setenv("SAMESHEEP_CACHE", str(tmp_path))
+    rates = {torch.float32: 259.0, torch.bfloat16: 144.0}
+    calls = []
+
+    def fake_rate(dtype, device_=None, n=2048, budget_s=2.0):
+        calls.append(dtype)
+        return device.MatmulRate(dtype, rates[dtype], n, False)
+
+    monkeypatch.setattr(device, "matmul_rate", fake_rate)
+
+    def measured() -> bool:
+        device.cpu_bf16_measured.cache_clear()
+        return device.cpu_bf16_measured()
+
+    assert measured() is False and len(calls) == 2  # slower in bfloat16: float32
+    rates[torch.bfloat16] = 2400.0
+    assert measured() is False and len(calls) == 2  # remembered: a new rate changes nothing
+    saved = json.loads((tmp_path / "machine.json").read_text())
+    assert [e["bf16_fast"] for e in saved.values()] == [False]
+    (tmp_path / "machine.json").write_text("{not json")  # damaged: measured again
+    assert measured() is True and len(calls) == 4
+    (tmp_path / "machine.json").unlink()
+    rates[torch.bfloat16] = 1.2 * 259.0  # under the margin
+    assert measured() is False
+    rates[torch.bfloat16] = 1.3 * 259.0
+    (tmp_path / "machine.json").unlink()
+    assert measured() is True
+    device.cpu_bf16_measured.cache_clear()
 
 
 def test_matmul_rate_lowers_the_size_of_a_slow_dtype(monkeypatch):
