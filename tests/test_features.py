@@ -575,3 +575,30 @@ def test_topic_and_clone_latents_point_at_their_documents(planted, result):
         for row in mine.itertuples():
             doc = docs[row.split][row.doc_index]
             assert doc.meta["topic"] == allowed if allowed else doc.text == CLONE_TEXT
+
+
+def test_latent_centroids_equal_one_latent_at_a_time():
+    """All latents at once equal the per-latent definitions: normalised mean, and
+    mean_pairwise_cosine minus the baseline, with zero rows (spans without a wordpiece) left
+    out, nan below two rows, and zero centroids for latents with none."""
+    from samesheep.embedding import mean_pairwise_cosine
+    from samesheep.features import latent_centroids
+
+    gen = torch.Generator().manual_seed(3)
+    emb = torch.nn.functional.normalize(torch.randn(60, 16, generator=gen), dim=1)
+    emb[[4, 17, 18]] = 0.0
+    owner = np.sort(np.random.default_rng(3).integers(0, 12, 60))
+    owner[owner == 5] = 6  # latent 5 owns nothing
+    owner[17:19] = owner[16]  # a latent with two zero rows among its rows
+    centroids, coherence = latent_centroids(emb, owner, 12, baseline=0.1)
+    for j in range(12):
+        e = emb[owner == j]
+        if not len(e):
+            assert torch.equal(centroids[j], torch.zeros(16)) and np.isnan(coherence[j])
+            continue
+        want = torch.nn.functional.normalize(e.mean(0), dim=0)
+        assert torch.allclose(centroids[j], want, atol=1e-6), j
+        ref = mean_pairwise_cosine(e) - 0.1
+        assert (np.isnan(ref) and np.isnan(coherence[j])) or coherence[j] == pytest.approx(
+            ref, abs=1e-9
+        ), j

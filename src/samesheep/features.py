@@ -632,7 +632,6 @@ def embed_exemplars(
     leaks into every window through attention. Two windows of one text in different
     documents therefore differ somewhat, and windows of one document are more alike than
     their text alone would make them (the random windows of the baseline share this)."""
-    from .embedding import coherence as coherence_of
     from .embedding import mean_pairwise_cosine
 
     kind = exemplars.column("kind").to_numpy(zero_copy_only=False)
@@ -646,22 +645,32 @@ def embed_exemplars(
     )
     random = sub.column("kind").to_numpy(zero_copy_only=False) == "random"
     latent = sub.column("latent").to_numpy()
-    dim = doc_states.states.shape[1]
     # random windows repeat across latents: each distinct window is embedded and counted once
     rand_spans = np.unique(spans[random], axis=0)
     top = np.flatnonzero(~random)
     emb = doc_states.pool_spans(np.concatenate([spans[top], rand_spans]))
     baseline = mean_pairwise_cosine(emb[len(top) :]) if len(rand_spans) > 1 else 0.0
     emb = emb[: len(top)]
-    centroids = torch.zeros(d_sae, dim)
-    coherence = np.full(d_sae, np.nan)
-    starts = np.searchsorted(latent[top], np.arange(d_sae + 1))  # sorted by latent
-    for j in np.flatnonzero(np.diff(starts)):
-        e = emb[starts[j] : starts[j + 1]]
-        centroids[j] = torch.nn.functional.normalize(e.mean(0), dim=0)
-        if len(e) > 1:
-            coherence[j] = coherence_of(e, baseline)
-    return centroids, coherence
+    return latent_centroids(emb, latent[top], d_sae, baseline)
+
+
+def latent_centroids(
+    emb: torch.Tensor, owner: np.ndarray, d_sae: int, baseline: float
+) -> tuple[torch.Tensor, np.ndarray]:
+    """(centroids [d_sae, dim], coherence [d_sae]) of unit rows emb [n, dim] owned by latents
+    `owner` [n], all latents at once. A centroid is the latent's normalised sum (a zero row,
+    a span with no wordpiece, adds nothing, and a mean's scale does not survive normalising;
+    zero for a latent with no row). Coherence is the mean pairwise cosine of its n non-zero
+    rows, (|sum|^2 - n) / (n (n - 1)) as mean_pairwise_cosine computes it, minus `baseline`
+    (nan where n < 2)."""
+    rows = emb.double()
+    idx = torch.from_numpy(np.asarray(owner, dtype=np.int64))
+    sums = torch.zeros(d_sae, emb.shape[1], dtype=torch.float64).index_add_(0, idx, rows)
+    nonzero = (rows.norm(dim=1) > 0).double()
+    n = torch.zeros(d_sae, dtype=torch.float64).index_add_(0, idx, nonzero)
+    centroids = torch.nn.functional.normalize(sums, dim=1).float()
+    mean_cos = ((sums * sums).sum(1) - n) / (n * (n - 1)).clamp(min=1)
+    return centroids, np.where(n.numpy() >= 2, mean_cos.numpy() - baseline, np.nan)
 
 
 def corpus_states(corpus_dir: Any, corpus_hash: str, make_embedder: Any) -> Any:
