@@ -7,6 +7,7 @@ import importlib.machinery
 import importlib.util
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.nn.functional import normalize
@@ -16,11 +17,11 @@ from samesheep import embedding
 from samesheep.embedding import (
     EMBEDDING_PIP,
     TextEmbedder,
-    coherence,
     mean_pairwise_cosine,
     minilm_folder,
 )
 from samesheep.errors import SamesheepError
+from samesheep.features import latent_centroids
 
 TEXTS = [
     "The black cat sat on the mat.",
@@ -165,11 +166,14 @@ def test_mean_pairwise_cosine_matches_brute_force():
     pairs = [float(unit[i] @ unit[j]) for i in range(7) for j in range(7) if i != j]
     want = sum(pairs) / len(pairs)
     assert mean_pairwise_cosine(unit) == pytest.approx(want, abs=1e-6)
-    assert coherence(unit, 0.25) == pytest.approx(want - 0.25, abs=1e-6)
+    # coherence, as the features stage computes it for every latent at once
+    owner = np.zeros(7, dtype=np.int64)
+    assert latent_centroids(unit, owner, 1, 0.25)[1][0] == pytest.approx(want - 0.25, abs=1e-6)
     # A zero row (a span over no wordpiece) has no direction: it is left out.
     assert mean_pairwise_cosine(torch.cat([unit, torch.zeros(1, 16)])) == pytest.approx(want)
     assert math.isnan(mean_pairwise_cosine(unit[:1]))
-    assert math.isnan(coherence(torch.cat([unit[:1], torch.zeros(2, 16)]), 0.1))
+    lone = torch.cat([unit[:1], torch.zeros(2, 16)])
+    assert math.isnan(latent_centroids(lone, np.zeros(3, dtype=np.int64), 1, 0.1)[1][0])
 
 
 def test_missing_package_names_the_pip_command(monkeypatch, tmp_path):

@@ -92,16 +92,17 @@ def cpu_bf16_measured() -> bool:
     path = cache_dir() / "machine.json"
     key = _machine_key()
     try:
-        known = read_json(path, corrupt_is_missing=True) or {}
+        known = read_json(path, corrupt_is_missing=True)
     except OSError:
+        known = None
+    if not isinstance(known, dict):  # missing, damaged or unreadable: measured again
         known = {}
-    entry = known.get(key) if isinstance(known, dict) else None
+    entry = known.get(key)
     if isinstance(entry, dict) and isinstance(entry.get("bf16_fast"), bool):
         return entry["bf16_fast"]
     f32 = matmul_rate(torch.float32, n=1024, budget_s=0.5)
     bf16 = matmul_rate(torch.bfloat16, n=1024, budget_s=0.5)
     fast = bf16.gflops >= BF16_MARGIN * f32.gflops
-    known = known if isinstance(known, dict) else {}
     known[key] = {
         "bf16_fast": fast,
         "float32_gflops": round(f32.gflops, 1),

@@ -337,9 +337,3 @@ def mean_pairwise_cosine(unit: Tensor) -> float:
         return math.nan
     total = rows.sum(0)
     return float((total @ total - n) / (n * (n - 1)))
-
-
-def coherence(unit: Tensor, baseline: float) -> float:
-    """How much more alike the unit rows are than chance: their mean pairwise cosine minus the
-    same measure over random windows of the corpus (0: no more alike than random windows)."""
-    return mean_pairwise_cosine(unit) - baseline
