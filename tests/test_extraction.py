@@ -199,6 +199,12 @@ def test_bf16_speed_is_measured_once_and_remembered(monkeypatch, tmp_path):
     assert measured() is False and len(calls) == 2  # slower in bfloat16: float32
     rates[torch.bfloat16] = 2400.0
     assert measured() is False and len(calls) == 2  # remembered: a new rate changes nothing
+    threads = torch.get_num_threads()
+    try:  # one machine, one answer: a CLI run and a library caller use other thread counts
+        torch.set_num_threads(1 if threads > 1 else 2)
+        assert measured() is False and len(calls) == 2
+    finally:
+        torch.set_num_threads(threads)
     saved = json.loads((tmp_path / "machine.json").read_text())
     assert [e["bf16_fast"] for e in saved.values()] == [False]
     (tmp_path / "machine.json").write_text("{not json")  # damaged: measured again

@@ -113,7 +113,8 @@ def test_rerun_does_nothing_and_repairs_a_damaged_sae(run, env):
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files} == before
     # The key holds the dtype "auto" resolves to, so naming that dtype changes nothing (the
     # advice given where a checkpoint of another dtype starts over really continues it).
-    resolved = dtype_name(choose_dtype("auto", torch.device("cpu")))
+    resolved = json.loads(before[files[2]][1])["training"]["dtype"]  # what the CLI resolved
+    assert resolved == dtype_name(choose_dtype("auto", torch.device("cpu")))  # one answer
     res = cli("train", *args, "--set", f'train.dtype="{resolved}"', env=env)
     assert res.returncode == 0, res.stderr
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files} == before

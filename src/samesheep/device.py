@@ -72,15 +72,17 @@ def fast_bf16(device: torch.device) -> bool:
 
 
 def _machine_key() -> str:
+    """The machine, not the process: no thread count, which differs between a CLI run
+    (set_threads) and a library caller and would give one machine two measurements that can
+    disagree near the margin."""
     flags = ",".join(sorted(cpu_flags() & BF16_FLAGS))
-    threads = torch.get_num_threads()
-    return f"{cpu_model()} | {flags} | torch {torch.__version__} | {threads} threads"
+    return f"{cpu_model()} | {flags} | torch {torch.__version__}"
 
 
 @cache
 def cpu_bf16_measured() -> bool:
     """Whether this CPU's bfloat16 products beat float32 by BF16_MARGIN, measured once per
-    machine (CPU model, flags, torch version, threads) and remembered in the samesheep cache
+    machine (CPU model, flags, torch version) and remembered in the samesheep cache
     folder (machine.json). The flags alone do not tell: on an Intel Xeon with avx512_bf16
     and no AMX, 2048^2 products ran at 144 GFLOP/s in bfloat16 and 259 in float32 (AMD EPYC
     with avx512_bf16: 393 against 159). Remembered, not measured each run, because the
