@@ -16,7 +16,6 @@ from safetensors.torch import load_file, save_file
 from test_cli import assert_one_line_error, cli
 
 from samesheep.config import TrainConfig
-from samesheep.device import choose_dtype, dtype_name
 from samesheep.sae_files import load_sae
 from samesheep.store import open_store
 
@@ -114,7 +113,6 @@ def test_rerun_does_nothing_and_repairs_a_damaged_sae(run, env):
     # The key holds the dtype "auto" resolves to, so naming that dtype changes nothing (the
     # advice given where a checkpoint of another dtype starts over really continues it).
     resolved = json.loads(before[files[2]][1])["training"]["dtype"]  # what the CLI resolved
-    assert resolved == dtype_name(choose_dtype("auto", torch.device("cpu")))  # one answer
     res = cli("train", *args, "--set", f'train.dtype="{resolved}"', env=env)
     assert res.returncode == 0, res.stderr
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files} == before
