@@ -284,6 +284,27 @@ def test_windows_reproduce_the_text_and_never_cross_documents(planted, result):
         assert row.text[row.token_starts[c] : row.token_ends[c]] == tok.decode([planted_id])
 
 
+def test_every_window_token_holds_the_latents_dense_activation(planted, result):
+    """Not only the centre: each token of each window carries the latent's activation on
+    that token's row (the encoder applied densely), 0 where it does not fire."""
+    _, store, sae, _, _ = planted
+    _, exemplars, _, _, _ = result
+    acts, rows = dense_truth(store, sae)
+    at: dict[tuple, list[int]] = {}
+    for i, key in enumerate(
+        zip(rows["split"], rows["doc_index"], rows["char_start"], rows["char_end"], strict=True)
+    ):
+        at.setdefault(key, []).append(i)
+    checked = 0
+    for row in exemplars.to_pandas().itertuples():
+        for s, e, a in zip(row.token_starts, row.token_ends, row.activations, strict=True):
+            key = (row.split, row.doc_index, row.char_start + s, row.char_start + e)
+            want = [float(acts[i, row.latent]) for i in at[key]]
+            assert any(a == pytest.approx(w, rel=1e-5, abs=1e-6) for w in want), (key, a, want)
+            checked += a > 0
+    assert checked > len(exemplars)  # firing tokens besides the centres were compared
+
+
 def test_quantile_bins_hold_their_range(result):
     table, exemplars, _, _, cfg = result
     ex = exemplars.to_pandas()

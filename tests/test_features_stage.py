@@ -104,7 +104,9 @@ def test_run_writes_the_features_folder(run):
     live = ~f.dead
     norms = centroids.norm(dim=1).numpy()
     np.testing.assert_allclose(norms[live.to_numpy()], 1.0, rtol=1e-5)
-    assert (f.freq_train[live] > 0).all() and f.label[live].str.len().gt(0).all()
+    # live = fires somewhere: a latent may fire on held-out tokens only (seen in bfloat16)
+    assert ((f.fires_train + f.fires_heldout > 0) == live).all()
+    assert (f.freq_train > 0).mean() > 0.5 and f.label[live].str.len().gt(0).all()
     assert all(len(t) == 10 for t in f.promoted_tokens[live])
     assert "features of 128 latents" in flat(res.stderr)
     # every exemplar's spans reproduce its tokens' text in the corpus document

@@ -242,17 +242,33 @@ def test_token_strings(tiny_models):
     assert token_strings(tok, torch.zeros(0, 3, dtype=torch.int64)) == []
 
 
-@pytest.mark.parametrize("largest", [True, False])
-def test_grouped_block_top_equals_a_plain_top_k(largest):
-    """The grouped search finds the same values as torch's top-k, excluded (infinite)
-    entries and a block too small to group included."""
-    from samesheep.logit_lens import _block_top
+def test_grouped_block_ends_equal_a_plain_top_k():
+    """Both ends found in one grouped pass hold the same values as torch's top-k, ties
+    included (bfloat16 logits tie often), and a block too small to group."""
+    from samesheep.logit_lens import _block_ends
 
     g = torch.Generator().manual_seed(0)
     for cols in (64 * 8 * 10, 300):
         x = torch.randn(50, cols, generator=g)
-        x[:, :200] = -torch.inf if largest else torch.inf  # excluded ids
-        vals, ids = _block_top(x, 10, largest)
-        want = x.topk(10, dim=1, largest=largest).values
-        assert torch.equal(vals.sort(1).values, want.sort(1).values)
-        assert torch.equal(x.gather(1, ids), vals)
+        x[:, 100:164] = x[:, 0:1]  # a whole group of ties, with one elsewhere
+        for ends, largest in zip(_block_ends(x, 10), (True, False), strict=True):
+            vals, ids = ends
+            want = x.topk(10, dim=1, largest=largest).values
+            assert torch.equal(vals.sort(1).values, want.sort(1).values)
+            assert torch.equal(x.gather(1, ids), vals)
+            assert (ids.sort(1).values.diff(dim=1) > 0).all()  # no column twice
+
+
+def test_vocab_blocks_cover_the_allowed_ids_once():
+    from samesheep.logit_lens import vocab_blocks
+
+    exclude = torch.zeros(1000, dtype=torch.bool)
+    exclude[[0, 1, 2, 500, 998, 999]] = True
+    exclude[300:340] = True
+    blocks = vocab_blocks(exclude, 128)
+    ids = torch.cat([torch.arange(a, b) if i is None else i for a, b, i in blocks])
+    assert torch.equal(ids, (~exclude).nonzero().squeeze(1))
+    assert [len(range(a, b)) if i is None else len(i) for a, b, i in blocks][:-1] == [128] * 7
+    assert blocks[0] == (3, 131, None)  # consecutive ids: a slice of the head, no copy
+    assert any(i is not None for _, _, i in blocks)
+    assert vocab_blocks(torch.ones(5, dtype=torch.bool), 2) == []

@@ -44,25 +44,31 @@ def window_bounds(full: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     return first, np.repeat(starts + sizes - 1, sizes)
 
 
-class ShardLookup:
-    """Random access to one shard's codes by (kept row, latent)."""
+class LatentRuns:
+    """One shard's codes sorted by (latent, kept row): the firings of a latent on a range of
+    consecutive rows are one run, found by two binary searches."""
 
     def __init__(self, shard: CodedShard, d_sae: int):
         codes = shard.codes
         counts = codes.offsets.diff().numpy()
-        keys = np.repeat(np.arange(len(counts), dtype=np.int64), counts) * d_sae
-        keys += codes.latents.numpy()
+        self.n_rows = len(counts)
+        keys = codes.latents.numpy().astype(np.int64) * self.n_rows
+        keys += np.repeat(np.arange(self.n_rows, dtype=np.int64), counts)
         order = np.argsort(keys, kind="stable")
         self.keys, self.values = keys[order], codes.values.numpy()[order]
-        self.d_sae = d_sae
 
-    def get_pairs(self, kept_rows: np.ndarray, latents: np.ndarray) -> np.ndarray:
-        """Activations of latents[i] on kept_rows[i] (0 where it does not fire)."""
-        if not len(self.keys):
-            return np.zeros(len(kept_rows), dtype=np.float32)
-        q = kept_rows * self.d_sae + latents
-        pos = np.minimum(np.searchsorted(self.keys, q), len(self.keys) - 1)
-        return np.where(self.keys[pos] == q, self.values[pos], 0.0).astype(np.float32)
+    def in_ranges(
+        self, latents: np.ndarray, k0: np.ndarray, k1: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(range index, kept row, activation) of every firing of latents[i] on kept rows
+        [k0[i], k1[i])."""
+        base = latents.astype(np.int64) * self.n_rows
+        a = np.searchsorted(self.keys, base + k0)
+        b = np.searchsorted(self.keys, base + k1)
+        n = b - a
+        which = np.repeat(np.arange(len(a)), n)
+        entry = np.repeat(a, n) + np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
+        return which, self.keys[entry] - base[which], self.values[entry]
 
 
 def cut_windows(
@@ -94,19 +100,21 @@ def cut_windows(
     lo, hi = window_rows(centre, first, last, window_tokens)
     lengths = hi - lo + 1
     owner = np.repeat(np.arange(len(sel)), lengths)  # exemplar of each flat row
-    rows = (
-        np.repeat(lo, lengths)
-        + np.arange(lengths.sum())
-        - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    )
+    head_all = np.cumsum(lengths) - lengths
+    rows = np.repeat(lo, lengths) + np.arange(lengths.sum()) - np.repeat(head_all, lengths)
+    # The latent's activations on each window: its firings on the window's kept rows, one
+    # run of the shard's (latent, row)-sorted codes per window; 0 elsewhere, nan on rows the
+    # token filter leaves out.
+    k0 = np.searchsorted(full_of_kept, lo)
+    k1 = np.searchsorted(full_of_kept, hi, side="right")
+    which, kept_row, value = LatentRuns(shard, d_sae).in_ranges(refs.latent[sel], k0, k1)
+    acts = np.zeros(len(rows), dtype=np.float32)
+    acts[head_all[which] + full_of_kept[kept_row] - lo[which]] = value
+    acts[kept_of_full[rows] < 0] = np.nan
     has_text = (ends_all[rows] > starts_all[rows]) | (rows == centre[owner])
-    rows, owner = rows[has_text], owner[has_text]
+    rows, owner, acts = rows[has_text], owner[has_text], acts[has_text]
     counts = np.bincount(owner, minlength=len(sel))
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-
-    k = kept_of_full[rows]
-    acts = ShardLookup(shard, d_sae).get_pairs(np.maximum(k, 0), refs.latent[sel][owner])
-    acts[k < 0] = np.nan
     starts, ends = starts_all[rows], ends_all[rows]
     head = offsets[:-1]  # every window holds at least its centre
     s = np.minimum.reduceat(starts, head)
@@ -144,21 +152,37 @@ def window_rows(
     return lo, np.minimum(last[c], lo + n - 1)
 
 
+def take_lists(lists: pa.ListArray, order: np.ndarray) -> pa.ListArray:
+    """lists.take(order), gathered with numpy (pyarrow's take spent 3 s on the exemplar
+    table's three list columns of 700k windows)."""
+    offsets = lists.offsets.to_numpy()
+    values = lists.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]]
+    offsets = offsets - offsets[0]
+    n = np.diff(offsets)[order]
+    head = np.concatenate([[0], np.cumsum(n)])
+    flat = np.repeat(offsets[:-1][order] - head[:-1], n) + np.arange(head[-1])
+    return pa.ListArray.from_arrays(head.astype(np.int32), values[flat])
+
+
 def exemplar_table(
     src: Any, refs: ExemplarRefs, parts: list[dict[str, Any]], order: np.ndarray
 ) -> pa.Table:
     """One row per exemplar from cut_windows' parts (in refs' order), sorted by `order`."""
     n = len(refs.latent)
+    refs = refs.take(order)
 
     def column(name: str, kind: Any) -> Any:
         values = [p[name] for p in parts]
         if kind is list:
-            return [v for part in values for v in part]
+            flat = [v for part in values for v in part]
+            return [flat[i] for i in order]
         if isinstance(kind, pa.DataType):
-            return pa.concat_arrays(values) if values else pa.array([], pa.list_(kind))
-        return np.concatenate(values).astype(kind) if values else np.zeros(0, dtype=kind)
+            if not values:
+                return pa.array([], pa.list_(kind))
+            return take_lists(pa.concat_arrays(values), order)
+        return np.concatenate(values)[order].astype(kind) if values else np.zeros(0, dtype=kind)
 
-    table = pa.table(
+    return pa.table(
         {
             "model": [src.model] * n,
             "layer": np.full(n, src.layer, dtype=np.int32),
@@ -181,4 +205,3 @@ def exemplar_table(
             "activations": column("activations", pa.float32()),
         }
     )
-    return table.take(pa.array(order))
