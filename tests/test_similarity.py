@@ -1,0 +1,198 @@
+"""Representation-similarity metrics against known answers: identity, invariances, chance
+levels, and references computed another way (n x n Gram matrices, a brute-force U-statistic)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from samesheep.similarity import (
+    cknna,
+    debiased_cka,
+    hsic_unbiased,
+    linear_cka,
+    mutual_knn,
+    outlier_dimensions,
+    standardized,
+    svcca_sweep,
+    within_group_permutation,
+    without_outlier_dimensions,
+)
+
+
+def data(n=300, d=20, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, d))
+
+
+def orthogonal(d, seed=1):
+    q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((d, d)))
+    return q
+
+
+def cka_by_gram(x, y):
+    """Linear CKA through centred n x n Gram matrices (the kernel form)."""
+    n = len(x)
+    h = np.eye(n) - 1.0 / n
+    kx, ky = h @ x @ x.T @ h, h @ y @ y.T @ h
+    return (kx * ky).sum() / np.sqrt((kx * kx).sum() * (ky * ky).sum())
+
+
+def hsic_by_quadruples(x, y):
+    """The unbiased HSIC as its U-statistic: the mean over ordered distinct (i, j, q, r) of
+    k_ij l_ij + k_ij l_qr - 2 k_ij l_iq (linear kernels of centred features)."""
+    x, y = x - x.mean(0), y - y.mean(0)
+    kx, ky = x @ x.T, y @ y.T
+    n = len(x)
+    terms = [
+        kx[i, j] * ky[i, j] + kx[i, j] * ky[q, r] - 2 * kx[i, j] * ky[i, q]
+        for i, j, q, r in itertools.permutations(range(n), 4)
+    ]
+    return float(np.mean(terms))
+
+
+def test_linear_cka_is_one_on_identical_inputs_and_equals_the_kernel_form():
+    x, y = data(), data(seed=5) @ np.random.default_rng(2).standard_normal((20, 7))
+    assert linear_cka(x, x) == pytest.approx(1.0)
+    y = y + 0.5 * x[:, :7]
+    assert linear_cka(x, y) == pytest.approx(cka_by_gram(x, y), rel=1e-10)
+
+
+def test_linear_cka_is_invariant_to_rotation_scaling_and_shift_not_to_stretching_one_axis():
+    x = data()
+    y = x[:, :10] + 0.7 * data(seed=3)[:, :10]
+    base = linear_cka(x, y)
+    assert linear_cka(3.5 * x @ orthogonal(20) + 7.0, y) == pytest.approx(base, rel=1e-10)
+    stretched = x.copy()
+    stretched[:, 0] *= 50
+    assert abs(linear_cka(stretched, y) - base) > 0.05
+
+
+def test_unbiased_hsic_equals_its_u_statistic_and_the_gram_formula():
+    x, y = data(n=7, d=3, seed=4), data(n=7, d=2, seed=6)
+    y[:, 0] += x[:, 0]
+    assert hsic_unbiased(x, y) == pytest.approx(hsic_by_quadruples(x, y), rel=1e-9)
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    kx, ky = xc @ xc.T, yc @ yc.T
+    np.fill_diagonal(kx, 0)
+    np.fill_diagonal(ky, 0)
+    n = 7
+    gram = (
+        (kx * ky).sum() + kx.sum() * ky.sum() / ((n - 1) * (n - 2)) - 2 * (kx @ ky).sum() / (n - 2)
+    ) / (n * (n - 3))
+    assert hsic_unbiased(x, y) == pytest.approx(gram, rel=1e-9)
+
+
+def test_debiased_cka_is_near_zero_for_independent_inputs_where_plain_cka_is_not():
+    x, y = data(n=200, d=100, seed=1), data(n=200, d=100, seed=2)
+    assert linear_cka(x, y) > 0.3  # many dimensions against few items
+    assert abs(debiased_cka(x, y)) < 0.03
+    assert debiased_cka(x, x) == pytest.approx(1.0)
+    assert debiased_cka(x, 2.0 * x @ orthogonal(100)) == pytest.approx(1.0)
+
+
+def test_one_huge_dimension_decides_raw_cka_until_it_is_removed_or_standardised():
+    rng = np.random.default_rng(0)
+    shared = rng.standard_normal((500, 30))
+    x = shared + 0.3 * rng.standard_normal((500, 30))
+    y = shared @ orthogonal(30) + 0.3 * rng.standard_normal((500, 30))
+    good = linear_cka(x, y)
+    assert good > 0.8
+    x_out = np.concatenate([x, 5000.0 * rng.standard_normal((500, 3))], axis=1)
+    assert linear_cka(x_out, y) < 0.05  # the massive dimensions, unrelated to y, dominate
+    mask = outlier_dimensions(x_out)
+    assert mask.tolist() == [False] * 30 + [True] * 3
+    # against the median dimension, not the mean, which a few massive ones would raise
+    assert outlier_dimensions(np.c_[data(d=20), 20 * data(d=5, seed=1)]).sum() == 5
+    assert linear_cka(without_outlier_dimensions(x_out), y) == pytest.approx(good)
+    assert linear_cka(standardized(x_out), y) > 0.75
+    assert standardized(np.c_[x, np.ones(500)]).shape == (500, 30)  # constant column dropped
+
+
+def test_mutual_knn_is_one_on_identical_and_rotated_inputs_and_k_over_n_at_chance():
+    x = data(n=400, d=16)
+    assert mutual_knn(x, x) == 1.0
+    assert mutual_knn(x, 4.0 * x @ orthogonal(16)) == 1.0
+    chance = [mutual_knn(x, data(n=400, d=16, seed=s), k=10) for s in range(10, 15)]
+    assert np.mean(chance) == pytest.approx(10 / 399, rel=0.25)
+
+
+def cknna_by_loops(x, y, k):
+    """CKNNA written out: cosine kernels, each row's k nearest (itself left out) by sorting,
+    the kernels kept only where both neighbourhoods agree, the unbiased HSIC with ones
+    vectors."""
+    n = len(x)
+
+    def kernel_and_nearest(z):
+        u = z / np.linalg.norm(z, axis=1, keepdims=True)
+        kern = u @ u.T
+        near = [
+            set(sorted((j for j in range(n) if j != i), key=lambda j: -kern[i, j])[:k])
+            for i in range(n)
+        ]
+        return kern, near
+
+    def hsic(a, b):
+        a, b = a.copy(), b.copy()
+        np.fill_diagonal(a, 0)
+        np.fill_diagonal(b, 0)
+        one = np.ones(n)
+        return (
+            np.trace(a @ b)
+            + (one @ a @ one) * (one @ b @ one) / ((n - 1) * (n - 2))
+            - 2 * (one @ a @ b @ one) / (n - 2)
+        ) / (n * (n - 3))
+
+    def masked(ka, na, kb, nb):
+        keep = np.array([[j in na[i] and j in nb[i] for j in range(n)] for i in range(n)])
+        return hsic(ka * keep, kb * keep)
+
+    kx, nx = kernel_and_nearest(x)
+    ky, ny = kernel_and_nearest(y)
+    return masked(kx, nx, ky, ny) / np.sqrt(masked(kx, nx, kx, nx) * masked(ky, ny, ky, ny))
+
+
+def test_cknna_equals_its_definition_written_out():
+    x = data(n=60, d=5, seed=2)
+    y = x @ np.random.default_rng(1).standard_normal((5, 4)) + 0.8 * data(n=60, d=4, seed=3)
+    assert cknna(x, y, k=6) == pytest.approx(cknna_by_loops(x, y, 6), rel=1e-9)
+
+
+def test_cknna_is_one_on_identical_inputs_and_near_zero_for_independent_ones():
+    x = data(n=300, d=16)
+    assert cknna(x, x) == pytest.approx(1.0)
+    assert cknna(x, 3.0 * x @ orthogonal(16)) == pytest.approx(1.0)
+    related = cknna(x, x + 0.3 * data(n=300, d=16, seed=9))
+    unrelated = cknna(x, data(n=300, d=16, seed=8))
+    assert related > 0.5 and abs(unrelated) < 0.1
+
+
+def test_svcca_of_x_against_an_invertible_transform_of_x_is_one_at_full_rank():
+    x = data(n=400, d=12)
+    a = np.random.default_rng(3).standard_normal((12, 12)) + 3 * np.eye(12)
+    sweep = svcca_sweep(x, x @ a, keeps=(12, 0.999999))
+    assert sweep["12"] == pytest.approx(1.0, abs=1e-9)
+    assert sweep["0.999999"] == pytest.approx(1.0, abs=1e-9)
+    low = svcca_sweep(x, data(n=400, d=12, seed=4), keeps=(4,))
+    assert low["4"] < 0.3
+
+
+def test_within_group_permutation_moves_items_only_inside_their_group():
+    groups = np.array([3, 1, 3, 3, 2, 1, 2, 3, 3, 1] * 30)
+    rng = np.random.default_rng(0)
+    perm = within_group_permutation(groups, rng)
+    assert sorted(perm.tolist()) == list(range(len(groups)))
+    assert (groups[perm] == groups).all()
+    assert (perm != np.arange(len(groups))).mean() > 0.5  # it does shuffle
+    again = within_group_permutation(groups, np.random.default_rng(0))
+    assert (again == perm).all()
+
+
+def test_bad_shapes_and_too_few_items_say_so():
+    with pytest.raises(ValueError, match="paired"):
+        linear_cka(data(n=10), data(n=11))
+    with pytest.raises(ValueError, match="at least 4"):
+        hsic_unbiased(data(n=3), data(n=3))
+    with pytest.raises(ValueError, match="neighbours"):
+        mutual_knn(data(n=5), data(n=5), k=10)
