@@ -8,6 +8,7 @@ import itertools
 import numpy as np
 import pytest
 
+from samesheep.geometry import svcca
 from samesheep.similarity import (
     cknna,
     debiased_cka,
@@ -15,6 +16,8 @@ from samesheep.similarity import (
     linear_cka,
     mutual_knn,
     outlier_dimensions,
+    pair_metrics,
+    prepare,
     standardized,
     svcca_sweep,
     within_group_permutation,
@@ -119,12 +122,13 @@ def test_mutual_knn_is_one_on_identical_and_rotated_inputs_and_k_over_n_at_chanc
 
 
 def cknna_by_loops(x, y, k):
-    """CKNNA written out: cosine kernels, each row's k nearest (itself left out) by sorting,
-    the kernels kept only where both neighbourhoods agree, the unbiased HSIC with ones
-    vectors."""
+    """CKNNA written out: cosine kernels of the centred rows, each row's k nearest (itself
+    left out) by sorting, the kernels kept only where both neighbourhoods agree, the
+    unbiased HSIC with ones vectors."""
     n = len(x)
 
     def kernel_and_nearest(z):
+        z = z - z.mean(0)
         u = z / np.linalg.norm(z, axis=1, keepdims=True)
         kern = u @ u.T
         near = [
@@ -196,3 +200,54 @@ def test_bad_shapes_and_too_few_items_say_so():
         hsic_unbiased(data(n=3), data(n=3))
     with pytest.raises(ValueError, match="neighbours"):
         mutual_knn(data(n=5), data(n=5), k=10)
+
+
+def related_pair(n=240, seed=0):
+    """Two representations of the same items sharing part of their structure, one with a
+    massive dimension."""
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((n, 6))
+    x = z @ rng.standard_normal((6, 24)) + 0.5 * rng.standard_normal((n, 24))
+    y = np.tanh(z @ rng.standard_normal((6, 16))) + 0.5 * rng.standard_normal((n, 16))
+    x[:, 3] *= 300
+    return x, y
+
+
+# float64 products agree with the plain functions exactly; the default float32 ones closely
+PRECISIONS = [(np.float64, dict(rel=1e-9, abs=1e-12)), (np.float32, dict(rel=0, abs=2e-5))]
+
+
+@pytest.mark.parametrize("dtype, tolerance", PRECISIONS)
+def test_prepared_pair_metrics_equal_the_plain_functions(dtype, tolerance):
+    x, y = related_pair()
+    prep = dict(keeps=(0.9, 5), dtype=dtype)
+    got = pair_metrics(prepare(x, **prep), prepare(y, **prep))
+    want = {
+        "cka": linear_cka(x, y),
+        "cka_debiased": debiased_cka(x, y),
+        "cka_standardized": linear_cka(standardized(x), standardized(y)),
+        "cka_trimmed": linear_cka(without_outlier_dimensions(x), without_outlier_dimensions(y)),
+        "mutual_knn": mutual_knn(without_outlier_dimensions(x), without_outlier_dimensions(y)),
+        "cknna": cknna(without_outlier_dimensions(x), without_outlier_dimensions(y)),
+        "svcca@0.9": svcca(x, y, 0.9),
+        "svcca@5": svcca(x, y, 5),
+    }
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, **tolerance), key
+    assert got["cka_trimmed"] > got["cka"] + 0.1  # the massive dimension hid the agreement
+
+
+@pytest.mark.parametrize("dtype, tolerance", PRECISIONS)
+def test_a_permuted_pairing_equals_the_metrics_of_the_permuted_rows(dtype, tolerance):
+    x, y = related_pair(seed=1)
+    perm = np.random.default_rng(5).permutation(len(y))
+    a, b = prepare(x, dtype=dtype), prepare(y, dtype=dtype)
+    got = pair_metrics(a, b, perm)
+    want = pair_metrics(a, prepare(y[perm], dtype=dtype))
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, **tolerance), key
+    assert got["cka"] < pair_metrics(a, b)["cka"] - 0.2  # the pairing was broken
+    moved, fresh = b.neighbours.permuted(perm), prepare(y[perm], dtype=dtype).neighbours
+    assert (moved.ids == fresh.ids).all()
+    np.testing.assert_allclose(moved.cosine, fresh.cosine, rtol=1e-6)

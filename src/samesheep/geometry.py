@@ -4,6 +4,7 @@ hidden states): SVCCA and RSA, each against random pairings (Lan et al. 2024).""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 from scipy.stats import rankdata
@@ -37,13 +38,36 @@ def cca_mean(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.clip(rho[:k], 0.0, 1.0).mean()) if k else math.nan
 
 
+def kept_dimensions(x: np.ndarray, keep: int | float) -> int:
+    """How many leading directions SVCCA keeps of x [n, d]: `keep` itself (a count), or as
+    many as hold that share of the variance; never more than d or n - 1."""
+    kept = keep if isinstance(keep, int) else keep_for_variance(_sv(x), keep)
+    return min(kept, x.shape[1], x.shape[0] - 1)
+
+
+def kept_bases(x: np.ndarray, keeps: Sequence[int | float]) -> dict[str, np.ndarray]:
+    """For each setting (keyed as written), an orthonormal basis [n, kept] of the centred
+    x's kept leading directions, the left singular vectors: SVCCA's canonical correlations
+    are computed between such bases. One SVD serves every setting."""
+    x = x - x.mean(0)
+    u, s, _ = np.linalg.svd(x, full_matrices=False)
+    out = {}
+    for keep in keeps:
+        kept = keep if isinstance(keep, int) else keep_for_variance(s, keep)
+        out[str(keep)] = u[:, : max(min(kept, x.shape[1], x.shape[0] - 1), 1)]
+    return out
+
+
+def kept_basis(x: np.ndarray, keep: int | float) -> np.ndarray:
+    """kept_bases for one setting."""
+    return kept_bases(x, [keep])[str(keep)]
+
+
 def svcca(x: np.ndarray, y: np.ndarray, keep: int | float = 0.99) -> float:
     """SVCCA of paired rows x [n, d1] and y [n, d2]: each side reduced to its leading singular
     directions (`keep` of them, or as many as hold that share of the variance), then the mean
     canonical correlation of the two reductions."""
-    kx = keep if isinstance(keep, int) else keep_for_variance(_sv(x), keep)
-    ky = keep if isinstance(keep, int) else keep_for_variance(_sv(y), keep)
-    kx, ky = min(kx, x.shape[1], x.shape[0] - 1), min(ky, y.shape[1], y.shape[0] - 1)
+    kx, ky = kept_dimensions(x, keep), kept_dimensions(y, keep)
     if kx < 1 or ky < 1:
         return math.nan
     return cca_mean(_top_directions(x, kx), _top_directions(y, ky))
@@ -85,11 +109,8 @@ def svcca_test(
     """SVCCA on the true pairing of rows against n random pairings (y's rows shuffled), with
     p = (1 + #null >= value) / (1 + n). The reductions do not depend on the pairing, so each
     random pairing costs one small SVD."""
-    kx = keep if isinstance(keep, int) else keep_for_variance(_sv(x), keep)
-    ky = keep if isinstance(keep, int) else keep_for_variance(_sv(y), keep)
-    kx, ky = min(kx, x.shape[1], x.shape[0] - 1), min(ky, y.shape[1], y.shape[0] - 1)
-    qx, _ = np.linalg.qr(_top_directions(x, kx))
-    qy, _ = np.linalg.qr(_top_directions(y, ky))
+    qx, qy = kept_basis(x, keep), kept_basis(y, keep)
+    kx, ky = qx.shape[1], qy.shape[1]
     k = min(kx, ky)
 
     def stat(perm: np.ndarray | None) -> float:

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-from .geometry import svcca
+from .geometry import kept_bases, svcca
 
 OUTLIER_DIM_RATIO = 10.0
 """A dimension is an outlier when its root mean square over the items exceeds this multiple
@@ -43,31 +44,37 @@ def _ratio(xy: float, xx: float, yy: float) -> float:
     return xy / math.sqrt(xx * yy) if xx > 0 and yy > 0 else math.nan
 
 
+def _cross(x: np.ndarray, y: np.ndarray) -> float:
+    """||Y'X||_F^2: the linear-kernel HSIC of centred features, up to its normaliser."""
+    return float(np.linalg.norm(y.T @ x) ** 2)
+
+
+def _hsic_linear(cross: float, sq_x: np.ndarray, sq_y: np.ndarray) -> float:
+    """The unbiased HSIC (Song et al. 2012, eq. 5) of the linear kernels K = XX', L = YY' of
+    centred features, from cross = ||X'Y||_F^2 and the row norms squared (K's and L's
+    diagonals): with the diagonals zeroed, tr(KL) = cross - sq_x.sq_y and, as X'1 = 0,
+    K1 = -sq_x, so [tr(KL) + 1'K1 1'L1 / ((n-1)(n-2)) - 2 1'KL1 / (n-2)] / (n(n-3))."""
+    n = len(sq_x)
+    dot = float(sq_x @ sq_y)
+    total = cross - dot + sq_x.sum() * sq_y.sum() / ((n - 1) * (n - 2)) - 2.0 * dot / (n - 2)
+    return float(total / (n * (n - 3)))
+
+
 def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
     """Linear CKA (Kornblith et al. 2019): ||Y'X||_F^2 / (||X'X||_F ||Y'Y||_F) on centred
     features; 1 for identical inputs, invariant to orthogonal transforms and isotropic
     scaling of either side. nan where a side is constant."""
     x, y = _paired(x, y)
-    return _ratio(
-        float(np.linalg.norm(y.T @ x) ** 2),
-        float(np.linalg.norm(x.T @ x) ** 2),
-        float(np.linalg.norm(y.T @ y) ** 2),
-    )
+    return _ratio(_cross(x, y), _cross(x, x), _cross(y, y))
 
 
 def hsic_unbiased(x: np.ndarray, y: np.ndarray) -> float:
-    """The unbiased HSIC estimator (Song et al. 2012, eq. 5) of the linear kernels K = XX',
-    L = YY' of centred features, from d x d products: with the diagonals of K and L zeroed,
-    [tr(KL) + 1'K1 1'L1 / ((n-1)(n-2)) - 2 1'KL1 / (n-2)] / (n(n-3)). Needs n >= 4."""
+    """The unbiased HSIC estimator of the linear kernels of two paired feature matrices,
+    from d x d products (never an n x n Gram matrix). Needs n >= 4."""
     x, y = _paired(x, y)
-    n = len(x)
-    if n < 4:
-        raise ValueError(f"the unbiased HSIC needs at least 4 items, not {n}")
-    a, b = (x * x).sum(1), (y * y).sum(1)  # the diagonals of K and L
-    trace = float(np.linalg.norm(x.T @ y) ** 2 - a @ b)
-    k1, l1 = x @ x.sum(0) - a, y @ y.sum(0) - b  # K1 and L1 with the diagonals zeroed
-    total = trace + k1.sum() * l1.sum() / ((n - 1) * (n - 2)) - 2.0 * (k1 @ l1) / (n - 2)
-    return float(total / (n * (n - 3)))
+    if len(x) < 4:
+        raise ValueError(f"the unbiased HSIC needs at least 4 items, not {len(x)}")
+    return _hsic_linear(_cross(x, y), (x * x).sum(1), (y * y).sum(1))
 
 
 def debiased_cka(x: np.ndarray, y: np.ndarray) -> float:
@@ -98,69 +105,197 @@ def without_outlier_dimensions(x: np.ndarray, ratio: float = OUTLIER_DIM_RATIO) 
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-300)
+    """Rows scaled to unit length, in x's own float dtype (float64 for other inputs)."""
+    x = np.asarray(x)
+    if x.dtype not in (np.float32, np.float64):
+        x = x.astype(np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.finfo(x.dtype).tiny)
 
 
-def _check_k(n: int, k: int) -> None:
-    if not 1 <= k <= n - 2:
-        raise ValueError(f"k = {k} neighbours need at least k + 2 items, not {n}")
+@dataclass
+class Neighbours:
+    """Each item's k nearest neighbours by cosine, itself left out: ids [n, k] and the
+    cosines there [n, k]. All that mutual kNN and CKNNA read of a representation."""
+
+    ids: np.ndarray
+    cosine: np.ndarray
+
+    @classmethod
+    def of(cls, x: np.ndarray, k: int, block: int = 1024) -> Neighbours:
+        n = len(x)
+        if not 1 <= k <= n - 2:
+            raise ValueError(f"k = {k} neighbours need at least k + 2 items, not {n}")
+        u = _unit_rows(x)
+        ids = np.empty((n, k), dtype=np.int64)
+        cosine = np.empty((n, k))  # float64 whatever the products' dtype
+        for a in range(0, n, block):  # [block, n] similarities at a time
+            sim = u[a : a + block] @ u.T
+            sim[np.arange(len(sim)), np.arange(a, a + len(sim))] = -np.inf
+            near = np.sort(np.argpartition(-sim, k - 1, axis=1)[:, :k], axis=1)
+            ids[a : a + block] = near
+            cosine[a : a + block] = np.take_along_axis(sim, near, 1)
+        return cls(ids, cosine)
+
+    def permuted(self, perm: np.ndarray) -> Neighbours:
+        """The neighbours of the items taken in the order perm (item i is old item perm[i])."""
+        inverse = np.empty_like(perm)
+        inverse[perm] = np.arange(len(perm))
+        ids = inverse[self.ids[perm]]
+        order = np.argsort(ids, axis=1)
+        return Neighbours(
+            np.take_along_axis(ids, order, 1),
+            np.take_along_axis(self.cosine[perm], order, 1),
+        )
+
+    def keys(self) -> np.ndarray:
+        """[n * k] sorted keys i * n + j of the (item, neighbour) pairs."""
+        n = len(self.ids)
+        return (np.arange(n)[:, None] * n + self.ids).reshape(-1)
 
 
-def knn_mask(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(mask [n, n] bool: mask[i, j] when j is among i's k nearest neighbours by cosine, i
-    itself left out; the cosine similarities [n, n])."""
-    n = len(x)
-    _check_k(n, k)
-    u = _unit_rows(x)
-    sim = u @ u.T
-    ranked = sim.copy()
-    np.fill_diagonal(ranked, -np.inf)
-    nearest = np.argpartition(-ranked, k - 1, axis=1)[:, :k]
-    mask = np.zeros((n, n), dtype=bool)
-    mask[np.arange(n)[:, None], nearest] = True
-    return mask, sim
+def _hsic_sparse(n: int, keys: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
+    """The unbiased HSIC of two n x n kernels that are zero but at the (sorted, off-diagonal)
+    positions keys = i * n + j, where they hold a and b: the n x n formula of
+    _hsic_linear's docstring, with tr(AB) = sum a_ij b_ji over positions present both ways."""
+    i, j = np.divmod(keys, n)
+    back = np.searchsorted(keys, j * n + i)
+    back = np.minimum(back, len(keys) - 1)
+    both_ways = keys[back] == j * n + i
+    trace = float((a[both_ways] * b[back[both_ways]]).sum())
+    col_a = np.bincount(j, weights=a, minlength=n)
+    row_b = np.bincount(i, weights=b, minlength=n)
+    total = trace + a.sum() * b.sum() / ((n - 1) * (n - 2)) - 2.0 * (col_a @ row_b) / (n - 2)
+    return float(total / (n * (n - 3)))
+
+
+def _knn_pair(nx: Neighbours, ny: Neighbours) -> tuple[float, float]:
+    """(the mutual-kNN count's share of n * k, the masked unbiased HSIC of CKNNA)."""
+    n, k = nx.ids.shape
+    kx, ky = nx.keys(), ny.keys()
+    both, at_x, at_y = np.intersect1d(kx, ky, assume_unique=True, return_indices=True)
+    shared = len(both) / (n * k)
+    return shared, _hsic_sparse(n, both, nx.cosine.reshape(-1)[at_x], ny.cosine.reshape(-1)[at_y])
+
+
+def _knn_self(nx: Neighbours) -> float:
+    c = nx.cosine.reshape(-1)
+    return _hsic_sparse(len(nx.ids), nx.keys(), c, c)
 
 
 def mutual_knn(x: np.ndarray, y: np.ndarray, k: int = 10) -> float:
     """Mutual k-nearest-neighbour alignment (Huh et al. 2024): the mean share of each item's
-    k nearest neighbours (cosine) in one representation that are also among its k nearest in
-    the other. 1 for identical inputs; about k / (n - 1) for independent ones."""
-    if len(x) != len(y):
-        raise ValueError(f"the two sides hold {len(x)} and {len(y)} items: rows must be paired")
-    mx, _ = knn_mask(x, k)
-    my, _ = knn_mask(y, k)
-    return float((mx & my).sum(1).mean() / k)
-
-
-def _hsic_kernels(a: np.ndarray, b: np.ndarray) -> float:
-    """The unbiased HSIC of two n x n kernel matrices (not necessarily symmetric)."""
-    n = len(a)
-    a, b = a.copy(), b.copy()
-    np.fill_diagonal(a, 0.0)
-    np.fill_diagonal(b, 0.0)
-    total = (
-        (a * b.T).sum()
-        + a.sum() * b.sum() / ((n - 1) * (n - 2))
-        - 2.0 * (a.sum(0) @ b.sum(1)) / (n - 2)
-    )
-    return float(total / (n * (n - 3)))
+    k nearest neighbours (cosine of the centred rows) in one representation that are also
+    among its k nearest in the other. 1 for identical inputs; about k / (n - 1) for
+    independent ones."""
+    x, y = _paired(x, y)
+    return _knn_pair(Neighbours.of(x, k), Neighbours.of(y, k))[0]
 
 
 def cknna(x: np.ndarray, y: np.ndarray, k: int = 10) -> float:
     """CKNNA (Huh et al. 2024): CKA with the unbiased HSIC, restricted to the pairs (i, j)
     where j is among i's k nearest neighbours in both representations (cosine kernels of
-    unit rows). 1 for identical inputs, near 0 for independent ones."""
-    if len(x) != len(y):
-        raise ValueError(f"the two sides hold {len(x)} and {len(y)} items: rows must be paired")
-    mx, kx = knn_mask(x, k)
-    my, ky = knn_mask(y, k)
+    the centred rows). 1 for identical inputs, near 0 for independent ones."""
+    x, y = _paired(x, y)
+    nx, ny = Neighbours.of(x, k), Neighbours.of(y, k)
+    return _ratio(_knn_pair(nx, ny)[1], _knn_self(nx), _knn_self(ny))
 
-    def masked(m1: np.ndarray, m2: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
-        both = m1 & m2
-        return _hsic_kernels(np.where(both, a, 0.0), np.where(both, b, 0.0))
 
-    return _ratio(masked(mx, my, kx, ky), masked(mx, mx, kx, kx), masked(my, my, ky, ky))
+SVCCA_KEEPS: tuple[int | float, ...] = (0.5, 0.9, 0.99)
+"""SVCCA's kept dimensions, swept: shares of each side's variance (or counts)."""
+
+
+@dataclass
+class Prepared:
+    """One representation of the n sampled items, prepared once so that each pairing with
+    another, and each permutation of the items, costs only what the pair itself needs: one
+    [d1, d2] cross product (every CKA variant is read from it), a merge of neighbour lists,
+    and one small product per SVCCA setting."""
+
+    x: np.ndarray  # centred [n, d], in the products' dtype
+    inv_sd: np.ndarray  # [d] 1 / standard deviation, 0 for constant dimensions
+    kept: np.ndarray  # [d] bool: not an outlier dimension
+    self_cross: dict[str, float]  # ||X'X||_F^2 of the raw, standardised and trimmed views
+    sq: np.ndarray  # row norms squared, float64 (the linear kernel's diagonal)
+    self_hsic: float  # unbiased HSIC of the raw view with itself
+    neighbours: Neighbours  # of the trimmed view: one massive dimension would decide every cosine
+    self_knn: float  # CKNNA's masked HSIC of the representation with itself
+    bases: dict[str, np.ndarray]  # per SVCCA setting: orthonormal basis of the kept directions
+
+
+def _crosses(c: np.ndarray, a: Prepared, b: Prepared) -> dict[str, float]:
+    """||.||_F^2 of the raw, standardised and trimmed views' cross product, from the raw
+    one c = A'B [d1, d2] alone: standardising scales its rows and columns, trimming drops
+    some of them."""
+    c2 = np.square(c, dtype=np.float64)
+    return {
+        "raw": float(c2.sum()),
+        "standardized": float(np.square(a.inv_sd) @ c2 @ np.square(b.inv_sd)),
+        "trimmed": float(a.kept.astype(np.float64) @ c2 @ b.kept.astype(np.float64)),
+    }
+
+
+def prepare(
+    x: np.ndarray,
+    k: int = 10,
+    keeps: Sequence[int | float] = SVCCA_KEEPS,
+    dtype: type = np.float32,
+) -> Prepared:
+    """Everything pair_metrics reads of one representation [n, d]. Products run in `dtype`
+    (float32 by default: a quarter of float64's time; CKA then agrees with float64 to about
+    1e-6) and sums of squares in float64."""
+    raw = _centred(x)
+    if len(raw) < 4:
+        raise ValueError(f"the unbiased HSIC needs at least 4 items, not {len(raw)}")
+    sd = raw.std(0)
+    inv_sd = np.where(sd > 0, 1.0 / np.where(sd > 0, sd, 1.0), 0.0)
+    kept = ~outlier_dimensions(raw)
+    sq = (raw * raw).sum(1)
+    low = raw.astype(dtype)
+    prepared = Prepared(low, inv_sd, kept, {}, sq, 0.0, Neighbours.of(low[:, kept], k), 0.0, {})
+    prepared.self_cross = _crosses(low.T @ low, prepared, prepared)
+    prepared.self_hsic = _hsic_linear(prepared.self_cross["raw"], sq, sq)
+    prepared.self_knn = _knn_self(prepared.neighbours)
+    prepared.bases = kept_bases(low, keeps)
+    return prepared
+
+
+def _mean_canonical(qa: np.ndarray, qb: np.ndarray) -> float:
+    """Mean canonical correlation of two orthonormal bases: the singular values of qa'qb,
+    as square roots of the eigenvalues of the smaller Gram matrix (a fraction of an SVD's
+    time)."""
+    m = (qa.T @ qb).astype(np.float64)
+    gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+    rho = np.sqrt(np.clip(np.linalg.eigvalsh(gram), 0.0, 1.0))
+    return float(rho.mean())
+
+
+def pair_metrics(a: Prepared, b: Prepared, perm: np.ndarray | None = None) -> dict[str, float]:
+    """Every metric of two prepared representations of the same items: a's item i paired
+    with b's item i, or with b's item perm[i] (a permutation null). Keys: cka, cka_debiased,
+    cka_standardized, cka_trimmed (outlier dimensions removed), mutual_knn and cknna (on
+    the trimmed views), and svcca@<setting> for each kept-dimension setting both sides were
+    prepared with (on the raw views)."""
+
+    def rows(m: np.ndarray) -> np.ndarray:
+        return m if perm is None else m[perm]
+
+    cross = _crosses(a.x.T @ rows(b.x), a, b)
+    out = {
+        "cka": _ratio(cross["raw"], a.self_cross["raw"], b.self_cross["raw"]),
+        "cka_debiased": _ratio(
+            _hsic_linear(cross["raw"], a.sq, rows(b.sq)), a.self_hsic, b.self_hsic
+        ),
+        "cka_standardized": _ratio(
+            cross["standardized"], a.self_cross["standardized"], b.self_cross["standardized"]
+        ),
+        "cka_trimmed": _ratio(cross["trimmed"], a.self_cross["trimmed"], b.self_cross["trimmed"]),
+    }
+    nb = b.neighbours if perm is None else b.neighbours.permuted(perm)
+    out["mutual_knn"], knn_hsic = _knn_pair(a.neighbours, nb)
+    out["cknna"] = _ratio(knn_hsic, a.self_knn, b.self_knn)
+    for setting in sorted(a.bases.keys() & b.bases.keys()):
+        out[f"svcca@{setting}"] = _mean_canonical(a.bases[setting], rows(b.bases[setting]))
+    return out
 
 
 def svcca_sweep(
