@@ -200,6 +200,14 @@ def test_bad_shapes_and_too_few_items_say_so():
         hsic_unbiased(data(n=3), data(n=3))
     with pytest.raises(ValueError, match="neighbours"):
         mutual_knn(data(n=5), data(n=5), k=10)
+    with pytest.raises(ValueError, match="same state"):
+        prepare(np.ones((50, 8)))
+    with pytest.raises(ValueError, match="items, dims"):
+        prepare(np.ones(50))
+    broken = data(n=50)
+    broken[3, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        linear_cka(broken, data(n=50))
 
 
 def related_pair(n=240, seed=0):

@@ -30,6 +30,8 @@ def _centred(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 2:
         raise ValueError(f"expected a [items, dims] matrix, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError("the states hold NaN or infinite values")
     return x - x.mean(0)
 
 
@@ -247,6 +249,8 @@ def prepare(
     if len(raw) < 4:
         raise ValueError(f"the unbiased HSIC needs at least 4 items, not {len(raw)}")
     sd = raw.std(0)
+    if not (sd > 0).any():
+        raise ValueError("every item has the same state: there is nothing to compare")
     inv_sd = np.where(sd > 0, 1.0 / np.where(sd > 0, sd, 1.0), 0.0)
     kept = ~outlier_dimensions(raw)
     sq = (raw * raw).sum(1)
