@@ -4,9 +4,10 @@ of Song et al. 2012), mutual k-nearest neighbours and CKNNA (Huh et al. 2024), a
 over a sweep of kept dimensions. Each is a pure function of two matrices [n, d1], [n, d2],
 computed in float64; SVCCA itself lives in geometry.
 
-CKA is computed in feature space (d x d products, never an n x n Gram matrix), so many
-layer pairs and permutations stay cheap; the nearest-neighbour metrics need the n x n
-similarities and are meant for samples of a few thousand items."""
+For many layer pairs and permutations, `prepare` each layer once and score pairs with
+`pair_metrics` (float32 products by default). CKA is computed in feature space (d x d
+products, never an n x n Gram matrix); the neighbour searches need n x n similarities, a
+block of rows at a time, so they are meant for samples of a few thousand items."""
 
 from __future__ import annotations
 
