@@ -571,7 +571,7 @@ def compute_features(
             n = shard.tokens.num_rows
             sel = np.flatnonzero((refs.gid >= gid0) & (refs.gid < gid0 + n))
             if len(sel):
-                parts.append(cut_windows(refs, sel, shard, gid0, info, m, cfg.window_tokens))
+                parts.append(cut_windows(refs, sel, shard, gid0, info, cfg.window_tokens))
                 picked.append(sel)
             gid0 += n
         refs = refs.take(np.concatenate(picked) if picked else np.zeros(0, dtype=np.int64))

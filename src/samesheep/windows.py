@@ -48,7 +48,7 @@ class LatentRuns:
     """One shard's codes sorted by (latent, kept row): the firings of a latent on a range of
     consecutive rows are one run, found by two binary searches."""
 
-    def __init__(self, shard: CodedShard, d_sae: int):
+    def __init__(self, shard: CodedShard):
         codes = shard.codes
         counts = codes.offsets.diff().numpy()
         self.n_rows = len(counts)
@@ -77,7 +77,6 @@ def cut_windows(
     shard: CodedShard,
     gid0: int,
     info: Any,
-    d_sae: int,
     window_tokens: int,
 ) -> dict[str, Any]:
     """The windows of exemplars `sel` (rows of refs) centred in this shard, all at once:
@@ -107,7 +106,7 @@ def cut_windows(
     # token filter leaves out.
     k0 = np.searchsorted(full_of_kept, lo)
     k1 = np.searchsorted(full_of_kept, hi, side="right")
-    which, kept_row, value = LatentRuns(shard, d_sae).in_ranges(refs.latent[sel], k0, k1)
+    which, kept_row, value = LatentRuns(shard).in_ranges(refs.latent[sel], k0, k1)
     acts = np.zeros(len(rows), dtype=np.float32)
     acts[head_all[which] + full_of_kept[kept_row] - lo[which]] = value
     acts[kept_of_full[rows] < 0] = np.nan
