@@ -92,7 +92,9 @@ def main() -> None:
     reps = 20
     family = {}
     for name, fn in {
-        "CKA (raw, debiased, standardised, trimmed)": lambda: S._crosses(a.x.T @ b.x[perm], a, b),
+        "CKA (raw, debiased, standardised, trimmed)": lambda: S._crosses(
+            a.x.T @ b.x[perm], (a.inv_sd, b.inv_sd), (a.kept, b.kept)
+        ),
         "mutual kNN and CKNNA": lambda: S._knn_pair(a.neighbours, b.neighbours.permuted(perm)),
         "SVCCA sweep": lambda: [S._mean_canonical(a.bases[k], b.bases[k][perm]) for k in a.bases],
     }.items():

@@ -225,15 +225,17 @@ class Prepared:
     bases: dict[str, np.ndarray]  # per SVCCA setting: orthonormal basis of the kept directions
 
 
-def _crosses(c: np.ndarray, a: Prepared, b: Prepared) -> dict[str, float]:
+def _crosses(
+    c: np.ndarray, inv_sd: tuple[np.ndarray, np.ndarray], kept: tuple[np.ndarray, np.ndarray]
+) -> dict[str, float]:
     """||.||_F^2 of the raw, standardised and trimmed views' cross product, from the raw
-    one c = A'B [d1, d2] alone: standardising scales its rows and columns, trimming drops
-    some of them."""
+    one c = A'B [d1, d2] alone (inv_sd and kept: A's and B's): standardising scales its rows
+    and columns, trimming drops some of them."""
     c2 = np.square(c, dtype=np.float64)
     return {
         "raw": float(c2.sum()),
-        "standardized": float(np.square(a.inv_sd) @ c2 @ np.square(b.inv_sd)),
-        "trimmed": float(a.kept.astype(np.float64) @ c2 @ b.kept.astype(np.float64)),
+        "standardized": float(np.square(inv_sd[0]) @ c2 @ np.square(inv_sd[1])),
+        "trimmed": float(kept[0].astype(np.float64) @ c2 @ kept[1].astype(np.float64)),
     }
 
 
@@ -252,16 +254,23 @@ def prepare(
     sd = raw.std(0)
     if not (sd > 0).any():
         raise ValueError("every item has the same state: there is nothing to compare")
-    inv_sd = np.where(sd > 0, 1.0 / np.where(sd > 0, sd, 1.0), 0.0)
+    inv_sd = np.divide(1.0, sd, out=np.zeros_like(sd), where=sd > 0)
     kept = ~outlier_dimensions(raw)
     sq = (raw * raw).sum(1)
     low = raw.astype(dtype)
-    prepared = Prepared(low, inv_sd, kept, {}, sq, 0.0, Neighbours.of(low[:, kept], k), 0.0, {})
-    prepared.self_cross = _crosses(low.T @ low, prepared, prepared)
-    prepared.self_hsic = _hsic_linear(prepared.self_cross["raw"], sq, sq)
-    prepared.self_knn = _knn_self(prepared.neighbours)
-    prepared.bases = kept_bases(low, keeps)
-    return prepared
+    self_cross = _crosses(low.T @ low, (inv_sd, inv_sd), (kept, kept))
+    neighbours = Neighbours.of(low[:, kept], k)
+    return Prepared(
+        x=low,
+        inv_sd=inv_sd,
+        kept=kept,
+        self_cross=self_cross,
+        sq=sq,
+        self_hsic=_hsic_linear(self_cross["raw"], sq, sq),
+        neighbours=neighbours,
+        self_knn=_knn_self(neighbours),
+        bases=kept_bases(low, keeps),
+    )
 
 
 def _mean_canonical(qa: np.ndarray, qb: np.ndarray) -> float:
@@ -284,7 +293,7 @@ def pair_metrics(a: Prepared, b: Prepared, perm: np.ndarray | None = None) -> di
     def rows(m: np.ndarray) -> np.ndarray:
         return m if perm is None else m[perm]
 
-    cross = _crosses(a.x.T @ rows(b.x), a, b)
+    cross = _crosses(a.x.T @ rows(b.x), (a.inv_sd, b.inv_sd), (a.kept, b.kept))
     out = {
         "cka": _ratio(cross["raw"], a.self_cross["raw"], b.self_cross["raw"]),
         "cka_debiased": _ratio(
