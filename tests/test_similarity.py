@@ -246,6 +246,16 @@ def test_prepared_pair_metrics_equal_the_plain_functions(dtype, tolerance):
     assert got["cka_trimmed"] > got["cka"] + 0.1  # the massive dimension hid the agreement
 
 
+def test_prepared_views_trim_the_dimensions_outlier_dimensions_names():
+    x, y = related_pair(seed=2)
+    x[:, 7] += 500.0  # a massive offset with ordinary variance, as SmolLM2's dimension 507
+    assert outlier_dimensions(x)[[3, 7]].all()
+    a, b = prepare(x), prepare(y)
+    assert (a.kept == ~outlier_dimensions(x)).all()
+    want = linear_cka(without_outlier_dimensions(x), without_outlier_dimensions(y))
+    assert pair_metrics(a, b)["cka_trimmed"] == pytest.approx(want, abs=2e-5)
+
+
 @pytest.mark.parametrize("dtype, tolerance", PRECISIONS)
 def test_a_permuted_pairing_equals_the_metrics_of_the_permuted_rows(dtype, tolerance):
     x, y = related_pair(seed=1)

@@ -255,7 +255,7 @@ def prepare(
     if not (sd > 0).any():
         raise ValueError("every item has the same state: there is nothing to compare")
     inv_sd = np.divide(1.0, sd, out=np.zeros_like(sd), where=sd > 0)
-    kept = ~outlier_dimensions(raw)
+    kept = ~outlier_dimensions(x)  # the states as given: outliers by the documented rule
     sq = (raw * raw).sum(1)
     low = raw.astype(dtype)
     self_cross = _crosses(low.T @ low, (inv_sd, inv_sd), (kept, kept))
