@@ -38,11 +38,18 @@ def cca_mean(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.clip(rho[:k], 0.0, 1.0).mean()) if k else math.nan
 
 
+def _kept(keep: int | float, singular: np.ndarray, shape: tuple[int, ...]) -> int:
+    """How many leading directions SVCCA keeps of data of `shape` [n, d] with these singular
+    values: `keep` itself (a count), or as many as hold that share of the variance; never
+    more than d or n - 1."""
+    kept = keep if isinstance(keep, int) else keep_for_variance(singular, keep)
+    return min(kept, shape[1], shape[0] - 1)
+
+
 def kept_dimensions(x: np.ndarray, keep: int | float) -> int:
-    """How many leading directions SVCCA keeps of x [n, d]: `keep` itself (a count), or as
-    many as hold that share of the variance; never more than d or n - 1."""
-    kept = keep if isinstance(keep, int) else keep_for_variance(_sv(x), keep)
-    return min(kept, x.shape[1], x.shape[0] - 1)
+    """How many leading directions SVCCA keeps of x [n, d] (see _kept)."""
+    singular = np.zeros(0) if isinstance(keep, int) else _sv(x)  # a count needs no SVD
+    return _kept(keep, singular, x.shape)
 
 
 def kept_bases(x: np.ndarray, keeps: Sequence[int | float]) -> dict[str, np.ndarray]:
@@ -53,8 +60,7 @@ def kept_bases(x: np.ndarray, keeps: Sequence[int | float]) -> dict[str, np.ndar
     u, s, _ = np.linalg.svd(x, full_matrices=False)
     out = {}
     for keep in keeps:
-        kept = keep if isinstance(keep, int) else keep_for_variance(s, keep)
-        out[str(keep)] = u[:, : max(min(kept, x.shape[1], x.shape[0] - 1), 1)]
+        out[str(keep)] = u[:, : max(_kept(keep, s, x.shape), 1)]
     return out
 
 

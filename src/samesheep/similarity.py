@@ -313,7 +313,7 @@ def pair_metrics(a: Prepared, b: Prepared, perm: np.ndarray | None = None) -> di
 
 
 def svcca_sweep(
-    x: np.ndarray, y: np.ndarray, keeps: Sequence[int | float] = (0.5, 0.9, 0.99, 8, 32, 128)
+    x: np.ndarray, y: np.ndarray, keeps: Sequence[int | float] = SVCCA_KEEPS
 ) -> dict[str, float]:
     """SVCCA for each kept-dimension setting (a count, or a share of the variance), keyed by
     the setting as written: one truncation alone can decide the number."""
