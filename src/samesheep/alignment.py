@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
 
 from .store import SPLITS, Store, TokenFilter
 
@@ -35,18 +36,27 @@ class TokenRows:
 
     @classmethod
     def of(cls, store: Store, token_filter: TokenFilter, n_train_docs: int) -> TokenRows:
-        cols: dict[str, list[np.ndarray]] = {
-            k: [] for k in ("doc", "start", "end", "window", "position", "keep")
-        }
+        parts = []
         for entry in store.manifest["shards"]:
             t = store.read_tokens(entry["name"])
             offset = 0 if entry["split"] == SPLITS[0] else n_train_docs
+            parts.append((t, token_filter.keep(t), offset))
+        return cls.of_tables(parts)
+
+    @classmethod
+    def of_tables(cls, parts: list[tuple[pa.Table, np.ndarray, int]]) -> TokenRows:
+        """From token tables in store order, each with its kept rows and the number added to
+        its doc_index to make the global document number."""
+        cols: dict[str, list[np.ndarray]] = {
+            k: [] for k in ("doc", "start", "end", "window", "position", "keep")
+        }
+        for t, keep, offset in parts:
             cols["doc"].append(t.column("doc_index").to_numpy().astype(np.int64) + offset)
             cols["start"].append(t.column("char_start").to_numpy().astype(np.int64))
             cols["end"].append(t.column("char_end").to_numpy().astype(np.int64))
             cols["window"].append(t.column("window").to_numpy())
             cols["position"].append(t.column("position").to_numpy())
-            cols["keep"].append(token_filter.keep(t))
+            cols["keep"].append(np.asarray(keep, dtype=bool))
         c = {k: np.concatenate(v) if v else np.zeros(0, dtype=np.int64) for k, v in cols.items()}
         keep = c.pop("keep").astype(bool)
         gid = np.where(keep, np.cumsum(keep) - 1, -1)

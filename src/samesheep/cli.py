@@ -55,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
         ("train", "train and evaluate an SAE per model and layer on the stored activations"),
         ("features", "statistics, exemplars, logit lens and labels of every latent of every SAE"),
         ("compare", "compare every pair of models' SAEs, with floors, nulls and ceilings"),
+        ("layers", "compare every layer of each pair of models on held-out hidden states"),
         ("report", "write the run's static site (report/index.html) from its files"),
     ]:
         _common(sub.add_parser(name, help=text, description=text))
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                 "train": pipeline.train_stage,
                 "features": pipeline.features_stage,
                 "compare": pipeline.compare_stage,
+                "layers": pipeline.layers_stage,
                 "report": pipeline.report_stage,
             }[args.command]
             stage(cfg)

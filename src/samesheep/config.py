@@ -206,6 +206,32 @@ class CompareConfig:
 
 
 @dataclass
+class RepresentationsConfig:
+    """Layer by layer, on the raw hidden states (no SAE): every layer of one model against
+    every layer of the other on a held-out sample of aligned units, each value beside its
+    permutation null and the random-weights pair."""
+
+    enabled: bool = True
+    """Extract every layer on the held-out sample and compare all layer pairs."""
+    units: int = 2000
+    """Aligned held-out units compared (from the first held-out documents; all there are
+    where there are fewer)."""
+    permutations: int = 10
+    """Within-document shuffles of one side that give each metric's chance level."""
+    alpha: float = 0.05
+    """Significance of the threshold above the null, corrected (Bonferroni) for the number
+    of layer pairs."""
+    k: int = 10
+    """Neighbours of mutual kNN and CKNNA."""
+    subsets: int = 200
+    """Random halves of the document groups behind the best-matching layer's interval."""
+    groups: int = 10
+    """Document groups the halves are drawn from."""
+    seed: int = 0
+    """Seed of the permutations and the halves."""
+
+
+@dataclass
 class ReportConfig:
     """What the static site shows: how many exemplars per latent and pair, and how its data
     is split into files (each page loads only the block it shows)."""
@@ -247,6 +273,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    representations: RepresentationsConfig = field(default_factory=RepresentationsConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 
 
@@ -256,6 +283,7 @@ _SECTIONS = {
     "train": TrainConfig,
     "features": FeaturesConfig,
     "compare": CompareConfig,
+    "representations": RepresentationsConfig,
     "report": ReportConfig,
 }
 

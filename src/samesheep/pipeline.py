@@ -153,6 +153,7 @@ def extract_stage(cfg: Config) -> dict[str, dict[str, Any]]:
     corpus = _sample_corpus(cfg, run)
     results = {}
     for source in run_sources(cfg):
+        lm = _layer_sample(cfg, source, run, corpus["hash"])
         result = extract_model(
             source,
             cfg.layers,
@@ -161,6 +162,7 @@ def extract_stage(cfg: Config) -> dict[str, dict[str, Any]]:
             cfg.extract,
             corpus["hash"],
             cfg.trust_remote_code,
+            lm=lm,
         )
         verb = "unchanged, skipped" if result["skipped"] else "extracted"
         toks = result["tokens"]
@@ -171,6 +173,33 @@ def extract_stage(cfg: Config) -> dict[str, dict[str, Any]]:
         results[source] = result
     record_config(cfg)
     return results
+
+
+def sampling_layers(cfg: Config) -> bool:
+    """Whether the run compares every layer pair on a held-out sample (two or more models)."""
+    return cfg.representations.enabled and len(cfg.models) >= 2
+
+
+def _layer_sample(cfg: Config, source: str, run: Path, corpus_hash: str) -> Any:
+    """Make the model's layer sample where the run needs one; returns the model if it had
+    to be loaded for it (the extraction then reuses it), else None."""
+    from .layer_sample import extract_layer_sample, sample_current, sample_key
+
+    if not sampling_layers(cfg):
+        return None
+    rep, model_dir = cfg.representations, run / safe_name(source)
+    key = sample_key(source, cfg.extract, rep.units, corpus_hash)
+    if sample_current(model_dir, key):
+        say(f"{source}: layer sample unchanged, skipped")
+        return None
+    device = choose_device(cfg.extract.device)
+    lm = load_model(source, choose_dtype(cfg.extract.dtype, device), device, cfg.trust_remote_code)
+    m = extract_layer_sample(
+        source, run / "corpus", model_dir, cfg.extract, rep.units, corpus_hash,
+        cfg.trust_remote_code, lm=lm,
+    )  # fmt: skip
+    say(f"{source}: layer sample of {m['n_layers']} layers on {m['tokens']:,} held-out tokens")
+    return lm
 
 
 SAE_VERSION = 3
@@ -844,6 +873,7 @@ def run(cfg: Config) -> dict[str, Any]:
         "train": train_stage,
         "features": features_stage,
         "compare": compare_stage,
+        "layers": layers_stage,
         "report": report_stage,
     }
     results, seconds = {}, {}
@@ -860,6 +890,13 @@ def run(cfg: Config) -> dict[str, Any]:
         + f"; total {_minutes(total)}"
     )
     return results
+
+
+def layers_stage(cfg: Config) -> dict[tuple[str, str], dict[str, Any]]:
+    """Compare every layer of every pair of models on the held-out layer samples."""
+    from .representations import layers_stage as compare_layers
+
+    return compare_layers(cfg)
 
 
 def report_stage(cfg: Config) -> Path:

@@ -11,6 +11,7 @@ block of rows at a time, so they are meant for samples of a few thousand items."
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -332,3 +333,88 @@ def within_group_permutation(groups: np.ndarray, rng: np.random.Generator) -> np
     perm = np.empty(len(groups), dtype=np.int64)
     perm[order] = shuffled
     return perm
+
+
+@dataclass
+class Groups:
+    """One representation [n, d] split into groups of items (documents, or sets of them),
+    summarised so that linear CKA on any union of groups, recentred on that union, costs a
+    few G x G x G products (Group sums, not the rows): x is kept sorted by group for the
+    cross products a pairing needs."""
+
+    x: np.ndarray  # [n, d] rows in group order, in the products' dtype
+    bounds: np.ndarray  # [G + 1] row offsets of the groups in x
+    sums: np.ndarray  # [G, d] float64 column sums per group
+    counts: np.ndarray  # [G] rows per group
+    self_terms: tuple[np.ndarray, np.ndarray]  # (M, T) of the pairing with itself
+
+    @classmethod
+    def of(cls, x: np.ndarray, groups: np.ndarray) -> Groups:
+        """x [n, d] with each row's group number in 0..G-1 (every group non-empty)."""
+        groups = np.asarray(groups)
+        order = np.argsort(groups, kind="stable")
+        counts = np.bincount(groups)
+        if (counts == 0).any():
+            raise ValueError("every group must hold at least one item")
+        xs = np.ascontiguousarray(np.asarray(x)[order])
+        bounds = np.concatenate([[0], np.cumsum(counts)])
+        sums = np.stack(
+            [xs[lo:hi].sum(0, dtype=np.float64) for lo, hi in itertools.pairwise(bounds)]
+        )
+        g = cls(xs, bounds, sums, counts, (np.zeros(0), np.zeros(0)))
+        g.self_terms = _group_terms(g, g)
+        return g
+
+
+def _group_terms(a: Groups, b: Groups) -> tuple[np.ndarray, np.ndarray]:
+    """(M [G, G], T [G, G, G]) with C_g = A_g'B_g: M_gh = <C_g, C_h> and
+    T_ghl = sa_h' C_g sb_l, all that ||A_S'B_S - sa_S sb_S' / n_S||_F^2 needs for a union S of
+    groups (sa_S, sb_S: the union's column sums)."""
+    parts = [
+        a.x[lo:hi].T @ b.x[lo:hi] for lo, hi in itertools.pairwise(a.bounds)
+    ]  # G products: one full [d1, d2] product's work in all
+    flat = np.stack([p.reshape(-1) for p in parts]).astype(np.float64)
+    m = flat @ flat.T
+    t = np.stack([a.sums @ p.astype(np.float64) @ b.sums.T for p in parts])
+    return m, t
+
+
+def _subset_cross(
+    terms: tuple[np.ndarray, np.ndarray],
+    sa: np.ndarray,
+    sb: np.ndarray,
+    w: np.ndarray,
+    n: np.ndarray,
+) -> np.ndarray:
+    """[S] ||A_S'B_S||_F^2 of the recentred union for each row of w [S, G] (0/1 weights)."""
+    m, t = terms
+    plain = np.einsum("sg,gh,sh->s", w, m, w)
+    mixed = np.einsum("sg,sh,sl,ghl->s", w, w, w, t)
+    sums = np.einsum("sg,sh,gh->s", w, w, sa @ sa.T) * np.einsum("sg,sh,gh->s", w, w, sb @ sb.T)
+    return plain - 2.0 * mixed / n + sums / (n * n)
+
+
+def subset_cka(a: Groups, b: Groups, subsets: np.ndarray) -> np.ndarray:
+    """[S] linear CKA of two grouped representations of the same items (same groups, same
+    item order) on each union of groups subsets [S, G] (0/1 rows) marks, each recentred on
+    its own items; a row of ones gives linear_cka of the whole."""
+    if not (np.array_equal(a.bounds, b.bounds) and a.x.shape[0] == b.x.shape[0]):
+        raise ValueError("the two sides must hold the same items in the same groups")
+    w = np.asarray(subsets, dtype=np.float64)
+    n = w @ a.counts
+    cross = _subset_cross(_group_terms(a, b), a.sums, b.sums, w, n)
+    xx = _subset_cross(a.self_terms, a.sums, a.sums, w, n)
+    yy = _subset_cross(b.self_terms, b.sums, b.sums, w, n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where((xx > 0) & (yy > 0), cross / np.sqrt(np.abs(xx * yy)), np.nan)
+
+
+def half_subsets(n_groups: int, count: int, rng: np.random.Generator) -> np.ndarray:
+    """[count, n_groups] 0/1 rows, each marking a random half of the groups (drawn without
+    replacement inside a row: no group is repeated, unlike a bootstrap)."""
+    if n_groups < 2:
+        raise ValueError(f"half-subsampling needs at least 2 groups, not {n_groups}")
+    rows = np.zeros((count, n_groups))
+    for r in rows:
+        r[rng.choice(n_groups, n_groups // 2, replace=False)] = 1.0
+    return rows
