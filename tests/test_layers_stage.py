@@ -5,6 +5,7 @@ reruns skip; bad input is one line."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -48,6 +49,21 @@ def test_every_layer_pair_with_null_threshold_and_floor(run):
     # the held-out set is smaller than the sample asked for: said, and all of it used
     assert "fewer than representations.units" in flat(res.stderr)
     assert "layer pairs have trimmed CKA above" in flat(res.stderr)
+
+
+def test_the_report_shows_the_heatmaps(run):
+    _, run_dir, _ = run
+    root = run_dir / "report"
+    index = (root / "index.html").read_text()
+    assert "Layer by layer" in index and 'href="layers.html#layers-llama0__gpt20"' in index
+    page = (root / "layers.html").read_text()
+    t = pq.read_table(run_dir / "compare" / "llama0__gpt20" / "layers.parquet")
+    metrics = set(t.column("metric").to_pylist())
+    # one heatmap of 16 cells per metric with a tip on every cell, and its floor beside it
+    assert len(re.findall(r"<title>llama0 layer \d+, gpt20 layer \d+: ", page)) == 16 * len(metrics)
+    assert page.count(" best matches gpt20 layer ") == 4 * len(metrics)  # the best-match plot
+    assert page.count("random-weights copies.</figcaption>") == len(metrics)
+    assert page.count('class="best"') == 4 * len(metrics)  # each of A's layers: its best match
 
 
 def test_the_sample_holds_what_the_per_layer_store_holds(run):

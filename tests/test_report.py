@@ -58,7 +58,7 @@ def test_run_writes_the_site(run):
     res, run_dir, _ = run
     assert res.returncode == 0, res.stderr
     root = run_dir / "report"
-    for page in ("index.html", "feature.html", "pair.html", "latents.html"):
+    for page in ("index.html", "feature.html", "pair.html", "latents.html", "layers.html"):
         assert (root / page).is_file(), page
     assert (root / "assets" / "report.js").is_file()
     assert "report:" in flat(res.stdout) and "index.html" in res.stdout
@@ -229,6 +229,15 @@ def test_the_site_in_a_browser(run, browser):
     assert p.locator("svg.plot").count() >= 4
     assert p.locator("svg.plot title").count() > 10  # hover values
     p.wait_for_function("document.querySelector('.map canvas') !== null")
+    assert not_blank(p.screenshot(full_page=True))
+    tab.check_clean()
+
+    # the layers page: a heatmap per metric (and its floor), every cell with its values
+    p = tab.open("layers.html")
+    assert "Which layers correspond" in p.inner_text("h1")
+    assert p.locator("svg.plot").count() >= 3 * 9
+    tips = p.locator("svg.plot rect title")
+    assert tips.count() >= 16 * 9 and "null" in tips.first.text_content()
     assert not_blank(p.screenshot(full_page=True))
     tab.check_clean()
 

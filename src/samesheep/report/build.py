@@ -30,6 +30,7 @@ from ..models import model_depth, resolve_layer, safe_name
 from ..progress import say, step
 from . import overview
 from .data import FeatureData, TokenIndex, latent_map, pair_window, read_features, sig
+from .layers import layers_view
 from .site import copy_assets, site_size, write_data, write_page
 
 REPORT_VERSION = 1
@@ -65,6 +66,7 @@ def report_stage(cfg: Config) -> Path:
     """Write run_dir/report (skipped when the run's files have not changed); returns the
     index page."""
     from ..pipeline import compare_folder, compare_pairs, prepare_run_dir
+    from ..representations import layers_folder
 
     run = prepare_run_dir(cfg)
     rc = cfg.report
@@ -103,6 +105,12 @@ def report_stage(cfg: Config) -> Path:
         _check_tables(c.folder, ("partners", "pairs", "families"), "compare")
     inputs = [read_json(s.folder / "features" / "summary.json").get("key") for s in saes.values()]
     inputs += [c.summary.get("key") for c in comparisons]
+    layer_views = {}  # per pair of models, where the layers stage has run
+    for a, b in compare_pairs(cfg):
+        view = layers_view(layers_folder(cfg, a, b), short_name(a), short_name(b))
+        if view is not None:
+            layer_views[(a, b)] = view
+    inputs += [v["key"] for v in layer_views.values()]
     # (not the stage times: a rerun that does nothing must not rebuild the site)
     key = settings_hash(
         REPORT_VERSION,
@@ -122,7 +130,7 @@ def report_stage(cfg: Config) -> Path:
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
     try:
-        sizes = build_site(cfg, stage, list(saes.values()), comparisons)
+        sizes = build_site(cfg, stage, list(saes.values()), comparisons, layer_views)
         write_json(stage / "manifest.json", {"key": key, **sizes})
         _swap_in(stage, root)
     finally:
@@ -188,7 +196,11 @@ def saes_metrics(cfg: Config) -> dict[str, dict[str, Any]]:
 
 
 def build_site(
-    cfg: Config, root: Path, saes: list[SaePage], comparisons: list[ComparisonPage]
+    cfg: Config,
+    root: Path,
+    saes: list[SaePage],
+    comparisons: list[ComparisonPage],
+    layer_views: dict[tuple[str, str], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Every page and data file of the site, into root."""
     from ..corpus import CorpusReader
@@ -244,7 +256,23 @@ def build_site(
         "comparisons": {
             p["key"]: {k: p[k] for k in ("a", "b", "pairs", "pair_block")} for p in pages
         },
+        "layers": bool(layer_views),
     }
+    layer_pairs, shown = [], set()
+    for p, c in zip(pages, comparisons, strict=True):  # each pair's view once, on its first
+        pair = (c.a.model, c.b.model)
+        p["layers"] = None
+        if layer_views and pair in layer_views and pair not in shown:
+            shown.add(pair)
+            p["layers"] = {**layer_views[pair], "headline": layer_views[pair]["metrics"][0]}
+            layer_pairs.append({"key": p["key"], "name_a": c.a.name, "name_b": c.b.name,
+                                "layers": layer_views[pair]})  # fmt: skip
+    if layer_pairs:
+        add(
+            "pages",
+            write_page(root, "layers.html", "layers.html", site=site, run=run_info,
+                       pairs=layer_pairs, page="layers.html"),
+        )  # fmt: skip
     for name, template in (
         ("feature.html", "feature.html"),
         ("pair.html", "pair.html"),

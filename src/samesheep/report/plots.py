@@ -124,6 +124,8 @@ def _svg(body: list[str], width: int, height: int, title: str) -> Markup:
 def _legend(series: list[Series], frame: Frame) -> list[str]:
     out, x = [], frame.left + 8
     for s in series:
+        if not s.name:  # a series that shares another's legend entry
+            continue
         dash = f' stroke-dasharray="{s.dash}"' if s.dash else ""
         out.append(
             f'<line x1="{x}" x2="{x + 16}" y1="{frame.top + 4}" y2="{frame.top + 4}" '
@@ -224,3 +226,96 @@ def bar_plot(
             body.append(f'<a href="{escape(link)}">{rect}</a>' if link else rect)
     body += _legend(series, f)
     return _svg(body, width, bottom, title)
+
+
+PALETTE = ("#f7fbff", "#c6dbef", "#6baed6", "#2171b5", "#08306b")
+"""A sequential blue scale, low to high."""
+BELOW = "#d9d9d9"
+"""The fill of a heatmap cell whose value does not pass its threshold."""
+
+
+def _shade(t: float) -> str:
+    """The palette's colour at t in [0, 1], interpolated between its anchors."""
+    t = min(max(t, 0.0), 1.0) * (len(PALETTE) - 1)
+    i = min(int(t), len(PALETTE) - 2)
+    lo, hi = PALETTE[i], PALETTE[i + 1]
+    mix = [
+        round(int(lo[k : k + 2], 16) * (1 - (t - i)) + int(hi[k : k + 2], 16) * (t - i))
+        for k in (1, 3, 5)
+    ]
+    return "#" + "".join(f"{c:02x}" for c in mix)
+
+
+@dataclass
+class Grid:
+    """The cells of a heatmap: values [rows][cols] (rows: y, cols: x), whether each passes
+    its threshold (None: no threshold), the outlined cell of each row (or None), and a tip
+    per cell (empty: no tips)."""
+
+    values: list[list[float]]
+    passes: list[list[bool]] | None = None
+    outlined: list[int | None] = field(default_factory=list)
+    tips: list[list[str]] = field(default_factory=list)
+
+
+def heatmap(
+    grid: Grid,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    value_range: tuple[float, float],
+    cell: int = 13,
+) -> Markup:
+    """Cells coloured by value on a shared scale, row 0 at the bottom; cells that do not pass
+    their threshold grey, each row's outlined cell framed, a colour bar at the right."""
+    rows, cols = len(grid.values), len(grid.values[0]) if grid.values else 0
+    left, top, bottom, bar = 40, 10, 38, 46
+    width, height = left + cols * cell + bar + 8, top + rows * cell + bottom
+    lo, hi = value_range
+    span = (hi - lo) or 1.0
+    body = []
+    for r, line in enumerate(grid.values):
+        y = top + (rows - 1 - r) * cell
+        for c, v in enumerate(line):
+            x = left + c * cell
+            ok = grid.passes is None or grid.passes[r][c]
+            fill = BELOW if not ok or not math.isfinite(v) else _shade((v - lo) / span)
+            tip = f"<title>{escape(grid.tips[r][c])}</title>" if grid.tips else ""
+            body.append(
+                f'<rect x="{x}" y="{y}" width="{cell}" height="{cell}" fill="{fill}">{tip}</rect>'
+            )
+        best = grid.outlined[r] if r < len(grid.outlined) else None
+        if best is not None:
+            body.append(
+                f'<rect class="best" x="{left + best * cell + 1}" y="{y + 1}" width="{cell - 2}" '
+                f'height="{cell - 2}" fill="none" stroke="#e6550d" stroke-width="2"/>'
+            )
+    step = max(1, math.ceil(max(rows, cols) / 10))
+    for c in range(0, cols, step):
+        body.append(
+            f'<text class="tick" x="{left + c * cell + cell / 2}" y="{top + rows * cell + 12}" '
+            f'text-anchor="middle">{c}</text>'
+        )
+    for r in range(0, rows, step):
+        body.append(
+            f'<text class="tick" x="{left - 4}" y="{top + (rows - r) * cell - 3}" '
+            f'text-anchor="end">{r}</text>'
+        )
+    body.append(
+        f'<text class="label" x="{left + cols * cell / 2}" y="{height - 6}" '
+        f'text-anchor="middle">{escape(xlabel)}</text>'
+    )
+    mid = top + rows * cell / 2
+    body.append(
+        f'<text class="label" transform="translate(12 {_fmt(mid)}) rotate(-90)" '
+        f'text-anchor="middle">{escape(ylabel)}</text>'
+    )
+    bx, bh = left + cols * cell + 8, rows * cell
+    for i in range(20):
+        body.append(
+            f'<rect x="{bx}" y="{_fmt(top + bh - (i + 1) * bh / 20)}" width="10" '
+            f'height="{_fmt(bh / 20 + 0.5)}" fill="{_shade(i / 19)}"/>'
+        )
+    for v, y in ((hi, top + 8), (lo, top + bh)):
+        body.append(f'<text class="tick" x="{bx + 13}" y="{_fmt(y)}">{v:.2f}</text>')
+    return _svg(body, width, height, title)
