@@ -139,3 +139,19 @@ def test_layers_table_is_long_and_complete():
     assert row.value == pytest.approx(result["metrics"]["cka"]["value"][0, 1])
     assert row.above_null == (row.value > row.threshold)
     assert row.depth_a == pytest.approx(1 / 3) and row.depth_b == pytest.approx(0.5)
+
+
+def test_selected_dimensions_and_given_products_give_the_same_cka():
+    from samesheep.similarity import group_products
+
+    rng = np.random.default_rng(2)
+    x, y, groups = rng.standard_normal((90, 6)), rng.standard_normal((90, 5)), np.arange(90) % 3
+    ka, kb = np.array([1, 1, 0, 1, 0, 1], bool), np.array([0, 1, 1, 1, 1], bool)
+    subsets = half_subsets(3, 6, rng)
+    direct = subset_cka(Groups.of(x[:, ka], groups), Groups.of(y[:, kb], groups), subsets)
+    gx, gy = Groups.of(x, groups), Groups.of(y, groups)
+    parts = group_products(gx, gy)
+    parts[:, ~ka] = 0.0
+    parts[:, :, ~kb] = 0.0
+    via = subset_cka(gx.select(ka), gy.select(kb), subsets, parts)
+    np.testing.assert_allclose(via, direct, atol=1e-12)

@@ -33,6 +33,7 @@ from .progress import say
 from .similarity import (
     Groups,
     Prepared,
+    group_products,
     half_subsets,
     pair_metrics,
     prepare,
@@ -166,26 +167,25 @@ def best_layers(
     return out
 
 
-def _views(prepared: list[Prepared]) -> dict[str, list[np.ndarray]]:
-    """The views INTERVAL_METRICS read: the centred states, and those without outlier
-    dimensions."""
-    return {"cka": [p.x for p in prepared], "cka_trimmed": [p.x[:, p.kept] for p in prepared]}
-
-
 def subset_matrices(
     pa_: list[Prepared], pb: list[Prepared], groups: np.ndarray, subsets: np.ndarray
 ) -> dict[str, np.ndarray]:
-    """{metric: [S, La, Lb]} CKA of every layer pair on each union of document groups."""
-    va, vb = _views(pa_), _views(pb)
-    out = {}
-    for name in INTERVAL_METRICS:
-        ga = [Groups.of(x, groups) for x in va[name]]
-        gb = [Groups.of(y, groups) for y in vb[name]]
-        m = np.empty((len(subsets), len(ga), len(gb)))
-        for i, x in enumerate(ga):
-            for j, y in enumerate(gb):
-                m[:, i, j] = subset_cka(x, y, subsets)
-        out[name] = m
+    """{metric: [S, La, Lb]} linear CKA ("cka") and CKA without outlier dimensions
+    ("cka_trimmed") of every layer pair on each union of document groups. The trimmed
+    view's group products are the raw ones with the outlier dimensions' rows and columns
+    zeroed."""
+    ga = [Groups.of(p.x, groups) for p in pa_]
+    gb = [Groups.of(p.x, groups) for p in pb]
+    ta = [g.select(p.kept) for g, p in zip(ga, pa_, strict=True)]
+    tb = [g.select(p.kept) for g, p in zip(gb, pb, strict=True)]
+    out = {name: np.empty((len(subsets), len(ga), len(gb))) for name in INTERVAL_METRICS}
+    for i, (x, xt) in enumerate(zip(ga, ta, strict=True)):
+        for j, (y, yt) in enumerate(zip(gb, tb, strict=True)):
+            parts = group_products(x, y)
+            out["cka"][:, i, j] = subset_cka(x, y, subsets, parts)
+            parts[:, ~pa_[i].kept] = 0.0  # the outlier dimensions' rows and columns
+            parts[:, :, ~pb[j].kept] = 0.0
+            out["cka_trimmed"][:, i, j] = subset_cka(xt, yt, subsets, parts)
     return out
 
 
