@@ -156,6 +156,12 @@ def run_pair(inp: PairInputs, cfg: CompareConfig) -> dict[str, Any]:
         with step(f"{label}: {what}"):
             runs[name] = measure(*args, s)
 
+    # One unit per document (per-text runs): no unit has another in its document to be
+    # shifted onto, and no two units share a text, so the within-document null and the
+    # view beyond the unit's text do not exist; the across-document null remains.
+    single = len(np.unique(units.doc)) == len(units)
+    if len(np.unique(text)) == len(text):
+        text = None
     run("raw", f"the trained pair on {len(units):,} units", a, b, text, groups)
     if inp.floor is not None:
         fa, fb = inp.floor
@@ -166,16 +172,30 @@ def run_pair(inp: PairInputs, cfg: CompareConfig) -> dict[str, Any]:
         ca, cb = _side_matrix(ca, units, "a", how), _side_matrix(cb, units, "b", how)
         run("ceiling_a", "the seed ceiling of A", a, ca, text, groups)
         run("ceiling_b", "the seed ceiling of B", b, cb, text, groups)
-    if cfg.null:
+    if cfg.null and not single:
         perm = shifted_within_documents(units, cfg.seed)
         run("null", "the within-document null", a, b[perm], None, groups)
-        ra, rb = across_documents(units, seed=cfg.seed)
+    if cfg.null:
+        if single:
+            ra, rb = other_document(units, cfg.seed)
+        else:
+            ra, rb = across_documents(units, seed=cfg.seed)
         if len(ra) >= 2 * cfg.min_fires:
             run("across", "the across-document null", a[ra], b[rb], None, groups[ra])
     heldout = np.flatnonzero(units.doc >= inp.n_train_docs)
     if len(heldout) >= 2 * cfg.min_fires:
         run("heldout", "the held-out check", a[heldout], b[heldout], None, groups[heldout])
     return {"units": units, "runs": runs, "settings": s, "a": a, "b": b}
+
+
+def other_document(units: Units, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows of a, rows of b) pairing each unit with a unit of another document, at random
+    (one cycle through a shuffled order, so no unit keeps its own): the across-document
+    null where every document is one unit."""
+    order = np.random.default_rng(seed).permutation(len(units))
+    rb = np.empty(len(units), dtype=np.int64)
+    rb[order] = np.roll(order, -1)
+    return np.arange(len(units)), rb
 
 
 # ---------------------------------------------------------------- the numbers

@@ -266,6 +266,10 @@ class Config:
     layers: list[Any] = field(default_factory=lambda: ["2/3"])
     """Layers for every model: an index (negative counts from the end) or a depth fraction
     ("2/3" or 0.66); layer L is the residual stream after decoder block L."""
+    unit: str = "token"
+    """What an SAE reads: "token" (every token), or one vector per document, derived from
+    the stored tokens: "text-last" (its last real token, never padding or a special token)
+    or "text-mean" (the mean over its real tokens)."""
     trust_remote_code: bool = False
     """Allow hub models whose code lives in their repository."""
     corpus: CorpusConfig = field(default_factory=CorpusConfig)

@@ -29,7 +29,7 @@ from .models import (
 )
 from .progress import say, step
 from .sae_files import load_sae, save_sae
-from .store import Store, TokenFilter, open_store
+from .store import SPLITS, Store, TokenFilter, open_store
 from .train import filter_counts, token_filter, train_sae
 
 
@@ -50,6 +50,9 @@ def prepare_run_dir(cfg: Config) -> Path:
         raise SamesheepError(f"two models share a folder name: {names}")
     if not cfg.layers:
         raise SamesheepError("no layers configured (set layers = [...])")
+    from .text_units import check_unit
+
+    check_unit(cfg.unit)
     return run
 
 
@@ -227,7 +230,13 @@ def train_stage(cfg: Config) -> dict[str, dict[int, dict[str, Any]]]:
         model_dir = run / safe_name(source)
         depth = model_depth(source, cfg.trust_remote_code)
         layers = sorted({resolve_layer(spec, depth) for spec in cfg.layers})
-        stores[source] = {L: _store_for(cfg, model_dir, source, L) for L in layers}
+        stores[source] = {L: layer_store(cfg, model_dir, source, L) for L in layers}
+        if cfg.unit != "token":
+            from .text_units import check_documents
+
+            for L, store in stores[source].items():
+                width = cfg.train.width or cfg.train.expansion_factor * store.d_model
+                check_documents(store, width, source, L)
     for sr in sae_runs(cfg):
         by_layer = stores[sr.source]
         model_dir = run / safe_name(sr.source)
@@ -246,7 +255,7 @@ def train_dir(layer_dir: Path, sae_name: str) -> Path:
     return layer_dir / ("train" if sae_name == "sae" else f"train-{sae_name}")
 
 
-def _store_for(cfg: Config, model_dir: Path, source: str, layer: int) -> Store:
+def layer_store(cfg: Config, model_dir: Path, source: str, layer: int) -> Store:
     """The complete activation store of a model's layer, with held-out tokens to evaluate
     on, or a clear error naming what to do."""
     folder = model_dir / f"layer_{layer}" / "acts"
@@ -268,6 +277,10 @@ def _store_for(cfg: Config, model_dir: Path, source: str, layer: int) -> Store:
             f"the activations of {source} layer {layer} come from another corpus than the "
             "run's (it was sampled again since): run `samesheep extract` again"
         )
+    if cfg.unit != "token":
+        from .text_units import text_store
+
+        store = text_store(store, cfg.unit, _document_lengths(cfg))
     if filter_counts(store, token_filter(store, cfg.train), "heldout")[0] == 0:
         raise SamesheepError(
             f"{source} layer {layer} has no held-out tokens to evaluate an SAE on "
@@ -275,6 +288,14 @@ def _store_for(cfg: Config, model_dir: Path, source: str, layer: int) -> Store:
             "above 0 and run `samesheep extract` again"
         )
     return store
+
+
+def _document_lengths(cfg: Config) -> dict[str, list[int]]:
+    """Characters of every document of each split of the run's corpus."""
+    from .corpus import CorpusReader
+
+    reader = CorpusReader(Path(cfg.run_dir).expanduser() / "corpus")
+    return {split: [len(d.text) for d in reader.documents(split)] for split in SPLITS}
 
 
 def _train_layer(
@@ -365,7 +386,8 @@ def _evaluate_model(
     floors' and ceilings' SAEs get the reconstruction metrics only."""
     source = sr.source
     device = choose_device(cfg.train.device)
-    splice_tokens = cfg.train.splice_tokens if sr.spliced else 0
+    # a per-text SAE reads one vector per document: splicing it in at every token means nothing
+    splice_tokens = cfg.train.splice_tokens if sr.spliced and cfg.unit == "token" else 0
     # What the metrics depend on besides the SAE: the store, the tokens evaluated, the
     # spliced documents and the dtype the spliced model runs in.
     spliced = (splice_tokens, dtype_name(choose_dtype(cfg.extract.dtype, device)))
@@ -542,7 +564,7 @@ def _sae_for(cfg: Config, model_dir: Path, source: str, layer: int) -> tuple[str
             f"no SAE for {source} layer {layer} in {sae_dir}: run `samesheep train` "
             "(or `samesheep run`) first"
         )
-    store = _store_for(cfg, model_dir, source, layer)
+    store = layer_store(cfg, model_dir, source, layer)
     d_in = read_sae_config(sae_dir).d_in
     if d_in != store.d_model:
         raise SamesheepError(
@@ -648,7 +670,7 @@ def _check_side(cfg: Config, source: str, layer: int, sae_name: str) -> tuple[st
     model_dir = Path(cfg.run_dir).expanduser() / safe_name(source)
     layer_dir = model_dir / f"layer_{layer}"
     sae_key = _sae_key(layer_dir, sae_name, source, layer)
-    store = _store_for(cfg, model_dir, source, layer)
+    store = layer_store(cfg, model_dir, source, layer)
     main = sae_name == "sae" and not source.startswith(RANDOM_PREFIX)
     if main and not (layer_dir / "features" / "summary.json").is_file():
         raise SamesheepError(

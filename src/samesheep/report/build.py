@@ -368,13 +368,12 @@ def token_index(cfg: Config, sae: SaePage) -> TokenIndex:
     from ..alignment import TokenRows
     from ..codes import read_codes
     from ..corpus import CorpusReader
-    from ..pipeline import codes_dir
+    from ..pipeline import codes_dir, layer_store
     from ..sae import concat_codes
     from ..sae_files import read_sae_config
-    from ..store import open_store
     from ..train import token_filter
 
-    store = open_store(sae.folder / "acts")
+    store = layer_store(cfg, sae.folder.parent, sae.model, sae.layer)  # per token or per text
     tokens = token_filter(store, cfg.train)
     n_train = CorpusReader(Path(cfg.run_dir).expanduser() / "corpus").count("train")
     rows = TokenRows.of(store, tokens, n_train)
