@@ -57,14 +57,15 @@ def test_a_per_text_run_compares_documents(tiny_models, tmp_path, env):
         + "\n" for i, line in enumerate(lines)
     ))  # fmt: skip
     models = json.dumps([str(tiny_models["llama"]), str(tiny_models["gpt2"])])
-    extra = {"models": models, "unit": '"text-last"', "corpus.max_tokens": "0",
+    extra = {"models": models, "corpus.max_tokens": "0",
              "corpus.heldout_tokens": "1500", "compare.min_fires": "5", "compare.groups": "5",
              "compare.geometry_pairings": "10", "representations.enabled": "false",
              "report.pair_min_r": "0.0", "train.batch_tokens": "64"}  # fmt: skip
     args = sets(tmp_path / "run", tiny_models["llama"], corpus, **extra)
-    res = cli("run", *args, env=env)
+    res = cli("run", "--preset", "original-study", *args, env=env)  # per-text, from the preset
     assert res.returncode == 0, res.stderr
     run = tmp_path / "run"
+    assert 'unit = "text-last"' in (run / "config.toml").read_text()
     docs = sum(len((run / "corpus" / f).read_text().splitlines())
                for f in ("train.jsonl", "heldout.jsonl"))  # fmt: skip
     summary = json.loads((run / "compare" / "llama0__gpt20" / "summary.json").read_text())
@@ -95,3 +96,17 @@ def test_an_unknown_unit_is_a_one_line_error(tiny_models, tmp_path, env):
     res = cli("extract", *args, env=env)
     assert_one_line_error(res)
     assert "unit must be one of" in res.stderr
+
+
+def test_init_writes_the_original_study_preset(tmp_path):
+    from samesheep import config as config_mod
+
+    res = cli("init", str(tmp_path / "o.toml"), "--preset", "original-study",
+              "--set", "train.k=32")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    cfg = config_mod.load(tmp_path / "o.toml")
+    assert cfg.unit == "text-last" and cfg.layers == [-1] and cfg.corpus.max_tokens == 0
+    assert cfg.train.expansion_factor == 4 and cfg.train.k == 32  # --set applies on top
+    assert cfg.run_dir == "runs/original-study" and cfg.compare.floor and cfg.compare.ceiling
+    res = cli("init", str(tmp_path / "x.toml"), "--preset", "nope")
+    assert res.returncode == 2

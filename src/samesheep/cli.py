@@ -14,6 +14,12 @@ from .errors import SamesheepError
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", help="TOML config file (default: the built-in defaults)")
     p.add_argument(
+        "--preset",
+        choices=sorted(config_mod.PRESETS),
+        help="start from a named setting (original-study: per-text, last layer, 4x TopK 64, "
+        "the whole shipped corpus); --config and --set apply on top",
+    )
+    p.add_argument(
         "--set",
         "-s",
         action="append",
@@ -72,7 +78,7 @@ def _init(args: argparse.Namespace) -> None:
         raise SamesheepError(f"{path} exists; pass --force to overwrite it")
     from .files import write_text
 
-    write_text(path, config_mod.to_toml(config_mod.load(args.config, args.set)))
+    write_text(path, config_mod.to_toml(config_mod.load(args.config, args.set, args.preset)))
     print(f"wrote {path}; run it with: samesheep run --config {path}")
 
 
@@ -100,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from . import pipeline
 
-            cfg = config_mod.load(args.config, args.set)
+            cfg = config_mod.load(args.config, args.set, args.preset)
             stage = {
                 "run": pipeline.run,
                 "corpus": pipeline.corpus_stage,

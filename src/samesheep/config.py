@@ -322,9 +322,36 @@ def from_dict(data: dict[str, Any]) -> Config:
     return _build(Config, data, "")
 
 
-def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read a TOML config (or the defaults) and apply `section.key=value` overrides."""
+PRESETS: dict[str, dict[str, Any]] = {
+    "original-study": {
+        # The original study's setting, corrected: one vector per text (its last real token,
+        # never a pad), the last layer, a 4x TopK(64) SAE, the whole shipped corpus; the
+        # floors, nulls and ceilings stay on.
+        "run_dir": "runs/original-study",
+        "unit": "text-last",
+        "layers": [-1],
+        "corpus": {"max_tokens": 0},
+        "train": {"expansion_factor": 4, "k": 64, "batch_tokens": 512, "train_tokens": 500_000},
+        "representations": {"enabled": False},
+    },
+}
+"""Named starting points (`samesheep init --preset NAME`); a config file and --set apply
+on top."""
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load(path: str | Path | None, overrides: list[str] = (), preset: str | None = None) -> Config:
+    """Read a TOML config (or the defaults) on top of a preset, and apply
+    `section.key=value` overrides."""
     data: dict[str, Any] = {}
+    if preset is not None and preset not in PRESETS:
+        raise SamesheepError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
     if path is not None:
         try:
             data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
@@ -341,7 +368,7 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
         except tomllib.TOMLDecodeError:
             value = raw  # a bare word is a string
         set_dotted(data, key.strip(), value)
-    return from_dict(data)
+    return from_dict(_merge(PRESETS[preset], data) if preset else data)
 
 
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
