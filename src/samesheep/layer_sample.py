@@ -84,14 +84,14 @@ def extract_layer_sample(
     corpus_hash: str,
     trust_remote_code: bool = False,
     seed: int = 0,
-    lm: LoadedModel | None = None,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], LoadedModel | None]:
     """Write the model's layer sample (every block's output on the sample documents), unless
-    it is already complete with these settings. Returns its manifest, with "skipped"."""
+    it is already complete with these settings. Returns (its manifest, with "skipped"; the
+    model it loaded, for the caller to reuse, or None where it loaded none)."""
     key = sample_key(source, cfg, units, corpus_hash, seed)
     folder = Path(model_dir) / FOLDER
     if sample_current(model_dir, key):
-        return {**read_json(folder / "manifest.json"), "skipped": True}
+        return {**read_json(folder / "manifest.json"), "skipped": True}, None
     docs = sample_documents(corpus_dir, units)
     if not docs:
         raise SamesheepError(
@@ -100,8 +100,7 @@ def extract_layer_sample(
         )
     device = choose_device(cfg.device)
     set_threads(cfg.threads)
-    if lm is None:
-        lm = load_model(source, choose_dtype(cfg.dtype, device), device, trust_remote_code, seed)
+    lm = load_model(source, choose_dtype(cfg.dtype, device), device, trust_remote_code, seed)
     windows = windows_of(
         docs, lm.tokenizer, bos_prefix(lm.tokenizer, cfg.add_bos), cfg.context_length
     )
@@ -129,7 +128,7 @@ def extract_layer_sample(
         "corpus": corpus_hash,
     }
     write_json(folder / "manifest.json", manifest)
-    return {**manifest, "skipped": False}
+    return {**manifest, "skipped": False}, lm
 
 
 @dataclass

@@ -186,22 +186,18 @@ def sampling_layers(cfg: Config) -> bool:
 def _layer_sample(cfg: Config, source: str, run: Path, corpus_hash: str) -> Any:
     """Make the model's layer sample where the run needs one; returns the model if it had
     to be loaded for it (the extraction then reuses it), else None."""
-    from .layer_sample import extract_layer_sample, sample_current, sample_key
+    from .layer_sample import extract_layer_sample
 
     if not sampling_layers(cfg):
         return None
-    rep, model_dir = cfg.representations, run / safe_name(source)
-    key = sample_key(source, cfg.extract, rep.units, corpus_hash)
-    if sample_current(model_dir, key):
-        say(f"{source}: layer sample unchanged, skipped")
-        return None
-    device = choose_device(cfg.extract.device)
-    lm = load_model(source, choose_dtype(cfg.extract.dtype, device), device, cfg.trust_remote_code)
-    m = extract_layer_sample(
-        source, run / "corpus", model_dir, cfg.extract, rep.units, corpus_hash,
-        cfg.trust_remote_code, lm=lm,
+    m, lm = extract_layer_sample(
+        source, run / "corpus", run / safe_name(source), cfg.extract,
+        cfg.representations.units, corpus_hash, cfg.trust_remote_code,
     )  # fmt: skip
-    say(f"{source}: layer sample of {m['n_layers']} layers on {m['tokens']:,} held-out tokens")
+    if m["skipped"]:
+        say(f"{source}: layer sample unchanged, skipped")
+    else:
+        say(f"{source}: layer sample of {m['n_layers']} layers on {m['tokens']:,} held-out tokens")
     return lm
 
 
@@ -280,7 +276,7 @@ def layer_store(cfg: Config, model_dir: Path, source: str, layer: int) -> Store:
     if cfg.unit != "token":
         from .text_units import text_store
 
-        store = text_store(store, cfg.unit, _document_lengths(cfg))
+        store = text_store(store, cfg.unit, document_lengths(cfg))
     if filter_counts(store, token_filter(store, cfg.train), "heldout")[0] == 0:
         raise SamesheepError(
             f"{source} layer {layer} has no held-out tokens to evaluate an SAE on "
@@ -290,7 +286,7 @@ def layer_store(cfg: Config, model_dir: Path, source: str, layer: int) -> Store:
     return store
 
 
-def _document_lengths(cfg: Config) -> dict[str, list[int]]:
+def document_lengths(cfg: Config) -> dict[str, list[int]]:
     """Characters of every document of each split of the run's corpus."""
     from .corpus import CorpusReader
 
@@ -737,9 +733,14 @@ def _load_side(
     return side, key
 
 
+def pair_folder(cfg: Config, a: str, b: str) -> Path:
+    """The folder of a pair of models (its layer-by-layer comparison sits here)."""
+    return Path(cfg.run_dir).expanduser() / "compare" / f"{safe_name(a)}__{safe_name(b)}"
+
+
 def compare_folder(cfg: Config, a: str, b: str, layer_a: int, layer_b: int) -> Path:
     """Where the comparison of two models' layers is written."""
-    out = Path(cfg.run_dir).expanduser() / "compare" / f"{safe_name(a)}__{safe_name(b)}"
+    out = pair_folder(cfg, a, b)
     return out / f"layer_{layer_a}__layer_{layer_b}" if len(cfg.layers) > 1 else out
 
 

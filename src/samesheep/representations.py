@@ -57,17 +57,17 @@ class SampleSides:
     units: Units  # row_a, row_b: rows of each sample's token table
 
 
-def heldout_lengths(corpus_dir: Path, n: int) -> np.ndarray:
+def heldout_lengths(cfg: Config, n: int) -> np.ndarray:
     """Characters of the first n held-out documents (the layer samples' documents)."""
-    from .corpus import CorpusReader
+    from .pipeline import document_lengths
 
-    reader = CorpusReader(corpus_dir)
-    if reader.count("heldout") < n:
+    lengths = document_lengths(cfg)["heldout"]
+    if len(lengths) < n:
         raise SamesheepError(
-            f"the corpus in {corpus_dir} has changed since the layer samples were made: "
+            f"the corpus of {cfg.run_dir} has changed since the layer samples were made: "
             "run `samesheep extract` again"
         )
-    return np.array([len(reader.document("heldout", i).text) for i in range(n)], dtype=np.int64)
+    return np.asarray(lengths[:n], dtype=np.int64)
 
 
 def sample_keep(sample: LayerSample, cfg: Config) -> np.ndarray:
@@ -266,10 +266,6 @@ def layers_table(result: dict[str, Any], n_a: int, n_b: int) -> pa.Table:
     return pa.table({k: np.concatenate(v) for k, v in cols.items()})
 
 
-def layers_folder(cfg: Config, a: str, b: str) -> Path:
-    return Path(cfg.run_dir).expanduser() / "compare" / f"{safe_name(a)}__{safe_name(b)}"
-
-
 def _open_sample(cfg: Config, source: str) -> LayerSample:
     return LayerSample.open(Path(cfg.run_dir).expanduser() / safe_name(source), source)
 
@@ -293,8 +289,7 @@ def _sides(
                     f"tokens as {real.manifest['model']}'s: run `samesheep extract` again"
                 )
             keep &= sample_keep(rand, cfg)
-    root = Path(cfg.run_dir).expanduser()
-    lengths = heldout_lengths(root / "corpus", int(a.manifest["documents"]))
+    lengths = heldout_lengths(cfg, int(a.manifest["documents"]))
     units = sample_units(
         a, b, keep_a, keep_b, lengths, cfg.compare.after_break, cfg.representations.units
     )
@@ -304,7 +299,14 @@ def _sides(
 def layers_stage(cfg: Config) -> dict[tuple[str, str], dict[str, Any]]:
     """Compare every layer of every pair of models on the layer samples (skipped when
     unchanged). Returns {(A, B): the contents of layers.json}."""
-    from .pipeline import compare_pairs, comparing, prepare_run_dir, random_copy, record_config
+    from .pipeline import (
+        compare_pairs,
+        comparing,
+        pair_folder,
+        prepare_run_dir,
+        random_copy,
+        record_config,
+    )
 
     rep = cfg.representations
     if not rep.enabled:
@@ -331,7 +333,7 @@ def layers_stage(cfg: Config) -> dict[tuple[str, str], dict[str, Any]]:
             token_settings,
             cfg.compare.after_break,
         )
-        out = layers_folder(cfg, a, b)
+        out = pair_folder(cfg, a, b)
         old = read_json(out / "layers.json", corrupt_is_missing=True)
         if old and old.get("key") == key and (out / "layers.parquet").is_file():
             say(f"layers {a} / {b}: unchanged, skipped")

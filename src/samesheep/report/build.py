@@ -65,8 +65,7 @@ def short_name(source: str) -> str:
 def report_stage(cfg: Config) -> Path:
     """Write run_dir/report (skipped when the run's files have not changed); returns the
     index page."""
-    from ..pipeline import compare_folder, compare_pairs, prepare_run_dir
-    from ..representations import layers_folder
+    from ..pipeline import compare_folder, compare_pairs, pair_folder, prepare_run_dir
 
     run = prepare_run_dir(cfg)
     rc = cfg.report
@@ -105,12 +104,12 @@ def report_stage(cfg: Config) -> Path:
         _check_tables(c.folder, ("partners", "pairs", "families"), "compare")
     inputs = [read_json(s.folder / "features" / "summary.json").get("key") for s in saes.values()]
     inputs += [c.summary.get("key") for c in comparisons]
-    layer_views = {}  # per pair of models, where the layers stage has run
+    layer_folders = {}  # per pair of models whose layers stage has run
     for a, b in compare_pairs(cfg):
-        view = layers_view(layers_folder(cfg, a, b), short_name(a), short_name(b))
-        if view is not None:
-            layer_views[(a, b)] = view
-    inputs += [v["key"] for v in layer_views.values()]
+        done = read_json(pair_folder(cfg, a, b) / "layers.json", corrupt_is_missing=True)
+        if done:
+            layer_folders[(a, b)] = pair_folder(cfg, a, b)
+            inputs.append(done.get("key"))
     # (not the stage times: a rerun that does nothing must not rebuild the site)
     key = settings_hash(
         REPORT_VERSION,
@@ -126,6 +125,11 @@ def report_stage(cfg: Config) -> Path:
         return root / "index.html"
 
     start = time.perf_counter()
+    layer_views = {}
+    for (a, b), folder in layer_folders.items():
+        view = layers_view(folder, short_name(a), short_name(b))
+        if view is not None:
+            layer_views[(a, b)] = view
     stage = run / f".report.{os.getpid()}.tmp"
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)

@@ -67,8 +67,10 @@ def metric_view(summary: dict[str, Any], df: Any, metric: str, a: str, b: str) -
     """The heatmaps of one metric (trained pair, floor) and its best-match plot."""
     n_a, n_b = summary["layers_a"], summary["layers_b"]
     part = df[df.metric == metric]
-    cols = {c: _matrix(part, c, n_a, n_b) for c in ("value", "threshold", "floor")}
-    cols.update({c: _matrix(part, c, n_a, n_b) for c in ("null_mean", "null_sd")})
+    cols = {
+        c: _matrix(part, c, n_a, n_b)
+        for c in ("value", "threshold", "floor", "null_mean", "null_sd")
+    }
     both = np.concatenate([cols["value"].ravel(), cols["floor"].ravel()])
     finite = both[np.isfinite(both)]
     scale = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
