@@ -125,6 +125,41 @@ def test_compare_layers_finds_the_planted_correspondence():
     assert result["seconds"].keys() >= {"prepare", "metrics and null", "floor", "intervals"}
 
 
+def test_metric_matrices_and_intervals_are_the_same_in_gram_form_and_pair_by_pair(monkeypatch):
+    """With the layers' Gram matrices the CKA metrics and the document-half intervals come
+    from them; without (they would not fit in memory), pair by pair in feature space: both
+    ways give the same matrices, for the true pairing, the null and every union of groups."""
+    from samesheep import representations
+    from samesheep.similarity import PackedGrams, prepare, within_group_permutation
+
+    xa, xb, docs = planted(n_docs=12, per_doc=15)
+    xa[1][:, 4] *= 80.0  # a massive dimension, so the trimmed view differs from the raw
+    pa, pb = [prepare(x) for x in xa], [prepare(y) for y in xb]
+    rng = np.random.default_rng(1)
+    perms = [within_group_permutation(docs, rng) for _ in range(3)]
+    grams = representations.gram_form(pa, pb, len(perms))
+    assert isinstance(grams, PackedGrams)
+    gram_values, gram_nulls = representations.metric_matrices(pa, pb, perms, grams)
+    values, nulls = representations.metric_matrices(pa, pb, perms)
+    assert values.keys() == gram_values.keys() and "cka_debiased" in values
+    for name in values:
+        np.testing.assert_allclose(gram_values[name], values[name], rtol=1e-5, atol=2e-6)
+        assert nulls[name].shape == (3, 3, 4)
+        np.testing.assert_allclose(gram_nulls[name], nulls[name], rtol=1e-5, atol=2e-6)
+    groups = document_groups(docs, 5, rng)
+    subsets = np.vstack([np.ones(5), half_subsets(5, 12, rng)])
+    via_grams = representations.subset_matrices(pa, pb, groups, subsets, grams)
+    direct = representations.subset_matrices(pa, pb, groups, subsets)
+    for name in ("cka", "cka_trimmed"):
+        np.testing.assert_allclose(via_grams[name], direct[name], rtol=1e-5, atol=2e-6)
+        # the union of every group is the whole sample
+        np.testing.assert_allclose(direct[name][0], values[name], rtol=1e-5, atol=2e-6)
+    assert not np.allclose(direct["cka"], direct["cka_trimmed"])
+    monkeypatch.setattr(representations, "GRAM_BYTES", 0)
+    assert representations.gram_form(pa, pb, len(perms)) is None
+    assert representations.gram_form(pa, pb, 0) is None  # nothing to permute: not worth it
+
+
 def test_layers_table_is_long_and_complete():
     xa, xb, docs = planted(n_docs=10, per_doc=20)
     result = compare_layers(xa, xb, docs, RepresentationsConfig(permutations=3, subsets=5))

@@ -10,6 +10,8 @@ import pytest
 
 from samesheep.geometry import svcca
 from samesheep.similarity import (
+    CKA_METRICS,
+    cka_matrices,
     cknna,
     debiased_cka,
     hsic_unbiased,
@@ -269,3 +271,69 @@ def test_a_permuted_pairing_equals_the_metrics_of_the_permuted_rows(dtype, toler
     moved, fresh = b.neighbours.permuted(perm), prepare(y[perm], dtype=dtype).neighbours
     assert (moved.ids == fresh.ids).all()
     np.testing.assert_allclose(moved.cosine, fresh.cosine, rtol=1e-6)
+
+
+def layer_stack(z, dims, seed):
+    """Layers of one model on the same items: a signal z [n, 5] shared with the other
+    model, read differently per layer, one massive dimension in some."""
+    rng = np.random.default_rng(seed)
+    n = len(z)
+    out = []
+    for i, d in enumerate(dims):
+        x = np.tanh(z @ rng.standard_normal((5, d)) / (1 + i)) + 0.3 * rng.standard_normal((n, d))
+        if i % 2:
+            x[:, 0] *= 200
+        out.append(x)
+    return out
+
+
+@pytest.mark.parametrize("dtype, tolerance", PRECISIONS)
+@pytest.mark.parametrize("layers_a, layers_b", [(2, 3), (3, 2)])
+def test_cka_matrices_equal_pair_by_pair_metrics(dtype, tolerance, layers_a, layers_b):
+    """The Gram form (every layer pair and pairing at once, whichever side is permuted)
+    gives the feature-space metrics of each pair, for the true pairing and permuted ones."""
+    n = 90
+    z = np.random.default_rng(0).standard_normal((n, 5))
+    xa = layer_stack(z, [12, 7, 9][:layers_a], seed=1)
+    xb = layer_stack(z, [8, 11, 6][:layers_b], seed=2)
+    pa = [prepare(x, dtype=dtype) for x in xa]
+    pb = [prepare(y, dtype=dtype) for y in xb]
+    docs = np.repeat(np.arange(9), 10)
+    rng = np.random.default_rng(3)
+    pairings = [None, within_group_permutation(docs, rng), rng.permutation(n)]
+    got = cka_matrices(pa, pb, pairings)
+    assert len(got) == len(pairings)
+    for values, perm in zip(got, pairings, strict=True):
+        assert set(values) == set(CKA_METRICS)
+        for i, a in enumerate(pa):
+            for j, b in enumerate(pb):
+                want = pair_metrics(a, b, perm)
+                for name in CKA_METRICS:
+                    assert values[name][i, j] == pytest.approx(want[name], **tolerance), name
+    # a broken pairing reads lower than the true one on the shared signal
+    assert (got[2]["cka_trimmed"] < got[0]["cka_trimmed"] - 0.1).all()
+
+
+@pytest.mark.parametrize("rank_deficient", [False, True])
+def test_leading_basis_spans_the_leading_singular_directions(rank_deficient):
+    """The covariance route gives the SVD's leading subspace and kept counts: orthonormal
+    columns, the same span; a rank-deficient matrix (kept directions with no variance)
+    falls back to the SVD itself."""
+    from samesheep.geometry import leading_basis
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((400, 30)) @ rng.standard_normal((30, 30))
+    x[:, 2] *= 90.0  # a massive dimension: most of the variance on one direction
+    if rank_deficient:
+        x[:, 10:] = x[:, :20] @ rng.standard_normal((20, 20)) * 0  # 20 dead dimensions
+    keeps = (0.9, 0.99, 25)
+    u, kept = leading_basis(x.astype(np.float32), keeps)
+    ref_u, ref_s, _ = np.linalg.svd(x - x.mean(0), full_matrices=False)
+    for keep in keeps:
+        want = max(int(np.searchsorted(np.cumsum(ref_s**2) / (ref_s**2).sum(), keep - 1e-12) + 1)
+                   if isinstance(keep, float) else keep, 1)  # fmt: skip
+        assert kept[str(keep)] == want
+    k = kept["0.99"]
+    np.testing.assert_allclose(u.T @ u, np.eye(u.shape[1]), atol=1e-5)
+    overlap = np.linalg.svd(u[:, :k].T @ ref_u[:, :k], compute_uv=False)
+    assert overlap.min() > 1 - 1e-4  # the same subspace

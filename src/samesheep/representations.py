@@ -31,13 +31,19 @@ from .layer_sample import LayerSample
 from .models import safe_name
 from .progress import say
 from .similarity import (
+    GRAM_BYTES,
     Groups,
+    PackedGrams,
     Prepared,
+    cka_matrices,
+    gram_bytes,
+    group_blocks,
     group_products,
     half_subsets,
     pair_metrics,
     prepare,
     subset_cka,
+    subset_self,
     within_group_permutation,
 )
 
@@ -105,20 +111,35 @@ def _states(sample: LayerSample, rows: np.ndarray) -> list[np.ndarray]:
 
 
 def metric_matrices(
-    pa_: list[Prepared], pb: list[Prepared], perms: list[np.ndarray]
+    pa_: list[Prepared],
+    pb: list[Prepared],
+    perms: list[np.ndarray],
+    grams: PackedGrams | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """({metric: [La, Lb] values}, {metric: [P, La, Lb] values under each permutation})."""
-    values: dict[str, np.ndarray] = {}
-    nulls: dict[str, np.ndarray] = {}
+    """({metric: [La, Lb] values}, {metric: [P, La, Lb] values under each permutation}).
+    Given the layers' Gram matrices, the CKA metrics of all layer pairs come at once from
+    them (cka_matrices); otherwise, and for the others, pair by pair."""
+    pairings: list[np.ndarray | None] = [None, *perms]
+    shape = (len(pairings), len(pa_), len(pb))
+    out: dict[str, np.ndarray] = {}
+    if grams is not None:
+        for p, cka in enumerate(cka_matrices(pa_, pb, pairings, grams)):
+            for name, v in cka.items():
+                out.setdefault(name, np.full(shape, np.nan))[p] = v
     for i, x in enumerate(pa_):
         for j, y in enumerate(pb):
-            for name, v in pair_metrics(x, y).items():
-                values.setdefault(name, np.full((len(pa_), len(pb)), np.nan))[i, j] = v
-            for p, perm in enumerate(perms):
-                for name, v in pair_metrics(x, y, perm).items():
-                    shape = (len(perms), len(pa_), len(pb))
-                    nulls.setdefault(name, np.full(shape, np.nan))[p, i, j] = v
-    return values, nulls
+            for p, perm in enumerate(pairings):
+                for name, v in pair_metrics(x, y, perm, cka=grams is None).items():
+                    out.setdefault(name, np.full(shape, np.nan))[p, i, j] = v
+    return {k: v[0] for k, v in out.items()}, {k: v[1:] for k, v in out.items()}
+
+
+def gram_form(pa_: list[Prepared], pb: list[Prepared], permutations: int) -> PackedGrams | None:
+    """The layers' Gram matrices where they pay (with permutations to score: making them
+    costs about one pairing in feature space) and fit in GRAM_BYTES, else None."""
+    if permutations < 1 or gram_bytes(len(pa_[0].x), len(pa_), len(pb)) > GRAM_BYTES:
+        return None
+    return PackedGrams.of(pa_, pb)
 
 
 def bonferroni_z(alpha: float, tests: int) -> float:
@@ -168,24 +189,49 @@ def best_layers(
 
 
 def subset_matrices(
-    pa_: list[Prepared], pb: list[Prepared], groups: np.ndarray, subsets: np.ndarray
+    pa_: list[Prepared],
+    pb: list[Prepared],
+    groups: np.ndarray,
+    subsets: np.ndarray,
+    grams: PackedGrams | None = None,
 ) -> dict[str, np.ndarray]:
     """{metric: [S, La, Lb]} linear CKA ("cka") and CKA without outlier dimensions
-    ("cka_trimmed") of every layer pair on each union of document groups. The trimmed
-    view's group products are the raw ones with the outlier dimensions' rows and columns
-    zeroed."""
+    ("cka_trimmed") of every layer pair on each union of document groups. Given the layers'
+    Gram matrices, each pairing's group terms come from their blocks (group_blocks);
+    otherwise from group products, the trimmed view's being the raw ones with the outlier
+    dimensions' rows and columns zeroed."""
     ga = [Groups.of(p.x, groups) for p in pa_]
     gb = [Groups.of(p.x, groups) for p in pb]
     ta = [g.select(p.kept) for g, p in zip(ga, pa_, strict=True)]
     tb = [g.select(p.kept) for g, p in zip(gb, pb, strict=True)]
+    blocks = None
+    if grams is not None:
+        blocks = {"raw": group_blocks(grams, "raw", groups)}
+        blocks["trimmed"] = group_blocks(grams, "trimmed", groups)
+    selves = {  # each layer's normalisers, once
+        id(g): subset_self(g, subsets) for g in [*ga, *gb, *ta, *tb]
+    }
     out = {name: np.empty((len(subsets), len(ga), len(gb))) for name in INTERVAL_METRICS}
     for i, (x, xt) in enumerate(zip(ga, ta, strict=True)):
         for j, (y, yt) in enumerate(zip(gb, tb, strict=True)):
+            if blocks is not None:
+                out["cka"][:, i, j] = subset_cka(
+                    x, y, subsets, m=blocks["raw"][i, j], selves=(selves[id(x)], selves[id(y)])
+                )
+                out["cka_trimmed"][:, i, j] = subset_cka(
+                    xt, yt, subsets, m=blocks["trimmed"][i, j],
+                    selves=(selves[id(xt)], selves[id(yt)]),
+                )  # fmt: skip
+                continue
             parts = group_products(x, y)
-            out["cka"][:, i, j] = subset_cka(x, y, subsets, parts)
+            out["cka"][:, i, j] = subset_cka(
+                x, y, subsets, parts, selves=(selves[id(x)], selves[id(y)])
+            )
             parts[:, ~pa_[i].kept] = 0.0  # the outlier dimensions' rows and columns
             parts[:, :, ~pb[j].kept] = 0.0
-            out["cka_trimmed"][:, i, j] = subset_cka(xt, yt, subsets, parts)
+            out["cka_trimmed"][:, i, j] = subset_cka(
+                xt, yt, subsets, parts, selves=(selves[id(xt)], selves[id(yt)])
+            )
     return out
 
 
@@ -214,20 +260,22 @@ def compare_layers(
     pb = [prepare(y, rep.k) for y in xb]
     lap("prepare")
     perms = [within_group_permutation(docs, rng) for _ in range(rep.permutations)]
-    values, nulls = metric_matrices(pa_, pb, perms)
+    grams = gram_form(pa_, pb, len(perms))
+    values, nulls = metric_matrices(pa_, pb, perms, grams)
     lap("metrics and null")
+    groups = document_groups(docs, rep.groups, rng)
+    intervals = None
+    if groups.max(initial=0) >= 1 and rep.subsets > 0:
+        subsets = half_subsets(int(groups.max()) + 1, rep.subsets, rng)
+        intervals = subset_matrices(pa_, pb, groups, subsets, grams)
+    del grams
+    lap("intervals")
     floor_values = None
     if floor is not None:
         fa = [prepare(x, rep.k) for x in floor[0]]
         fb = [prepare(y, rep.k) for y in floor[1]]
         floor_values, _ = metric_matrices(fa, fb, [])
         lap("floor")
-    groups = document_groups(docs, rep.groups, rng)
-    intervals = None
-    if groups.max(initial=0) >= 1 and rep.subsets > 0:
-        subsets = half_subsets(int(groups.max()) + 1, rep.subsets, rng)
-        intervals = subset_matrices(pa_, pb, groups, subsets)
-    lap("intervals")
     z = bonferroni_z(rep.alpha, len(xa) * len(xb))
     out: dict[str, Any] = {"metrics": {}, "z": z, "seconds": seconds}
     for name, v in values.items():

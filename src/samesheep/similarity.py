@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .geometry import kept_bases, svcca
+from .geometry import leading_basis, svcca
 
 OUTLIER_DIM_RATIO = 10.0
 """A dimension is an outlier when its root mean square over the items exceeds this multiple
@@ -223,7 +223,16 @@ class Prepared:
     self_hsic: float  # unbiased HSIC of the raw view with itself
     neighbours: Neighbours  # of the trimmed view: one massive dimension would decide every cosine
     self_knn: float  # CKNNA's masked HSIC of the representation with itself
-    bases: dict[str, np.ndarray]  # per SVCCA setting: orthonormal basis of the kept directions
+    basis: np.ndarray  # [n, widest] orthonormal leading directions, as the widest setting keeps
+    svcca_kept: dict[str, int]  # per SVCCA setting: how many leading columns of basis it keeps
+
+    def view(self, name: str) -> np.ndarray:
+        """[n, d] centred states of a CKA view: "raw", "standardized" (each dimension over
+        its standard deviation) or "trimmed" (outlier dimensions zeroed)."""
+        if name == "raw":
+            return self.x
+        scale = self.inv_sd if name == "standardized" else self.kept
+        return self.x * scale.astype(self.x.dtype)
 
 
 def _crosses(
@@ -261,6 +270,7 @@ def prepare(
     low = raw.astype(dtype)
     self_cross = _crosses(low.T @ low, (inv_sd, inv_sd), (kept, kept))
     neighbours = Neighbours.of(low[:, kept], k)
+    basis, svcca_kept = leading_basis(low, keeps)
     return Prepared(
         x=low,
         inv_sd=inv_sd,
@@ -270,46 +280,192 @@ def prepare(
         self_hsic=_hsic_linear(self_cross["raw"], sq, sq),
         neighbours=neighbours,
         self_knn=_knn_self(neighbours),
-        bases=kept_bases(low, keeps),
+        basis=basis,
+        svcca_kept=svcca_kept,
     )
 
 
-def _mean_canonical(qa: np.ndarray, qb: np.ndarray) -> float:
-    """Mean canonical correlation of two orthonormal bases: the singular values of qa'qb,
-    as square roots of the eigenvalues of the smaller Gram matrix (a fraction of an SVD's
-    time)."""
-    m = (qa.T @ qb).astype(np.float64)
+def _mean_canonical(m: np.ndarray) -> float:
+    """Mean canonical correlation of two orthonormal bases qa, qb from m = qa'qb: the mean
+    singular value of m, as square roots of the eigenvalues of the smaller Gram matrix (a
+    fraction of an SVD's time). numpy's LAPACK, not scipy's: scipy brings a second BLAS
+    whose threads, alternating with numpy's, spun against them and made this 8x slower."""
+    m = m.astype(np.float64)
     gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
-    rho = np.sqrt(np.clip(np.linalg.eigvalsh(gram), 0.0, 1.0))
-    return float(rho.mean())
+    return float(np.sqrt(np.clip(np.linalg.eigvalsh(gram), 0.0, 1.0)).mean())
 
 
-def pair_metrics(a: Prepared, b: Prepared, perm: np.ndarray | None = None) -> dict[str, float]:
-    """Every metric of two prepared representations of the same items: a's item i paired
-    with b's item i, or with b's item perm[i] (a permutation null). Keys: cka, cka_debiased,
-    cka_standardized, cka_trimmed (outlier dimensions removed), mutual_knn and cknna (on
-    the trimmed views), and svcca@<setting> for each kept-dimension setting both sides were
-    prepared with (on the raw views)."""
+CKA_METRICS = ("cka", "cka_debiased", "cka_standardized", "cka_trimmed")
+CKA_VIEWS = ("raw", "standardized", "trimmed")
 
-    def rows(m: np.ndarray) -> np.ndarray:
-        return m if perm is None else m[perm]
 
-    cross = _crosses(a.x.T @ rows(b.x), (a.inv_sd, b.inv_sd), (a.kept, b.kept))
-    out = {
+def _cka_from(
+    a: Prepared, b: Prepared, cross: dict[str, float], b_sq: np.ndarray
+) -> dict[str, float]:
+    """The CKA metrics of a pairing from its cross terms ||A'B||_F^2 per view, and b's row
+    norms squared in the pairing's order (for the unbiased HSIC)."""
+    return {
         "cka": _ratio(cross["raw"], a.self_cross["raw"], b.self_cross["raw"]),
-        "cka_debiased": _ratio(
-            _hsic_linear(cross["raw"], a.sq, rows(b.sq)), a.self_hsic, b.self_hsic
-        ),
+        "cka_debiased": _ratio(_hsic_linear(cross["raw"], a.sq, b_sq), a.self_hsic, b.self_hsic),
         "cka_standardized": _ratio(
             cross["standardized"], a.self_cross["standardized"], b.self_cross["standardized"]
         ),
         "cka_trimmed": _ratio(cross["trimmed"], a.self_cross["trimmed"], b.self_cross["trimmed"]),
     }
+
+
+def pair_metrics(
+    a: Prepared, b: Prepared, perm: np.ndarray | None = None, cka: bool = True
+) -> dict[str, float]:
+    """Every metric of two prepared representations of the same items: a's item i paired
+    with b's item i, or with b's item perm[i] (a permutation null). Keys: cka, cka_debiased,
+    cka_standardized, cka_trimmed (outlier dimensions removed; left out where cka is False,
+    for callers that compute them for many pairs at once with cka_matrices), mutual_knn and
+    cknna (on the trimmed views), and svcca@<setting> for each kept-dimension setting both
+    sides were prepared with (on the raw views)."""
+
+    def rows(m: np.ndarray) -> np.ndarray:
+        return m if perm is None else m[perm]
+
+    out = {}
+    if cka:
+        cross = _crosses(a.x.T @ rows(b.x), (a.inv_sd, b.inv_sd), (a.kept, b.kept))
+        out = _cka_from(a, b, cross, rows(b.sq))
     nb = b.neighbours if perm is None else b.neighbours.permuted(perm)
     out["mutual_knn"], knn_hsic = _knn_pair(a.neighbours, nb)
     out["cknna"] = _ratio(knn_hsic, a.self_knn, b.self_knn)
-    for setting in sorted(a.bases.keys() & b.bases.keys()):
-        out[f"svcca@{setting}"] = _mean_canonical(a.bases[setting], rows(b.bases[setting]))
+    settings = sorted(a.svcca_kept.keys() & b.svcca_kept.keys())
+    if settings:
+        m = a.basis.T @ rows(b.basis)  # every setting's product is a leading block of this one
+        for setting in settings:
+            ka, kb = a.svcca_kept[setting], b.svcca_kept[setting]
+            out[f"svcca@{setting}"] = _mean_canonical(m[:ka, :kb])
+    return out
+
+
+GRAM_BYTES = 3 * 2**30
+"""Memory the Gram form of the layer comparison may hold; past it (many items or layers)
+CKA is computed pair by pair in feature space instead."""
+GRAM_CHUNK = 2**18
+"""Gram entries summed in float32 at a time; the chunks' sums are added in float64."""
+
+
+def gram_bytes(n: int, layers_a: int, layers_b: int) -> int:
+    """What PackedGrams and cka_matrices hold for n items: the packed Grams of both sides
+    in every view, and one permuted copy of the smaller side's."""
+    return 4 * len(CKA_VIEWS) * (layers_a + layers_b + min(layers_a, layers_b)) * n * (n + 1) // 2
+
+
+@dataclass
+class PackedGrams:
+    """The Gram matrices X X' of every layer of two models on the same n items, in each CKA
+    view, packed as their upper triangles (i <= j, row by row): ||A'B||_F^2 of two layers
+    is the Frobenius product of their Grams, a weighted dot product of two packed rows."""
+
+    a: np.ndarray  # [views, La, n(n+1)/2]
+    b: np.ndarray  # [views, Lb, n(n+1)/2]
+    iu: np.ndarray  # [n(n+1)/2] row of each packed entry
+    ju: np.ndarray  # [n(n+1)/2] column
+    weight: np.ndarray  # [n(n+1)/2] 2 off the diagonal (each entry stands for two), else 1
+
+    @classmethod
+    def of(cls, pa: list[Prepared], pb: list[Prepared]) -> PackedGrams:
+        n = pa[0].x.shape[0]
+        iu, ju = np.triu_indices(n)
+        upper = iu * n + ju
+        sides = []
+        for preps in (pa, pb):
+            out = np.empty((len(CKA_VIEWS), len(preps), len(upper)), dtype=preps[0].x.dtype)
+            for layer, p in enumerate(preps):
+                for v, name in enumerate(CKA_VIEWS):
+                    x = p.view(name)
+                    out[v, layer] = (x @ x.T).ravel().take(upper)
+            sides.append(out)
+        weight = np.where(iu == ju, 1.0, 2.0).astype(sides[0].dtype)
+        return cls(sides[0], sides[1], iu, ju, weight)
+
+    @property
+    def n(self) -> int:
+        return int(self.iu[-1]) + 1
+
+
+def _products(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """[La, Lb] float64 dot products of the rows of left [La, m] and right [Lb, m], in
+    float32 chunks summed in float64."""
+    out = np.zeros((len(left), len(right)))
+    for lo in range(0, left.shape[1], GRAM_CHUNK):
+        out += left[:, lo : lo + GRAM_CHUNK] @ right[:, lo : lo + GRAM_CHUNK].T
+    return out
+
+
+def cka_matrices(
+    pa: list[Prepared],
+    pb: list[Prepared],
+    perms: Sequence[np.ndarray | None],
+    grams: PackedGrams | None = None,
+) -> list[dict[str, np.ndarray]]:
+    """The CKA metrics of every pair of a layer of A with a layer of B, for each pairing in
+    perms (None: the true one; else A's item i with B's item perm[i], as pair_metrics):
+    [{metric: [La, Lb]}], one per pairing. In Gram form: ||A'PB||_F^2 is the Frobenius
+    product of A's Gram matrix with B's permuted, so each layer's Gram is made once per view
+    (`grams`, where already made) and each pairing costs a gather of the smaller side's
+    Grams and one [La, n^2/2] x [n^2/2, Lb] product, instead of an n x d_a x d_b product
+    per layer pair. Memory: gram_bytes."""
+    grams = grams or PackedGrams.of(pa, pb)
+    n, iu, ju = grams.n, grams.iu, grams.ju
+    move_a = len(pa) <= len(pb)  # permute the side with fewer layers
+    still = grams.b if move_a else grams.a
+    out = []
+    for perm in perms:
+        if perm is None:
+            moved, b_order = (grams.a if move_a else grams.b) * grams.weight, np.arange(n)
+        else:
+            # A's i with B's perm[i]: sum_ij Ka[i,j] Kb[perm i, perm j], which is
+            # sum_ij Ka[inv i, inv j] Kb[i,j] where A is the side that moves
+            inverse = np.empty_like(perm)
+            inverse[perm] = np.arange(n)
+            order = inverse if move_a else perm
+            r, c = order[iu], order[ju]
+            lo, hi = np.minimum(r, c), np.maximum(r, c)
+            at = lo * n - lo * (lo - 1) // 2 + (hi - lo)  # (lo, hi)'s place in the triangle
+            moved = np.take(grams.a if move_a else grams.b, at, axis=2)  # 7x faster than [..., at]
+            moved *= grams.weight
+            b_order = perm
+        crosses = [
+            _products(moved[v], still[v]) if move_a else _products(still[v], moved[v])
+            for v in range(len(CKA_VIEWS))
+        ]
+        values = {name: np.empty((len(pa), len(pb))) for name in CKA_METRICS}
+        for i, a in enumerate(pa):
+            for j, b in enumerate(pb):
+                cross = {name: float(c[i, j]) for name, c in zip(CKA_VIEWS, crosses, strict=True)}
+                for name, v in _cka_from(a, b, cross, b.sq[b_order]).items():
+                    values[name][i, j] = v
+        out.append(values)
+    return out
+
+
+def group_blocks(grams: PackedGrams, view: str, groups: np.ndarray) -> np.ndarray:
+    """[La, Lb, G, G] M_gh = <A_g'B_g, A_h'B_h> for every layer pair, from the Grams of a
+    view: sum over i in g, j in h of Ka[i,j] Kb[i,j], the Frobenius product of the Grams'
+    (g, h) blocks (what subset_cka needs of a pairing, besides the group sums)."""
+    groups = np.asarray(groups)
+    n_groups = int(groups.max()) + 1
+    gi, gj = groups[grams.iu], groups[grams.ju]
+    lo, hi = np.minimum(gi, gj), np.maximum(gi, gj)
+    # an entry off the diagonal of an off-diagonal block stands for (i, j) in (g, h) and
+    # (j, i) in (h, g): M_gh once; inside a diagonal block it counts twice, as in the whole
+    coef = np.where(gi == gj, grams.weight, 1.0).astype(grams.a.dtype)
+    order = np.argsort(lo * n_groups + hi, kind="stable")
+    bounds = np.searchsorted((lo * n_groups + hi)[order], np.arange(n_groups * n_groups + 1))
+    v = CKA_VIEWS.index(view)
+    out = np.zeros((grams.a.shape[1], grams.b.shape[1], n_groups, n_groups))
+    for g in range(n_groups):
+        for h in range(g, n_groups):
+            at = order[bounds[g * n_groups + h] : bounds[g * n_groups + h + 1]]
+            left = np.take(grams.a[v], at, axis=1) * coef[at]
+            block = _products(left, np.take(grams.b[v], at, axis=1))
+            out[:, :, g, h] = out[:, :, h, g] = block
     return out
 
 
@@ -383,12 +539,18 @@ def group_products(a: Groups, b: Groups) -> np.ndarray:
 
 
 def _group_terms(
-    a: Groups, b: Groups, parts: np.ndarray | None = None
+    a: Groups, b: Groups, parts: np.ndarray | None = None, m: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """(M [G, G], T [G, G, G]) with C_g = A_g'B_g (parts, if given: group_products(a, b)):
     M_gh = <C_g, C_h> and T_ghl = sa_h' C_g sb_l, all that ||A_S'B_S - sa_S sb_S' / n_S||_F^2
     needs for a union S of groups (sa_S, sb_S: the union's column sums). Products run in the
-    states' dtype (float32 states: each CKA within about 1e-6 of float64)."""
+    states' dtype (float32 states: each CKA within about 1e-6 of float64). Where M is given
+    (group_blocks, from Gram matrices), T comes from each row's products with the group
+    sums, T_ghl = sum over i in g of (a_i . sa_h)(b_i . sb_l), and no C_g is formed."""
+    if m is not None:
+        ua, ub = a.x @ a.sums.T, b.x @ b.sums.T  # [n, G] float64, rows in group order
+        t = np.stack([ua[lo:hi].T @ ub[lo:hi] for lo, hi in itertools.pairwise(a.bounds)])
+        return m, t
     parts = group_products(a, b) if parts is None else parts
     flat = parts.reshape(len(parts), -1)
     m = (flat @ flat.T).astype(np.float64)
@@ -413,21 +575,32 @@ def _subset_cross(
 
 
 def subset_cka(
-    a: Groups, b: Groups, subsets: np.ndarray, parts: np.ndarray | None = None
+    a: Groups,
+    b: Groups,
+    subsets: np.ndarray,
+    parts: np.ndarray | None = None,
+    m: np.ndarray | None = None,
+    selves: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """[S] linear CKA of two grouped representations of the same items (same groups, same
     item order) on each union of groups subsets [S, G] (0/1 rows) marks, each recentred on
-    its own items; a row of ones gives linear_cka of the whole. `parts`: their
-    group_products, where already computed."""
+    its own items; a row of ones gives linear_cka of the whole. Where already computed:
+    `parts`, their group_products, or `m`, their M (group_blocks); `selves`, subset_self of
+    each side."""
     if not (np.array_equal(a.bounds, b.bounds) and a.x.shape[0] == b.x.shape[0]):
         raise ValueError("the two sides must hold the same items in the same groups")
     w = np.asarray(subsets, dtype=np.float64)
     n = w @ a.counts
-    cross = _subset_cross(_group_terms(a, b, parts), a.sums, b.sums, w, n)
-    xx = _subset_cross(a.self_terms, a.sums, a.sums, w, n)
-    yy = _subset_cross(b.self_terms, b.sums, b.sums, w, n)
+    cross = _subset_cross(_group_terms(a, b, parts, m), a.sums, b.sums, w, n)
+    xx, yy = selves or (subset_self(a, subsets), subset_self(b, subsets))
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where((xx > 0) & (yy > 0), cross / np.sqrt(np.abs(xx * yy)), np.nan)
+
+
+def subset_self(a: Groups, subsets: np.ndarray) -> np.ndarray:
+    """[S] ||A_S'A_S||_F^2 of each recentred union of groups (subset_cka's normalisers)."""
+    w = np.asarray(subsets, dtype=np.float64)
+    return _subset_cross(a.self_terms, a.sums, a.sums, w, w @ a.counts)
 
 
 def half_subsets(n_groups: int, count: int, rng: np.random.Generator) -> np.ndarray:
