@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -323,15 +324,23 @@ def load_tokenizer(source: str, trust_remote_code: bool = False) -> Any:
 
 def _tokenizer_at(where: str, source: str, trust_remote_code: bool) -> Any:
     """The fast tokenizer in a resolved folder (or hub id)."""
-    from transformers import AutoTokenizer
-
     try:
-        tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+        tok = _cached_tokenizer(where, trust_remote_code)
     except Exception as e:  # damaged weights, missing files, no network: one line each
         raise _load_error(source, e) from e
     if not getattr(tok, "is_fast", False):
         raise SamesheepError(f"{source}: no fast tokenizer, so no character offsets")
     return tok
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_tokenizer(where: str, trust_remote_code: bool) -> Any:
+    """A tokenizer loaded once per process: Gemma's 262k-token one takes about 3 s, and a
+    default run asks for it in most stages, for the model and for its random-weights copy.
+    (A failed load is not cached.)"""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
 
 
 def load_model(

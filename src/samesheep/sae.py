@@ -161,14 +161,15 @@ class Sae(nn.Module):
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
-        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        self.W_dec.div_(torch.linalg.vector_norm(self.W_dec, dim=1, keepdim=True).clamp_min(1e-12))
 
     @torch.no_grad()
     def remove_parallel_gradient(self) -> None:
         """Drop the part of W_dec's gradient that would only change the row norms."""
         if self.W_dec.grad is not None:
-            dot = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
-            self.W_dec.grad.sub_(dot * self.W_dec)
+            # row dot products without a [d_sae, d_in] temporary, then one fused update
+            dot = torch.linalg.vecdot(self.W_dec.grad, self.W_dec).unsqueeze(1)
+            self.W_dec.grad.addcmul_(dot, self.W_dec, value=-1.0)
 
     @torch.no_grad()
     def update_batch_threshold(self, smallest_kept: float) -> None:

@@ -82,12 +82,22 @@ def shard_rows(store: Store, name: str, token_filter: TokenFilter) -> torch.Tens
     """The kept activations of one shard, checked to be finite (the shard named if not)."""
     shard = store.read(name)
     acts = shard.acts[shard.mask(token_filter)]
-    if not torch.isfinite(acts).all():
+    if not all_finite(acts):
         raise SamesheepError(
             f"NaN or infinite activations in {store.folder / name}.safetensors: "
             "delete the store and extract again"
         )
     return acts
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether every value is finite. For 16-bit floats by their exponent bits (all ones
+    means inf or NaN): torch.isfinite on bfloat16 took 80 ms per shard, this a tenth."""
+    if x.dtype == torch.bfloat16:
+        return not bool(((x.view(torch.int16) & 0x7F80) == 0x7F80).any())
+    if x.dtype == torch.float16:
+        return not bool(((x.view(torch.int16) & 0x7C00) == 0x7C00).any())
+    return bool(torch.isfinite(x).all())
 
 
 def batch_stream(
@@ -101,13 +111,22 @@ def batch_stream(
     names = store.shard_names("train")
     if not names:
         return
+    # Where the whole split fits in the shuffle buffer, its kept rows are read (and checked)
+    # once and reused by every pass: the same rows in the same order, without the reading.
+    stored = sum(s["tokens"] for s in store.manifest["shards"] if s["split"] == "train")
+    kept: dict[str, torch.Tensor] | None = {} if stored <= cfg.buffer_tokens else None
     buffer: list[torch.Tensor] = []
     held = 0
     for epoch in range(10**9):
         rng = np.random.default_rng([cfg.seed, epoch])
         order = rng.permutation(len(names))
         for n_read, i in enumerate(order, start=1):
-            rows = shard_rows(store, names[i], token_filter)
+            if kept is None:
+                rows = shard_rows(store, names[i], token_filter)
+            elif names[i] not in kept:
+                rows = kept[names[i]] = shard_rows(store, names[i], token_filter)
+            else:
+                rows = kept[names[i]]
             buffer.append(rows)
             held += rows.shape[0]
             last = n_read == len(order)
@@ -131,9 +150,12 @@ def input_statistics(store: Store, token_filter: TokenFilter) -> tuple[float, to
         n += rows.shape[0]
         if n >= SCALE_SAMPLE_TOKENS:
             break
-    x = torch.cat(sample)[:SCALE_SAMPLE_TOKENS].double()
-    scale = math.sqrt(x.shape[1] / x.pow(2).sum(1).mean().item())
-    return scale, (x.mean(0) * scale).float()
+    x = torch.cat(sample)[:SCALE_SAMPLE_TOKENS]  # float32
+    # Row sums of squares in float32 (d terms each), their mean in float64; torch's float32
+    # column means sum in cascades (within about 1e-6 of float64, and no float64 copy).
+    squares = x.pow(2).sum(1).double()
+    scale = math.sqrt(x.shape[1] / squares.mean().item())
+    return scale, x.mean(0) * scale
 
 
 # ---- checkpoints ----
