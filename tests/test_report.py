@@ -125,6 +125,40 @@ def test_rerun_skips_and_a_failure_keeps_the_old_site(run, env, tmp_path):
     assert not list(copy.glob(".report.*"))
 
 
+def test_another_run_is_shown_beside_this_one(run, env, tmp_path):
+    """report.beside: another run's answer for the same pair, with the setting it rests on
+    (a per-text run here, made by editing a copy's numbers), in the overview's table and
+    sentences; a run directory that has not run yet is named in a note, not an error; every
+    text from the other run is escaped."""
+    from helpers import copy_run
+
+    _, run_dir, args = run
+    copy, cargs = copy_run(run_dir, args, tmp_path / "copy")
+    other = tmp_path / "other<b>"
+    pair = next(p for p in (run_dir / "compare").iterdir() if p.is_dir())
+    (other / "compare" / pair.name).mkdir(parents=True)
+    summary = json.loads((pair / "summary.json").read_text())
+    summary["headline"]["raw"]["a_to_b"]["raw"]["share_r0.5"] = 0.8761
+    summary["units"] = 4321
+    (other / "compare" / pair.name / "summary.json").write_text(json.dumps(summary))
+    toml = (run_dir / "config.toml").read_text().replace('unit = "token"', 'unit = "text-last"')
+    (other / "config.toml").write_text(toml)
+    beside = json.dumps([str(other), str(tmp_path / "not-yet")])
+    res = cli("report", *cargs, "--set", f"report.beside={beside}", env=env)
+    assert res.returncode == 0, res.stderr
+    assert "not-yet" in flat(res.stderr)  # said, and run on
+    page = (copy / "report" / "index.html").read_text()
+    assert "Beside other runs" in page
+    assert "87.6%" in page and "4,321" in page
+    assert "one vector per text (its last real token)" in page and "every token" in page
+    assert "other&lt;b&gt;" in page and "other<b>" not in page
+    assert "not-yet" in page and "samesheep run" in page
+    # without report.beside the section is gone (and the site is rebuilt)
+    res = cli("report", *cargs, env=env)
+    assert res.returncode == 0, res.stderr
+    assert "Beside other runs" not in (copy / "report" / "index.html").read_text()
+
+
 def test_report_before_features_names_the_stage(tiny_models, tmp_path, env):
     corpus = hostile_corpus(tmp_path / "docs.jsonl", n=20)
     args = sets(tmp_path / "r", tiny_models["llama"], corpus)

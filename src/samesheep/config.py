@@ -252,6 +252,10 @@ class ReportConfig:
     """Latents per feature data file."""
     pair_block: int = 32
     """Pairs per pair data file."""
+    beside: list[str] = field(default_factory=list)
+    """Other run directories whose answers the overview shows beside this run's, for the
+    same pairs of models (e.g. the original-study preset beside the default per-token run);
+    one that has not run yet is named in a note."""
 
 
 @dataclass
@@ -333,6 +337,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "corpus": {"max_tokens": 0},
         "train": {"expansion_factor": 4, "k": 64, "batch_tokens": 512, "train_tokens": 500_000},
         "representations": {"enabled": False},
+        # the per-token run with its floors and ceilings, beside it in the report
+        "report": {"beside": ["runs/default"]},
     },
 }
 """Named starting points (`samesheep init --preset NAME`); a config file and --set apply

@@ -29,6 +29,7 @@ from ..files import read_json, write_json
 from ..models import model_depth, resolve_layer, safe_name
 from ..progress import say, step
 from . import overview
+from .beside import beside_keys, beside_runs, beside_view
 from .data import FeatureData, TokenIndex, latent_map, pair_window, read_features, sig
 from .layers import layers_view
 from .site import copy_assets, site_size, write_data, write_page
@@ -110,6 +111,7 @@ def report_stage(cfg: Config) -> Path:
         if done:
             layer_folders[(a, b)] = pair_folder(cfg, a, b)
             inputs.append(done.get("key"))
+    others = beside_runs(cfg, compare_pairs(cfg))
     # (not the stage times: a rerun that does nothing must not rebuild the site)
     key = settings_hash(
         REPORT_VERSION,
@@ -117,6 +119,7 @@ def report_stage(cfg: Config) -> Path:
         dataclasses.asdict(rc),
         inputs,
         {k: m.get("key") for k, m in saes_metrics(cfg).items()},
+        beside_keys(others),
     )
     root = run / "report"
     old = read_json(root / "manifest.json", corrupt_is_missing=True)
@@ -134,7 +137,7 @@ def report_stage(cfg: Config) -> Path:
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
     try:
-        sizes = build_site(cfg, stage, list(saes.values()), comparisons, layer_views)
+        sizes = build_site(cfg, stage, list(saes.values()), comparisons, layer_views, others)
         write_json(stage / "manifest.json", {"key": key, **sizes})
         _swap_in(stage, root)
     finally:
@@ -205,8 +208,10 @@ def build_site(
     saes: list[SaePage],
     comparisons: list[ComparisonPage],
     layer_views: dict[tuple[str, str], dict[str, Any]] | None = None,
+    others: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Every page and data file of the site, into root."""
+    """Every page and data file of the site, into root; `others`: beside_runs, the runs
+    whose answers the overview shows beside this run's."""
     from ..corpus import CorpusReader
 
     rc = cfg.report
@@ -248,7 +253,11 @@ def build_site(
     pages = []
     for c in comparisons:
         with step(f"report: {c.key} pairs and latent table"):
-            pages.append(comparison_data(cfg, root, c, features, n_train, add))
+            page = comparison_data(cfg, root, c, features, n_train, add)
+        page["beside"] = beside_view(
+            cfg, c.summary, others or [], c.a.model, c.b.model, c.a.name, c.b.name
+        )
+        pages.append(page)
     run_info = overview.run_info(
         cfg, saes_metrics(cfg), read_json(run / "timings.json", corrupt_is_missing=True)
     )

@@ -1,0 +1,133 @@
+"""Other runs' answers beside this run's (report.beside): the original-study preset, one
+vector per text, next to the default per-token run with its floors and ceilings, so a
+reader sees what the unit and the method change. Each other run is read from its own run
+directory (config.toml and compare/<A>__<B>/summary.json); nothing is computed here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .. import config as config_mod
+from ..config import Config
+from ..errors import SamesheepError
+from ..files import read_json
+from ..models import safe_name
+from ..progress import say
+from .overview import headline_rows
+
+UNITS = {
+    "token": "every token",
+    "text-last": "one vector per text (its last real token)",
+    "text-mean": "one vector per text (the mean over its tokens)",
+}
+
+
+def run_setting(cfg: Config) -> dict[str, str]:
+    """What a run's numbers rest on, in words: its unit and its SAEs."""
+    t = cfg.train
+    width = f"{t.width:,} latents" if t.width else f"{t.expansion_factor}x"
+    k = f", k = {t.k}" if t.architecture in ("topk", "batchtopk") else ""
+    return {
+        "unit": UNITS.get(cfg.unit, cfg.unit),
+        "sae": f"{t.architecture} {width}{k}",
+        "corpus": (
+            f"{cfg.corpus.source}, "
+            + (f"{cfg.corpus.max_tokens:,} tokens" if cfg.corpus.max_tokens else "every document")
+        ),
+    }
+
+
+def _summaries(run: Path, a: str, b: str) -> list[dict[str, Any]]:
+    """The comparison summaries of a pair in a run directory (one per layer setting)."""
+    folder = run / "compare" / f"{safe_name(a)}__{safe_name(b)}"
+    found = [read_json(folder / "summary.json", corrupt_is_missing=True)]
+    if folder.is_dir():
+        found += [
+            read_json(sub / "summary.json", corrupt_is_missing=True)
+            for sub in sorted(folder.iterdir())
+            if sub.is_dir()
+        ]
+    return [s for s in found if s and "headline" in s]
+
+
+def beside_runs(cfg: Config, pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """Each run of report.beside that can be read: its folder, settings, and summaries per
+    pair of this run's models ({(A, B): [summary, ...]}); or a note where it cannot."""
+    out = []
+    here = Path(cfg.run_dir).expanduser().resolve()
+    for path in cfg.report.beside:
+        folder = Path(path).expanduser()
+        entry: dict[str, Any] = {"run": str(path), "summaries": {}, "note": ""}
+        if folder.resolve() == here:
+            continue  # this run itself
+        try:
+            other = config_mod.load(folder / "config.toml")
+        except SamesheepError:
+            entry["note"] = f"{path} holds no run (no config.toml): run `samesheep run` there first"
+            say(f"report: {entry['note']}")
+            out.append(entry)
+            continue
+        entry["setting"] = run_setting(other)
+        for a, b in pairs:
+            found = _summaries(folder, a, b)
+            if found:
+                entry["summaries"][(a, b)] = found
+        if not entry["summaries"]:
+            entry["note"] = (
+                f"{path} has no comparison of these models yet: run `samesheep run` there first"
+            )
+            say(f"report: {entry['note']}")
+        out.append(entry)
+    return out
+
+
+def beside_keys(runs: list[dict[str, Any]]) -> list[Any]:
+    """What the report's key takes from the other runs (a change there rebuilds the site)."""
+    return [
+        [r["run"], r["note"], sorted(s.get("key", "") for v in r["summaries"].values() for s in v)]
+        for r in runs
+    ]
+
+
+def beside_view(
+    cfg: Config,
+    this: dict[str, Any],
+    runs: list[dict[str, Any]],
+    a: str,
+    b: str,
+    name_a: str,
+    name_b: str,
+) -> dict[str, Any] | None:
+    """Rows of one pair's table: this run's headline (codes view) and each other run's,
+    direction by direction, each with the setting it rests on; and the sentences comparing
+    them. None where report.beside names no run."""
+    if not runs:
+        return None
+    entries = [("this run", run_setting(cfg), [this])]
+    notes = []
+    for r in runs:
+        found = r["summaries"].get((a, b))
+        if found:
+            entries.append((r["run"], r["setting"], found))
+        else:
+            notes.append(r["note"] or f"{r['run']} has no comparison of {name_a} and {name_b}")
+    rows, sentences = [], []
+    for label, setting, summaries in entries:
+        for s in summaries:
+            layers = f"{s.get('layer_a', '?')} / {s.get('layer_b', '?')}"
+            for row in headline_rows(s, name_a, name_b):
+                if row["what"] != "codes":
+                    continue
+                rows.append({"run": label, **setting, "layers": layers,
+                             "units": s.get("units", 0), **row})  # fmt: skip
+    for direction in (f"{name_a} → {name_b}", f"{name_b} → {name_a}"):
+        parts = [
+            f"{r['run']} ({r['unit']}, layers {r['layers']}): {r['raw']} (floor {r['floor']}, "
+            f"null {r['null']}, ceiling {r['ceiling']})"
+            for r in rows
+            if r["direction"] == direction
+        ]
+        if len(parts) > 1:
+            sentences.append(f"{direction}, share with a partner of r ≥ 0.5: " + "; ".join(parts))
+    return {"rows": rows, "sentences": sentences, "notes": notes}
