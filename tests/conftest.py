@@ -93,3 +93,23 @@ def _private_cache(tmp_path_factory, monkeypatch):
 def env(tmp_path_factory) -> dict[str, str]:
     """The environment of CLI runs: the session's private model cache."""
     return {"SAMESHEEP_CACHE": str(tmp_path_factory.getbasetemp() / "cache")}
+
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium (Debian's package, which `make test` installs) through Playwright."""
+    import shutil
+
+    from playwright.sync_api import sync_playwright
+
+    exe = shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(exe).is_file():
+        pytest.fail("Chromium is not installed: `make test` installs it (apt-get install chromium)")
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
+        yield b
+        b.close()

@@ -170,25 +170,6 @@ def test_report_before_features_names_the_stage(tiny_models, tmp_path, env):
 
 # ---------------------------------------------------------------- in a real browser
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def browser():
-    """Headless Chromium (Debian's package, which `make test` installs) through Playwright."""
-    import shutil
-
-    from playwright.sync_api import sync_playwright
-
-    exe = shutil.which("chromium") or "/usr/bin/chromium"
-    if not Path(exe).is_file():
-        pytest.fail("Chromium is not installed: `make test` installs it (apt-get install chromium)")
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
 
 class Page:
     """A browser tab that records console errors and uncaught exceptions."""

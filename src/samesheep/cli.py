@@ -62,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
         ("features", "statistics, exemplars, logit lens and labels of every latent of every SAE"),
         ("compare", "compare every pair of models' SAEs, with floors, nulls and ceilings"),
         ("layers", "compare every layer of each pair of models on held-out hidden states"),
+        ("interpret", "explain latents with a language model and score every label"),
         ("report", "write the run's static site (report/index.html) from its files"),
     ]:
         _common(sub.add_parser(name, help=text, description=text))
@@ -115,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                 "features": pipeline.features_stage,
                 "compare": pipeline.compare_stage,
                 "layers": pipeline.layers_stage,
+                "interpret": pipeline.interpret_stage,
                 "report": pipeline.report_stage,
             }[args.command]
             stage(cfg)

@@ -232,6 +232,49 @@ class RepresentationsConfig:
 
 
 @dataclass
+class InterpretConfig:
+    """Explanations of latents by a language model, and scores for every label (the
+    model's, the statistical one, a user's own, another latent's as the baseline)."""
+
+    enabled: bool = False
+    """Run the interpret stage in `samesheep run` (`samesheep interpret` runs it anyway)."""
+    explainer: str = "local:smollm2-135m-instruct"
+    """Who explains: "local:<model source>" (a transformers model on this machine, offline)
+    or "openai:<model name>" (any OpenAI-compatible chat endpoint at base_url: vLLM,
+    llama.cpp's server, Ollama, OpenAI)."""
+    scorer: str = ""
+    """Who judges the held-out examples for the scores, written as explainer; empty: the
+    explainer."""
+    base_url: str = "http://localhost:8000/v1"
+    """The OpenAI-compatible endpoint (its /chat/completions is called)."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """The environment variable holding the endpoint's API key (the key itself is never
+    written to the config, the run's files, logs or the report)."""
+    latents: list[int] = field(default_factory=list)
+    """Latents to explain in every SAE; empty: a seeded sample of `sample` live latents."""
+    sample: int = 40
+    """Live latents explained per SAE when `latents` is empty; 0 means all of them."""
+    user_labels: str = ""
+    """A JSONL file of your own labels to score beside the others: one {"model": source,
+    "latent": i, "label": text} per line."""
+    explain_examples: int = 10
+    """Exemplar windows shown to the explainer (top ones, then across the activation
+    range); the scores use others it never saw."""
+    score_examples: int = 6
+    """Activating windows per label and score (and as many non-activating ones)."""
+    max_tokens: int = 48
+    """Longest explanation, in tokens of the explainer."""
+    concurrency: int = 4
+    """Calls to an endpoint at once."""
+    timeout: float = 60.0
+    """Seconds an endpoint call may take before it is tried again."""
+    retries: int = 4
+    """Tries again after a timeout, a 429 or a 5xx, with doubling waits."""
+    seed: int = 0
+    """Seed of the sampled latents, examples and baseline labels."""
+
+
+@dataclass
 class ReportConfig:
     """What the static site shows: how many exemplars per latent and pair, and how its data
     is split into files (each page loads only the block it shows)."""
@@ -282,6 +325,7 @@ class Config:
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     representations: RepresentationsConfig = field(default_factory=RepresentationsConfig)
+    interpret: InterpretConfig = field(default_factory=InterpretConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 
 
@@ -292,6 +336,7 @@ _SECTIONS = {
     "features": FeaturesConfig,
     "compare": CompareConfig,
     "representations": RepresentationsConfig,
+    "interpret": InterpretConfig,
     "report": ReportConfig,
 }
 

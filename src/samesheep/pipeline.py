@@ -897,6 +897,7 @@ def run(cfg: Config) -> dict[str, Any]:
         "features": features_stage,
         "compare": compare_stage,
         "layers": layers_stage,
+        "interpret": interpret_if_enabled,
         "report": report_stage,
     }
     results, seconds = {}, {}
@@ -920,6 +921,23 @@ def layers_stage(cfg: Config) -> dict[tuple[str, str], dict[str, Any]]:
     from .representations import layers_stage as compare_layers
 
     return compare_layers(cfg)
+
+
+def interpret_stage(cfg: Config) -> dict[Any, dict[str, Any]]:
+    """Explain a sample of every SAE's latents with a language model and score every label
+    (samesheep interpret runs it whatever interpret.enabled says)."""
+    from .interpret import interpret_stage as explain
+
+    return explain(cfg)
+
+
+def interpret_if_enabled(cfg: Config) -> dict[Any, dict[str, Any]]:
+    """The interpret stage where interpret.enabled is set (off by default: it loads or
+    calls a language model)."""
+    if not cfg.interpret.enabled:
+        say("interpret: off (set interpret.enabled = true, or run `samesheep interpret`)")
+        return {}
+    return interpret_stage(cfg)
 
 
 def report_stage(cfg: Config) -> Path:

@@ -104,6 +104,10 @@ def report_stage(cfg: Config) -> Path:
     for c in comparisons:
         _check_tables(c.folder, ("partners", "pairs", "families"), "compare")
     inputs = [read_json(s.folder / "features" / "summary.json").get("key") for s in saes.values()]
+    inputs += [  # the interpret stage's explanations, where it has run
+        (read_json(s.folder / "features" / "explanations.json", True) or {}).get("key")
+        for s in saes.values()
+    ]
     inputs += [c.summary.get("key") for c in comparisons]
     layer_folders = {}  # per pair of models whose layers stage has run
     for a, b in compare_pairs(cfg):

@@ -317,7 +317,51 @@ def read_features(
         if row["kind"] == "top" and row["rank"] >= n_top:
             continue
         rec["exemplars"][row["kind"]].append(window_record(row, w))
+    explanations(folder, index, records)
     return FeatureData(index, records, top_windows, summary["histogram_edges"], d_sae)
+
+
+EXPLAINED_BY = {
+    "llm": "language model",
+    "statistical": "statistical",
+    "user": "yours",
+    "random": "another latent's (baseline)",
+}
+
+
+def explanations(folder: Path, index: dict[str, list], records: dict[int, dict[str, Any]]) -> None:
+    """Add the interpret stage's labels and scores, where it has run: each latent's
+    explanation to the index ("llm", for the latent table), and to its record every label
+    with its detection and fuzzing scores, and where it was scored."""
+    path = folder / "explanations.parquet"
+    if not path.is_file():
+        return
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (OSError, pa.ArrowInvalid) as e:
+        raise SamesheepError(
+            f"cannot read {path} ({str(e).splitlines()[0]}): run `samesheep interpret` again"
+        ) from None
+    llm = [""] * len(index["label"])
+    for r in rows:
+        latent = int(r["latent"])
+        own = r["scored_latent"] == latent and not math.isfinite(r["partner_r"])
+        if r["source"] == "llm" and own and 0 <= latent < len(llm):
+            llm[latent] = short(r["label"])
+        rec = records.get(latent)
+        if rec is None:
+            continue
+        by = EXPLAINED_BY.get(r["source"], r["source"])
+        if r["source"] == "random":
+            by += f" #{r['from_latent']}"
+        on = "" if own else f"{short(r['scored_model'], 60)} #{r['scored_latent']}"
+        rec.setdefault("explanations", []).append({
+            "by": by, "label": short(r["label"], 400), "detection": sig(r["detection"]),
+            "fuzzing": sig(r["fuzzing"]), "on": on,
+            "r": sig(r["partner_r"]) if not own else None,
+            "n": int(r["n_active"]) + int(r["n_inactive"]),
+        })  # fmt: skip
+    index["llm"] = llm
 
 
 def feature_record(r: dict[str, Any], exemplars: dict[str, list]) -> dict[str, Any]:

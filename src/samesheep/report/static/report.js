@@ -227,6 +227,19 @@
     return box;
   }
 
+  function explanationTable(rows) {
+    if (!rows || !rows.length) return null;
+    return h('div', { class: 'explanations' },
+      h('h3', null, 'Labels and their scores'),
+      h('p', { class: 'note', text: 'Each label judged on windows the explainer never saw: detection (can a scorer tell windows where the latent fires from windows where it does not, given the label) and fuzzing (can it tell the truly firing tokens from as many others), as balanced accuracy: 0.5 is chance. Another latent’s label is the baseline; an explanation scored on the best partner in the other model should keep its score where the feature is shared.' }),
+      h('div', { class: 'scroll' }, h('table', { class: 'numbers' },
+        h('thead', null, h('tr', null, ['label by', 'label', 'detection', 'fuzzing', 'scored on', 'windows'].map(function (t) { return h('th', null, t); }))),
+        h('tbody', null, rows.map(function (r) {
+          return h('tr', null, h('td', null, r.by), h('td', { class: 'label' }, r.label), h('td', null, fmt(r.detection)), h('td', null, fmt(r.fuzzing)),
+            h('td', null, r.on ? r.on + ' (partner, r = ' + fmt(r.r) + ')' : 'this latent'), h('td', null, fmt(r.n)));
+        })))));
+  }
+
   function featurePage(root) {
     const q = params();
     const sae = q.sae, latent = parseInt(q.latent, 10);
@@ -250,6 +263,8 @@
       const ex = rec.exemplars;
       const parts = [nav, head,
         h('p', { class: 'label-line' }, h('span', { class: 'tag' }, 'statistical label'), ' ', h('span', { class: 'label' }, rec.label || '(none)')),
+        idx.llm && idx.llm[latent] ? h('p', { class: 'label-line' }, h('span', { class: 'tag' }, 'explanation'), ' ', h('span', { class: 'label explanation' }, idx.llm[latent])) : null,
+        explanationTable(rec.explanations),
         h('div', { class: 'columns' },
           h('div', null, statsTable([
             ['frequency (train / held-out)', pct(rec.freq_train) + ' / ' + pct(rec.freq_heldout)],
@@ -309,8 +324,10 @@
         fill(root, nav,
           h('h1', null, 'Matched pair ' + (rank + 1) + ': r = ' + fmt(p.r) + (p.mutual ? ' (mutual best partners)' : '')),
           h('table', { class: 'stats' },
-            h('tr', null, h('th', null, h('a', { href: featureLink(c.a, p.a) }, na + ' #' + p.a)), h('td', null, ia.label[p.a] || '')),
-            h('tr', null, h('th', null, h('a', { href: featureLink(c.b, p.b) }, nb + ' #' + p.b)), h('td', null, ib.label[p.b] || ''))),
+            h('tr', null, h('th', null, h('a', { href: featureLink(c.a, p.a) }, na + ' #' + p.a)), h('td', null, ia.label[p.a] || ''),
+              h('td', { class: 'explanation' }, ia.llm ? ia.llm[p.a] || '' : '')),
+            h('tr', null, h('th', null, h('a', { href: featureLink(c.b, p.b) }, nb + ' #' + p.b)), h('td', null, ib.label[p.b] || ''),
+              h('td', { class: 'explanation' }, ib.llm ? ib.llm[p.b] || '' : ''))),
           h('p', { class: 'note', text: 'The same characters, each model\u2019s tokens shaded by its latent\u2019s activation (hover for the value): where both fire on the same words, the two rows light up together.' }),
           h('ol', { class: 'exemplars pair' }, windows));
       });
@@ -335,7 +352,7 @@
             side: side, model: side === 'a' ? na : nb, latent: i, label: idx.label[i] || '', freq: idx.freq[i],
             partner: p.partner[n], r: p.too_rare[n] ? null : p.r[n], rres: p.r_residual ? (p.too_rare[n] ? null : p.r_residual[n]) : null,
             mutual: p.mutual[n], topic: idx.topic[i] || '', dead: idx.dead[i], rare: p.too_rare[n],
-            plabel: I[other].label[p.partner[n]] || '', token: idx.token[i] || '',
+            plabel: I[other].label[p.partner[n]] || '', token: idx.token[i] || '', llm: idx.llm ? idx.llm[i] || '' : '',
           });
         }
       });
@@ -358,14 +375,16 @@
       if (which === 'shared') {
         data = Q.pairs.filter(function (p) { return p[2] !== null && p[2] >= 0.5; }).map(function (p, rank) {
           return { side: 'a', model: na, latent: p[0], label: I.a.label[p[0]] || '', freq: I.a.freq[p[0]], partner: p[1], r: p[2],
-            rres: null, mutual: p[3], topic: I.a.topic[p[0]] || '', plabel: I.b.label[p[1]] || '', token: I.a.token[p[0]] || '', rank: rank };
+            rres: null, mutual: p[3], topic: I.a.topic[p[0]] || '', plabel: I.b.label[p[1]] || '', token: I.a.token[p[0]] || '', rank: rank,
+            llm: I.a.llm ? I.a.llm[p[0]] || '' : '' };
         });
       } else data = rows.filter(lists[which].filter);
-      const cols = [['model', 'model'], ['latent', '#'], ['label', 'label'], ['freq', 'frequency'], ['partner', 'best partner'],
-        ['r', 'r'], ['rres', 'r beyond text'], ['mutual', 'mutual'], ['topic', 'topic']];
+      const explained = !!(I.a.llm || I.b.llm);
+      const cols = [['model', 'model'], ['latent', '#'], ['label', 'label']].concat(explained ? [['llm', 'explanation']] : []).concat([
+        ['freq', 'frequency'], ['partner', 'best partner'], ['r', 'r'], ['rres', 'r beyond text'], ['mutual', 'mutual'], ['topic', 'topic']]);
       const head = h('tr', null, cols.map(function (col) {
         return h('th', { class: 'sortable', onclick: function () {
-          if (sortKey === col[0]) sortDir = -sortDir; else { sortKey = col[0]; sortDir = (col[0] === 'label' || col[0] === 'model' || col[0] === 'topic') ? 1 : -1; }
+          if (sortKey === col[0]) sortDir = -sortDir; else { sortKey = col[0]; sortDir = (col[0] === 'label' || col[0] === 'llm' || col[0] === 'model' || col[0] === 'topic') ? 1 : -1; }
           shown = 200; draw();
         } }, col[1]);
       }));
@@ -379,7 +398,7 @@
       function draw() {
         const needle = search.value.trim().toLowerCase();
         const hits = needle ? data.filter(function (r) {
-          return (r.label + ' ' + r.plabel + ' ' + r.topic + ' ' + r.token).toLowerCase().indexOf(needle) >= 0 || String(r.latent) === needle;
+          return (r.label + ' ' + r.llm + ' ' + r.plabel + ' ' + r.topic + ' ' + r.token).toLowerCase().indexOf(needle) >= 0 || String(r.latent) === needle;
         }) : data.slice();
         hits.sort(cmp);
         count.textContent = hits.length.toLocaleString('en') + ' latents';
@@ -387,7 +406,7 @@
           const mine = r.side === 'a' ? c.a : c.b, other = r.side === 'a' ? c.b : c.a;
           const pairLink = which === 'shared' && r.rank < Q.shown ? h('a', { href: href('pair.html', { cmp: q.cmp, rank: r.rank }), class: 'pairlink' }, 'side by side') : null;
           return h('tr', null, h('td', null, r.model), h('td', null, h('a', { href: featureLink(mine, r.latent) }, String(r.latent))),
-            h('td', { class: 'label', title: r.label }, r.label), h('td', null, pct(r.freq)),
+            h('td', { class: 'label', title: r.label }, r.label), explained ? h('td', { class: 'label explanation', title: r.llm }, r.llm) : null, h('td', null, pct(r.freq)),
             h('td', null, r.partner === null || r.partner < 0 ? '\u2013' : h('a', { href: featureLink(other, r.partner), title: r.plabel }, String(r.partner)), ' ', pairLink),
             h('td', null, fmt(r.r)), h('td', null, fmt(r.rres)), h('td', null, r.mutual ? 'yes' : ''), h('td', null, r.topic));
         }));
