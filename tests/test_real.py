@@ -154,3 +154,26 @@ def test_default_run_end_to_end(tmp_path):
         assert {"raw", "floor", "null", "ceiling", "normalised", "intervals"} <= e.keys()
         assert 0 <= e["null"]["share_r0.5"] <= e["ceiling"]["share_r0.5"] <= 1
     assert len(summary["verdict"]) == 2 and summary["units"] > 3000
+
+
+def test_the_shipped_smollm2_explains_and_judges():
+    """The default explainer and scorer (interpret.explainer = local:smollm2-135m-instruct):
+    its chat template applies, an explanation is a short phrase of text, and as a judge it
+    tells an excerpt its description names from one it does not more often than not."""
+    from test_interpret import window
+
+    from samesheep.interpret.backends import LocalChat
+    from samesheep.interpret.prompts import clean_explanation, detection_messages, explain_messages
+
+    chat = LocalChat("smollm2-135m-instruct")
+    examples = [window(f"the {w} river flows to the sea", [2], [3.0]) for w in ("old", "long")]
+    reply = clean_explanation(chat.chat(explain_messages(examples), 24))
+    assert reply and len(reply) < 200
+    label = "rivers and streams"
+    yes = [window(t, [], []) for t in ("The river Thames flows through London.",
+                                       "A small stream ran past the mill.")]  # fmt: skip
+    no = [window(t, [], []) for t in ("The recipe needs two eggs and flour.",
+                                      "He scored a goal in the final minute.")]  # fmt: skip
+    said = [chat.judge(detection_messages(label, e)) for e in yes + no]
+    assert all(isinstance(s, bool) for s in said)
+    assert sum(said[:2]) >= sum(said[2:])  # a weak model, but not a backwards one
