@@ -300,3 +300,13 @@ def test_the_stage_explains_scores_resumes_and_keeps_the_key_secret(tiny_run, en
     res = cli("interpret", *args, *settings, "--set", "interpret.seed=1", env=key_env)
     assert_one_line_error(res)
     assert "cannot reach" in res.stderr and KEY not in res.stderr
+
+
+def test_a_whole_document_window_is_cut_around_its_peak():
+    words = [f"w{i}" for i in range(400)]
+    e = window(" ".join(words), [300], [5.0])
+    short = e.clipped(200)
+    assert len(short.text) <= 200 and "<<w300>>" in short.marked(short.firing())
+    for lo, hi in zip(short.starts, short.ends, strict=True):
+        assert short.text[lo:hi].startswith("w")  # every kept span still points at its token
+    assert window("a b c", [1], [1.0]).clipped(200).text == "a b c"

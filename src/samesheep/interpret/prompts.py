@@ -34,6 +34,19 @@ class Example:
             return np.zeros(len(self.acts), dtype=bool)
         return self.acts >= share * peak
 
+    def clipped(self, max_chars: int = 600) -> Example:
+        """The window cut to about max_chars characters around its strongest token (a
+        per-text exemplar is a whole document; a prompt must stay short)."""
+        if len(self.text) <= max_chars:
+            return self
+        peak = int(np.argmax(self.acts)) if len(self.acts) else 0
+        mid = (int(self.starts[peak]) + int(self.ends[peak])) // 2 if len(self.starts) else 0
+        lo = max(0, min(mid - max_chars // 2, len(self.text) - max_chars))
+        hi = lo + max_chars
+        inside = (self.starts >= lo) & (self.ends <= hi)
+        return Example(self.text[lo:hi], self.starts[inside] - lo, self.ends[inside] - lo,
+                       self.acts[inside], self.value)  # fmt: skip
+
     def marked(self, which: np.ndarray, scale: float | None = None) -> str:
         """The text with the tokens `which` marked (and, given `scale`, each marked token's
         activation as an integer 0-10 of scale); overlapping byte pieces are marked once."""

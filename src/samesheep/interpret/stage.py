@@ -51,11 +51,11 @@ class LatentExamples:
 def _example(row: dict[str, Any]) -> Example:
     return Example(
         text=row["text"] or "",
-        starts=np.asarray(row["token_starts"], dtype=np.int64),
-        ends=np.asarray(row["token_ends"], dtype=np.int64),
-        acts=np.asarray(row["activations"], dtype=np.float64),
+        starts=np.asarray(row["token_starts"] or [], dtype=np.int64),
+        ends=np.asarray(row["token_ends"] or [], dtype=np.int64),
+        acts=np.asarray(row["activations"] or [], dtype=np.float64),
         value=float(row["value"] or 0.0),
-    )
+    ).clipped()
 
 
 def split_examples(rows: list[dict[str, Any]], n_explain: int, n_score: int) -> LatentExamples:
@@ -96,7 +96,13 @@ class SaeInfo:
     features_key: str
     labels: dict[int, str]
     live: np.ndarray  # latents that fire
-    examples: dict[int, list[dict[str, Any]]]
+    exemplars: pa.Table  # sorted by latent
+    bounds: dict[int, tuple[int, int]]  # each latent's rows in it
+
+    def rows(self, latent: int) -> list[dict[str, Any]]:
+        """The exemplar rows of one latent (read out of the table only when asked)."""
+        lo, hi = self.bounds.get(latent, (0, 0))
+        return self.exemplars.slice(lo, hi - lo).to_pylist()
 
 
 def _sae_info(cfg: Config, source: str, layer: int) -> SaeInfo:
@@ -118,19 +124,15 @@ def _sae_info(cfg: Config, source: str, layer: int) -> SaeInfo:
     latents = table.column("latent").to_numpy()
     labels = dict(zip(latents.tolist(), table.column("label").to_pylist(), strict=True))
     live = latents[~table.column("dead").to_numpy(zero_copy_only=False)]
-    return SaeInfo(source, layer, folder, summary["key"], labels, live, _by_latent(ex))
-
-
-def _by_latent(ex: pa.Table) -> dict[int, list[dict[str, Any]]]:
-    order = pc.sort_indices(ex, [("latent", "ascending")])
-    ex = ex.take(order)
-    latents = ex.column("latent").to_numpy()
-    cuts = np.flatnonzero(np.diff(latents)) + 1
-    out = {}
-    for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(latents)], strict=True):
-        if hi > lo:
-            out[int(latents[lo])] = ex.slice(lo, hi - lo).to_pylist()
-    return out
+    ex = ex.take(pc.sort_indices(ex, [("latent", "ascending")]))
+    which = ex.column("latent").to_numpy()
+    cuts = np.flatnonzero(np.diff(which)) + 1
+    bounds = {
+        int(which[lo]): (int(lo), int(hi))
+        for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(which)], strict=True)
+        if hi > lo
+    }
+    return SaeInfo(source, layer, folder, summary["key"], labels, live, ex, bounds)
 
 
 def chosen_latents(info: SaeInfo, ic: InterpretConfig) -> np.ndarray:
@@ -144,7 +146,7 @@ def chosen_latents(info: SaeInfo, ic: InterpretConfig) -> np.ndarray:
                 f"{info.layer}'s SAE does not have (it has {len(info.labels):,})"
             )
         return np.asarray(sorted(set(ic.latents)), dtype=np.int64)
-    live = info.live[np.isin(info.live, list(info.examples))]
+    live = info.live[np.isin(info.live, list(info.bounds))]
     if ic.sample <= 0 or ic.sample >= len(live):
         return np.sort(live)
     rng = np.random.default_rng([ic.seed, info.layer])
@@ -231,8 +233,7 @@ def interpret_stage(cfg: Config) -> dict[str, dict[int, dict[str, Any]]]:
     for k, info in infos.items():
         chosen[k] = chosen_latents(info, ic)
         examples[k] = {
-            int(i): split_examples(info.examples.get(int(i), []), ic.explain_examples,
-                                   ic.score_examples)
+            int(i): split_examples(info.rows(int(i)), ic.explain_examples, ic.score_examples)
             for i in chosen[k]
         }  # fmt: skip
         with step(f"interpret: {info.model} layer {info.layer}: {len(chosen[k])} explanations"):
@@ -323,8 +324,8 @@ def _label_jobs(
             if i in best and mine.get(i):
                 j, r = best[i]
                 windows = split_examples(
-                    infos[(pm, pl)].examples.get(j, []), ic.explain_examples, ic.score_examples
-                ).scoring  # fmt: skip
+                    infos[(pm, pl)].rows(j), ic.explain_examples, ic.score_examples
+                ).scoring
                 jobs.append(LabelJob(i, "llm", mine[i], i, (pm, pl, j), r, windows))
     return jobs
 
