@@ -240,11 +240,16 @@ def test_the_stage_explains_scores_resumes_and_keeps_the_key_secret(tiny_run, en
 
     run_dir, args = tiny_run
     la, lb = best_pair(run_dir)
+    first_model = json.loads((run_dir / "config.toml").read_text().split("models = ")[1]
+                             .splitlines()[0])[0]  # fmt: skip
+    mine = run_dir.parent / "my_labels.jsonl"
+    mine.write_text(json.dumps({"model": first_model, "latent": la, "label": "the word the"}))
     with FakeLLM(prefix=HOSTILE) as server:
         settings = ["--set", 'interpret.explainer="openai:fake-model"',
                     "--set", f'interpret.base_url="{server.url}"',
                     "--set", 'interpret.api_key_env="SAMESHEEP_TEST_KEY"',
                     "--set", f"interpret.latents=[{la}, {lb}]",
+                    "--set", f'interpret.user_labels="{mine}"',
                     "--set", "interpret.score_examples=3"]  # fmt: skip
         key_env = {**env, "SAMESHEEP_TEST_KEY": KEY}
         res = cli("interpret", *args, *settings, env=key_env)
@@ -256,6 +261,9 @@ def test_the_stage_explains_scores_resumes_and_keeps_the_key_secret(tiny_run, en
 
         tables = sorted(run_dir.glob("*/layer_*/features/explanations.parquet"))
         assert len(tables) == 2
+        yours = pq.read_table(tables[1]).to_pandas()  # llama0 sorts after gpt20
+        yours = yours[yours.source == "user"]
+        assert list(yours.latent) == [la] and list(yours.label) == ["the word the"]
         for path in tables:
             t = pq.read_table(path).to_pandas()
             assert {"llm", "statistical", "random"} <= set(t.source)
@@ -296,6 +304,23 @@ def test_the_stage_explains_scores_resumes_and_keeps_the_key_secret(tiny_run, en
             if path.is_file():
                 assert KEY.encode() not in path.read_bytes(), path
         assert KEY not in res.stdout + res.stderr
+    # a broken labels file, a latent the SAE does not have: one line, exit 2, before any call
+    mine.write_text('{"model": "nobody", "latent": 1, "label": "x"}\n')
+    res = cli("interpret", *args, *settings, env=key_env)
+    assert_one_line_error(res)
+    assert "nobody" in res.stderr
+    mine.write_text("not json\n")
+    res = cli("interpret", *args, *settings, env=key_env)
+    assert_one_line_error(res)
+    assert "line 1" in res.stderr
+    mine.unlink()
+    res = cli("interpret", *args, *settings, env=key_env)
+    assert_one_line_error(res)
+    assert "No such file" in res.stderr
+    mine.write_text(json.dumps({"model": first_model, "latent": la, "label": "the word the"}))
+    res = cli("interpret", *args, *settings, "--set", "interpret.latents=[99999]", env=key_env)
+    assert_one_line_error(res)
+    assert "99999" in res.stderr
     # the endpoint gone: one line, exit 2
     res = cli("interpret", *args, *settings, "--set", "interpret.seed=1", env=key_env)
     assert_one_line_error(res)

@@ -200,6 +200,7 @@ def interpret_stage(cfg: Config) -> dict[str, dict[int, dict[str, Any]]]:
             layer = resolve_layer(spec, depth)
             infos[(source, layer)] = _sae_info(cfg, source, layer)
     user = read_user_labels(ic.user_labels, cfg.models)
+    chosen = {k: chosen_latents(info, ic) for k, info in infos.items()}
     partners = _partners(cfg, infos, compare_pairs, compare_folder)
     settings = {k: v for k, v in dataclasses.asdict(ic).items() if k not in NOT_IN_KEY}
     key = settings_hash(
@@ -229,9 +230,8 @@ def interpret_stage(cfg: Config) -> dict[str, dict[int, dict[str, Any]]]:
         backend.check()
 
     examples: dict[tuple[str, int], dict[int, LatentExamples]] = {}
-    chosen, explained = {}, {}
+    explained = {}
     for k, info in infos.items():
-        chosen[k] = chosen_latents(info, ic)
         examples[k] = {
             int(i): split_examples(info.rows(int(i)), ic.explain_examples, ic.score_examples)
             for i in chosen[k]
