@@ -112,6 +112,26 @@ def test_a_damaged_sample_is_a_one_line_error(run, env, tmp_path):
     assert "layer sample" in res.stderr
 
 
+def test_run_computes_the_layers_beside_and_relays_their_error(run, env, tmp_path):
+    """In `samesheep run` the layers stage runs in a second process beside features and
+    compare: its lines reach the run's stderr, its failure is the run's one-line error, and
+    it leaves no temporary config behind."""
+    res, run_dir, _ = run
+    assert "layers llama0 / gpt20:" in flat(res.stderr)  # the child's answer, relayed
+    assert not list(run_dir.glob(".layers.*.toml"))
+    _, _, args = run
+    copy, cargs = copy_run(run_dir, args, tmp_path / "copy")
+    (copy / "llama0" / "layer_sample" / "states.safetensors").write_bytes(b"not a file")
+    for beside in ("true", "false"):  # beside, or in order in this process: the same error
+        res = cli("run", *cargs, "--set", "representations.k=5",
+                  "--set", f"representations.beside={beside}", env=env)  # fmt: skip
+        lines = [line for line in res.stderr.splitlines() if line.strip()]
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+        assert [line for line in lines if line.startswith("samesheep: error:")] == lines[-1:]
+        assert "layer sample" in lines[-1]
+        assert not list(copy.glob(".layers.*.toml"))
+
+
 def test_layers_before_extract_names_the_stage(tiny_models, tmp_path, env):
     corpus = write_corpus(tmp_path / "docs.jsonl", n=30)
     models = json.dumps([str(tiny_models["llama"]), str(tiny_models["gpt2"])])

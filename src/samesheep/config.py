@@ -229,6 +229,9 @@ class RepresentationsConfig:
     """Document groups the halves are drawn from."""
     seed: int = 0
     """Seed of the permutations and the halves."""
+    beside: bool = True
+    """In `samesheep run`, compute the layers stage in a second process while the features
+    and compare stages run (they leave a core mostly idle); false runs it after them."""
 
 
 @dataclass

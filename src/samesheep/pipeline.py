@@ -902,11 +902,23 @@ def run(cfg: Config) -> dict[str, Any]:
     }
     results, seconds = {}, {}
     timings = Path(cfg.run_dir).expanduser() / "timings.json"
-    for name, stage in stages.items():
-        start = time.perf_counter()
-        results[name] = stage(cfg)
-        seconds[name] = round(time.perf_counter() - start, 1)
-        write_json(timings, {"seconds": seconds, "total": round(sum(seconds.values()), 1)})
+    beside: BesideProcess | None = None
+    try:
+        for name, stage in stages.items():
+            start = time.perf_counter()
+            if name == "features" and sampling_layers(cfg) and cfg.representations.beside:
+                # The layers stage needs only the layer samples, and features and compare
+                # leave a core mostly idle (measured: compare 116% of one core, the
+                # layers stage 192%): it runs in a second process beside them.
+                beside = BesideProcess("layers", cfg)
+            if name == "layers" and beside is not None:
+                beside.wait()  # then the stage below finds its work done, and reads it
+            results[name] = stage(cfg)
+            seconds[name] = round(time.perf_counter() - start, 1)
+            write_json(timings, {"seconds": seconds, "total": round(sum(seconds.values()), 1)})
+    finally:
+        if beside is not None:
+            beside.stop()
     total = sum(seconds.values())
     say(
         "stage times: "
@@ -914,6 +926,61 @@ def run(cfg: Config) -> dict[str, Any]:
         + f"; total {_minutes(total)}"
     )
     return results
+
+
+class BesideProcess:
+    """A stage run by `samesheep <stage>` in a second process (its numpy on one thread)
+    while this one goes on: its lines are relayed to stderr as they come, and its one-line
+    error, if it fails, is raised here by wait()."""
+
+    def __init__(self, stage: str, cfg: Config) -> None:
+        import os
+        import subprocess
+        import sys
+        import tempfile
+        import threading
+
+        self.stage = stage
+        self.error = ""
+        run = Path(cfg.run_dir).expanduser()
+        run.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{stage}.", suffix=".toml", dir=run)
+        self.config = Path(name)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(config_mod.to_toml(cfg, comments=False))
+        one = {k: "1" for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "samesheep", stage, "--config", str(self.config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **one},
+        )
+        self.relay = threading.Thread(target=self._relay, daemon=True)
+        self.relay.start()
+
+    def _relay(self) -> None:
+        for line in self.process.stderr:
+            line = line.rstrip("\n")
+            if line.startswith("samesheep: error: "):
+                self.error = line.removeprefix("samesheep: error: ")
+            elif line.strip():
+                say(line)
+
+    def wait(self) -> None:
+        """Wait for it to finish (raising its error where it failed)."""
+        code = self.process.wait()
+        self.relay.join()
+        self.config.unlink(missing_ok=True)
+        if code != 0:
+            raise SamesheepError(self.error or f"the {self.stage} stage stopped (exit code {code})")
+
+    def stop(self) -> None:
+        """End it (where this process stops first) and remove its config file."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.config.unlink(missing_ok=True)
 
 
 def layers_stage(cfg: Config) -> dict[tuple[str, str], dict[str, Any]]:

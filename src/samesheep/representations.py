@@ -377,7 +377,7 @@ def layers_stage(cfg: Config) -> dict[tuple[str, str], dict[str, Any]]:
         key = settings_hash(
             LAYERS_VERSION,
             [s.manifest["key"] for s in samples],
-            dataclasses.asdict(rep),
+            {k: v for k, v in dataclasses.asdict(rep).items() if k != "beside"},
             token_settings,
             cfg.compare.after_break,
         )
