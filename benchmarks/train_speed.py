@@ -7,9 +7,12 @@ same order, drawn once from samesheep's shuffled stream and held in memory), wid
 one pass:
   sparsify   SparseCoder, float32, as its trainer drives it by default: b_dec set to the first
              batch's mean, unit-norm decoder, FVU loss, decoder-parallel gradient removed,
-             schedule-free SignSGD (momentum 0.95, lr 5e-3 / sqrt(latents / 2^14)), AuxK off
+             schedule-free SignSGD (momentum 0.95, lr 5e-3 / sqrt(latents / 2^14))
   samesheep  train_step with the default TrainConfig, the encoder product in float32 and
              in bfloat16 (the choice of the default dtype rests on this comparison)
+Like for like, twice: both sides with AuxK off (sparsify's default), then both with AuxK on
+at samesheep's default weight (0.5) and dead-latent window (12,288 tokens), sparsify's AuxK
+as its trainer computes it; each ratio is against sparsify in the same setting.
 Only the training loop is timed (the batches are already in memory for both). Held-out
 metrics on every held-out token (special tokens and window position 0 left out, as in
 training): FVU, L0, dead % (never active on the held-out set).
@@ -27,6 +30,7 @@ Usage: python benchmarks/train_speed.py [--tokens 300000] [--skip-sparsify] [--s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import math
 import subprocess
@@ -86,6 +90,8 @@ def evaluate(encode_decode, x: torch.Tensor, m: int) -> dict[str, float]:
 
 
 def run_sparsify(batches, x_eval, d: int, cfg: TrainConfig) -> tuple[float, dict]:
+    """sparsify's trainer loop; with cfg.auxk_alpha > 0, AuxK on as its trainer runs it
+    (dead = not fired for cfg.dead_tokens tokens, loss fvu + auxk_alpha * auxk)."""
     from schedulefree import ScheduleFreeWrapper
     from sparsify import SparseCoder, SparseCoderConfig
     from sparsify.sign_sgd import SignSGD
@@ -95,14 +101,21 @@ def run_sparsify(batches, x_eval, d: int, cfg: TrainConfig) -> tuple[float, dict
     lr = 5e-3 / (sae.num_latents / 2**14) ** 0.5
     opt = ScheduleFreeWrapper(SignSGD([{"params": sae.parameters(), "lr": lr}]), momentum=0.95)
     opt.train()
+    since_fired = torch.zeros(sae.num_latents, dtype=torch.long)
     start = time.perf_counter()
     for i, b in enumerate(batches):
         x = b.float()
         if i == 0:
             sae.b_dec.data = x.mean(0)
         sae.set_decoder_norm_to_unit_norm()
-        out = sae(x)
-        out.fvu.backward()
+        if cfg.auxk_alpha > 0:
+            out = sae(x, dead_mask=since_fired > cfg.dead_tokens)
+            (out.fvu + cfg.auxk_alpha * out.auxk_loss).backward()
+            since_fired += x.shape[0]
+            since_fired[out.latent_indices.flatten()] = 0
+        else:
+            out = sae(x)
+            out.fvu.backward()
         sae.remove_gradient_parallel_to_decoder_directions()
         opt.step()
         opt.zero_grad()
@@ -192,25 +205,30 @@ def main() -> None:
         f"{dense_flops / 1e6:.1f} with a dense decoder"
     )
 
-    rows = []
-    if not args.skip_sparsify:
-        secs, metrics = run_sparsify(batches, x_eval, d, cfg)
-        rows.append(("sparsify 1.3.3 (float32)", secs, metrics, f32))
-    for name, dtype, rate in sides:
-        secs, metrics = run_samesheep(batches, x_eval, store, cfg, dtype)
-        rows.append((f"samesheep ({name} encoder)", secs, metrics, rate))
-
-    base = n_tok / rows[0][1]
-    header = f"{'':28} {'tok/s':>8} {'ratio':>6} {'of bound':>9} {'(dense dec.)':>12}"
+    header = f"{'':34} {'tok/s':>8} {'ratio':>6} {'of bound':>9} {'(dense dec.)':>12}"
     print(header + f" {'FVU':>7} {'L0':>6} {'dead %':>7}")
-    for name, secs, mt, rate in rows:
-        tps = n_tok / secs
-        bound = rate * 1e9 / enc_flops
-        print(
-            f"{name:28} {tps:8,.0f} {tps / base:5.2f}x {100 * tps / bound:8.0f}% "
-            f"{100 * tps * dense_flops / (rate * 1e9):11.0f}% {mt['fvu']:7.4f} {mt['l0']:6.1f} "
-            f"{mt['dead']:7.2f}"
-        )
+    # Like for like: both sides with AuxK off (sparsify's default), then both with it on at
+    # the same weight and dead-latent window (samesheep's defaults); each ratio is against
+    # sparsify in the same setting.
+    for auxk in ("off", "on"):
+        setting = cfg if auxk == "on" else dataclasses.replace(cfg, auxk_alpha=0.0)
+        rows = []
+        if not args.skip_sparsify:
+            secs, metrics = run_sparsify(batches, x_eval, d, setting)
+            rows.append((f"sparsify 1.3.3 (float32) AuxK {auxk}", secs, metrics, f32))
+        for name, dtype, rate in sides:
+            secs, metrics = run_samesheep(batches, x_eval, store, setting, dtype)
+            rows.append((f"samesheep ({name}) AuxK {auxk}", secs, metrics, rate))
+        base = n_tok / rows[0][1]
+        for name, secs, mt, rate in rows:
+            tps = n_tok / secs
+            bound = rate * 1e9 / enc_flops
+            print(
+                f"{name:34} {tps:8,.0f} {tps / base:5.2f}x {100 * tps / bound:8.0f}% "
+                f"{100 * tps * dense_flops / (rate * 1e9):11.0f}% {mt['fvu']:7.4f} "
+                f"{mt['l0']:6.1f} {mt['dead']:7.2f}",
+                flush=True,
+            )
     if len(sides) == 2:
         f32_fvu, bf16_fvu = rows[-2][2]["fvu"], rows[-1][2]["fvu"]
         rel = (bf16_fvu - f32_fvu) / f32_fvu

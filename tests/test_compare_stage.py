@@ -147,3 +147,24 @@ def test_the_python_api_returns_the_comparison(run, tmp_path):
     assert comparison.partners.num_rows == 2 * 128
     assert comparison.pairs.num_rows == comparison.summary["matched_pairs"]["pairs"]
     assert "members" in comparison.families.column_names
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "relu"])
+def test_every_architecture_gets_its_floor_and_seed_ceiling(run, env, tmp_path, arch):
+    """With another architecture, every SAE of the run (the models', the random copies' and
+    the second seeds') is trained with it, and the comparison's floor and ceiling come from
+    those: the seed ceiling is that architecture's."""
+    from helpers import copy_run
+
+    _, run_dir, args, _ = run
+    copy, cargs = copy_run(run_dir, args, tmp_path / "copy")
+    res = cli("run", *cargs, "--set", f'train.architecture="{arch}"', env=env)
+    assert res.returncode == 0, res.stderr
+    for sae in ("llama0/layer_1/sae", "llama0/layer_1/sae-seed1", "random-gpt20/layer_1/sae"):
+        saved = json.loads((copy / sae / "cfg.json").read_text())
+        assert saved["samesheep"]["architecture"] == arch, sae
+    summary = json.loads((copy / "compare" / "llama0__gpt20" / "summary.json").read_text())
+    raw = summary["headline"]["raw"]["a_to_b"]
+    for role in ("raw", "floor", "ceiling"):
+        assert 0 <= raw[role]["share_r0.5"] <= 1, role
+    assert raw["ceiling"]["judged"] > 0

@@ -24,6 +24,7 @@ from samesheep.errors import SamesheepError
 from samesheep.sae import (
     AUXK_K,
     AUXK_SHARE,
+    BATCHTOPK_CAP,
     Sae,
     SaeConfig,
     StepSettings,
@@ -35,11 +36,14 @@ from samesheep.sae import (
 from samesheep.store import TokenFilter, open_store
 from samesheep.train import (
     CHECKPOINT,
+    STEER_GAIN,
+    STEER_LIMIT,
     batch_stream,
     filter_counts,
     input_statistics,
     lr_factor,
     new_state,
+    steer,
     train_sae,
     train_step,
 )
@@ -86,13 +90,179 @@ def test_topk_recovers_the_true_directions(synthetic, tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["batchtopk", "jumprelu", "relu"])
-def test_other_architectures_learn(synthetic, tmp_path, arch):
+def test_other_architectures_learn_at_the_target_l0(synthetic, tmp_path, arch):
+    """Every architecture reconstructs held-out data at about the L0 it was given (k for
+    batchtopk, the steered target for jumprelu and relu)."""
     store, _ = synthetic
-    sae, _ = train_sae(store, small_cfg(architecture=arch, train_tokens=256 * 150), tmp_path, "k")
+    cfg = small_cfg(architecture=arch, train_tokens=256 * 150, k=4)
+    sae, _ = train_sae(store, cfg, tmp_path, "k")
     assert heldout_fvu(sae, store) < 0.3
     x = torch.cat([s.acts[s.mask()] for s in store.shards("heldout")]).float()
-    l0 = (sae.encode(x) > 0).float().sum(1).mean()
-    assert 0 < l0 < sae.cfg.d_sae / 2  # sparse, and not dead
+    acts = sae.encode(x)
+    l0 = float((acts > 0).float().sum(1).mean())
+    assert 4 * 0.7 < l0 < 4 * 1.3, l0
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "relu"])
+def test_calibration_starts_at_the_target_l0(synthetic, arch):
+    """Thresholds (jumprelu) or biases (relu) set from a sample: on new tokens of the same
+    data every latent fires, and L0 is about the target."""
+    store, _ = synthetic
+    x = torch.cat([s.acts[s.mask()] for s in store.shards("train")]).float()
+    sae = Sae(SaeConfig(arch, 64, 512))
+    sae.initialize(torch.Generator().manual_seed(0), x.mean(0))
+    sae.calibrate(x[:8000], 10.0)
+    acts = sae.encode(x[8000:16000])
+    assert float((acts > 0).float().sum(1).mean()) == pytest.approx(10, rel=0.15)
+    assert (acts > 0).any(0).all()
+
+
+def test_steering_moves_the_coefficient_towards_the_target_l0():
+    assert steer(0.01, 32.0, 32.0) == pytest.approx(0.01)
+    assert steer(0.01, 64.0, 32.0) > 0.01 > steer(0.01, 16.0, 32.0)
+    # log-space steps, at most STEER_LIMIT a step (an L0 of 0 does not divide by zero)
+    assert steer(0.01, 1e6, 32.0) == pytest.approx(0.01 * math.exp(STEER_LIMIT))
+    assert steer(0.01, 0.0, 32.0) == pytest.approx(0.01 * math.exp(-STEER_LIMIT))
+    assert steer(0.01, 32 * math.e**0.5, 32.0) == pytest.approx(0.01 * math.exp(0.5 * STEER_GAIN))
+
+
+def test_relu_is_steered_unless_its_coefficient_is_fixed(synthetic):
+    store, _ = synthetic
+    x = next(batch_stream(store, small_cfg(), TokenFilter())).float()
+    fixed = small_cfg(architecture="relu", sparsity_coefficient=0.05)
+    state = new_state(fixed, 64, 1.0, torch.zeros(64), torch.device("cpu"))
+    train_step(state, x, fixed, torch.float32, 10)
+    assert state.coefficient == 0.05
+    steered = small_cfg(architecture="relu")
+    state = new_state(steered, 64, 1.0, torch.zeros(64), torch.device("cpu"))
+    start = state.coefficient
+    train_step(state, x, steered, torch.float32, 10)
+    assert state.coefficient != start
+
+
+@pytest.mark.parametrize("l0_side", ["above", "below"])
+def test_jumprelu_penalty_pulls_l0_towards_the_target(l0_side):
+    """JumpReLU's penalty is (L0 / target - 1)^2: its gradient raises the thresholds of
+    latents in the estimator's band where L0 lies above the target, and lowers them below."""
+    g = torch.Generator().manual_seed(0)
+    sae = Sae(SaeConfig("jumprelu", 16, 64, bandwidth=0.5))
+    sae.initialize(g, torch.zeros(16))
+    with torch.no_grad():
+        sae.log_threshold.fill_(math.log(0.5))
+    x = torch.randn(200, 16, generator=g)
+    l0 = float((sae.pre_acts(x) > 0.5).sum(1).float().mean())
+    target = l0 / 2 if l0_side == "above" else l0 * 2
+    grads = []
+    for c in (1.0, 0.0):  # the penalty's gradient alone: with it, less without it
+        out = train_forward(sae, x, StepSettings(sparsity_coefficient=c, target_l0=target))
+        grads.append(torch.autograd.grad(out.loss, sae.log_threshold)[0])
+    assert out.sparsity == pytest.approx((l0 / target - 1) ** 2, rel=1e-6)
+    grad = grads[0] - grads[1]
+    assert grad.abs().sum() > 0
+    assert (grad <= 0).all() if l0_side == "above" else (grad >= 0).all()
+
+
+def test_batchtopk_gradient_equals_dense_autograd():
+    """The sparse BatchTopK path (candidates through the sparse TopK encoder, a global top-k
+    among them) equals the dense reference, loss and gradients, where no token holds more
+    than BATCHTOPK_CAP * k of the batch's kept activations."""
+    torch.manual_seed(0)
+    sae = Sae(SaeConfig("batchtopk", 16, 64, k=5))
+    sae.initialize(torch.Generator().manual_seed(0), torch.randn(16))
+    with torch.no_grad():
+        sae.b_enc.normal_()
+    x = torch.randn(40, 16)
+    out = train_forward(sae, x, StepSettings())
+    fast = torch.autograd.grad(out.loss, list(sae.parameters())[:4])
+    pre = sae.pre_acts(x).relu()
+    top = pre.flatten().topk(5 * 40).indices
+    mask = torch.zeros(40 * 64, dtype=torch.bool).index_fill_(0, top, True).view(40, 64)
+    assert int(mask.sum(1).max()) <= BATCHTOPK_CAP * 5  # the cap does not bind here
+    acts = pre * mask
+    loss = fvu_of(acts @ sae.W_dec + sae.b_dec - x, x)
+    ref = torch.autograd.grad(loss, list(sae.parameters())[:4])
+    assert float(out.fvu) == pytest.approx(float(loss.detach()), rel=1e-5)
+    assert out.l0 == pytest.approx(float((acts > 0).sum()) / 40)
+    for a, b in zip(fast, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+class DenseJumpReLU(torch.autograd.Function):
+    """The dense reference: z * H(z - theta), the threshold's gradient by the rectangle-kernel
+    straight-through estimator."""
+
+    @staticmethod
+    def forward(ctx, pre, theta, eps):
+        ctx.save_for_backward(pre, theta)
+        ctx.eps = eps
+        return pre * (pre > theta)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, theta = ctx.saved_tensors
+        near = ((pre - theta).abs() < ctx.eps / 2).float()
+        return grad * (pre > theta), (-(theta / ctx.eps) * near * grad).sum(0), None
+
+
+class DenseStep(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pre, theta, eps):
+        ctx.save_for_backward(pre, theta)
+        ctx.eps = eps
+        return (pre > theta).float()
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, theta = ctx.saved_tensors
+        near = ((pre - theta).abs() < ctx.eps / 2).float()
+        return None, (-(1.0 / ctx.eps) * near * grad).sum(0), None
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "relu"])
+def test_sparse_threshold_paths_equal_dense_autograd(arch):
+    """JumpReLU's and ReLU's training forward (only the entries above the threshold, or in
+    the estimator's band, ever held) gives the loss and every gradient of the dense
+    computation, including the thresholds' straight-through gradients."""
+    torch.manual_seed(0)
+    sae = Sae(SaeConfig(arch, 16, 64, bandwidth=0.3))
+    sae.initialize(torch.Generator().manual_seed(0), torch.randn(16))
+    with torch.no_grad():
+        sae.b_enc.normal_()
+        sae.W_dec.mul_(torch.rand(64, 1) + 0.5)  # decoder norms other than 1 (relu's L1)
+        sae.log_threshold.copy_(torch.rand(64).add(0.5).log())
+    x = torch.randn(1100, 16)  # more tokens than one encoder chunk
+    s = StepSettings(sparsity_coefficient=0.01, target_l0=10.0)
+    params = [p for p in sae.parameters() if p.requires_grad]
+    out = train_forward(sae, x, s)
+    fast = torch.autograd.grad(out.loss, params)
+    pre = sae.pre_acts(x)
+    if arch == "jumprelu":
+        theta = sae.log_threshold.exp()
+        acts = DenseJumpReLU.apply(pre, theta, 0.3)
+        penalty = (DenseStep.apply(pre, theta, 0.3).sum(1).mean() / 10.0 - 1).pow(2)
+    else:
+        acts = pre.relu()
+        penalty = (acts * sae.W_dec.norm(dim=1)).sum(1).mean()
+    fvu = fvu_of(acts @ sae.W_dec + sae.b_dec - x, x)
+    ref = torch.autograd.grad(fvu + 0.01 * penalty, params)
+    assert float(out.loss) == pytest.approx(float(fvu + 0.01 * penalty), rel=1e-5)
+    assert out.l0 == pytest.approx(float((acts > 0).sum()) / 1100)
+    for a, b in zip(fast, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "relu"])
+def test_auxk_reaches_dead_latents_of_every_architecture(arch):
+    sae = Sae(SaeConfig(arch, 16, 64, k=4))
+    sae.initialize(torch.Generator().manual_seed(0), torch.zeros(16))
+    with torch.no_grad():
+        sae.log_threshold.fill_(math.log(5.0))  # jumprelu: most pre-activations lie below
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[:10] = True
+    out = train_forward(sae, torch.randn(50, 16), StepSettings(dead=dead, auxk_alpha=1.0))
+    assert out.auxk > 0
+    out.loss.backward()
+    assert sae.W_enc.grad[:10].abs().sum() > 0 and sae.W_dec.grad[:10].abs().sum() > 0
 
 
 def test_topk_encoder_gradient_equals_dense_autograd():
@@ -233,11 +403,13 @@ def test_input_scale_gives_mean_squared_norm_d(synthetic):
     torch.testing.assert_close(mean.double(), x.mean(0), rtol=1e-4, atol=1e-4)
 
 
-def test_checkpoint_resume_in_process_gives_the_same_weights(synthetic, tmp_path):
+@pytest.mark.parametrize("arch", ["topk", "relu"])
+def test_checkpoint_resume_in_process_gives_the_same_weights(synthetic, tmp_path, arch):
+    """(relu: the steered sparsity coefficient is part of the checkpoint.)"""
     store, _ = synthetic
-    cfg = small_cfg(train_tokens=256 * 30, checkpoint_seconds=0)
+    cfg = small_cfg(train_tokens=256 * 30, checkpoint_seconds=0, architecture=arch)
     ref, _ = train_sae(store, cfg, tmp_path / "a", "key")
-    short = small_cfg(train_tokens=256 * 30, checkpoint_seconds=0)
+    short = cfg
     # A run stopped after 12 steps (a checkpoint on every step), then resumed:
     work = tmp_path / "b"
     import samesheep.train as train_mod

@@ -91,7 +91,10 @@ class TrainConfig:
     Short, because runs here are short: most latents die within the first hundred steps."""
     sparsity_coefficient: float = 0.0
     """Weight of the sparsity penalty: L0 for jumprelu, decoder-norm-weighted L1 for relu;
-    0 means the default (jumprelu 0.002, relu 0.02)."""
+    0 means steered during training (from jumprelu 0.002, relu 0.02) so that the batches'
+    L0 holds at target_l0."""
+    target_l0: float = 0.0
+    """L0 that jumprelu and relu SAEs start at and are steered to; 0 means k."""
     buffer_tokens: int = 131_072
     """Shuffle buffer: tokens from several shards are mixed before batches are drawn."""
     skip_special: bool = True

@@ -201,7 +201,7 @@ def _layer_sample(cfg: Config, source: str, run: Path, corpus_hash: str) -> Any:
     return lm
 
 
-SAE_VERSION = 4
+SAE_VERSION = 5
 """Bump when training changes what it produces for the same settings."""
 EVAL_VERSION = 2
 """Bump when evaluation changes what it reports for the same SAE and store."""

@@ -36,6 +36,11 @@ AUXK_SHARE = 0.25
 AUXK_K = 128
 """Dead latents that reconstruct the residual per token; the AuxK loss is scaled by
 min(dead / AUXK_K, 1), so a handful of dead latents gets a small weight (as sparsify)."""
+MIN_THRESHOLD = 1e-3
+"""The smallest threshold calibrate() gives a jumprelu latent."""
+BATCHTOPK_CAP = 4
+"""BatchTopK keeps at most this many times k latents on one token in training (where a token
+would hold more of the batch's largest activations, its largest are kept)."""
 ENCODE_CHUNK = 512
 """Tokens encoded at a time: a chunk's pre-activations stay in cache, and no dense
 [tokens, d_sae] matrix of a whole batch is ever held."""
@@ -147,11 +152,37 @@ class Sae(nn.Module):
         """Decoder rows random unit vectors, encoder its transpose, b_dec the data mean."""
         w = torch.randn(self.W_dec.shape, generator=generator).to(self.W_dec.device)
         self.W_dec.copy_(w / w.norm(dim=1, keepdim=True))
-        if self.cfg.architecture == "relu":
-            self.W_dec.mul_(0.1)  # small decoder norms: the L1 term then starts gentle
         self.W_enc.copy_(self.W_dec)
         self.b_enc.zero_()
         self.b_dec.copy_(data_mean if data_mean is not None else torch.zeros_like(self.b_dec))
+
+    @torch.no_grad()
+    def calibrate(self, x_scaled: Tensor, target_l0: float) -> None:
+        """Start a jumprelu or relu SAE firing about `target_l0` latents per token: each
+        latent's threshold (jumprelu) or bias (relu) is set at the quantile of its
+        pre-activations on a sample of scaled inputs that leaves target_l0 / d_sae of the
+        tokens above it. Every latent then fires at first, and about equally often (from a
+        fixed threshold, many never would)."""
+        arch = self.cfg.architecture
+        if arch not in ("jumprelu", "relu"):
+            return
+        xc = x_scaled.float() - self.b_dec
+        pre = F.linear(xc, self.W_enc)  # b_enc is still zero
+        n = pre.shape[0]
+        above = min(max(1, round(n * target_l0 / self.cfg.d_sae)), n - 1)
+        q = pre.kthvalue(n - above, dim=0).values  # `above` tokens lie above it
+        acts = torch.where(pre > q, pre if arch == "jumprelu" else pre - q, 0.0)
+        # The encoder scaled so the first reconstruction has its least-squares size: from
+        # unit rows the active latents overshoot (FVU above 1 measured), and the first
+        # steps then push every pre-activation below its threshold.
+        recon = acts @ self.W_dec
+        alpha = float((recon * xc).sum() / recon.pow(2).sum().clamp_min(1e-12))
+        alpha = min(max(alpha, 1e-3), 1e3)
+        self.W_enc.mul_(alpha)
+        if arch == "jumprelu":
+            self.log_threshold.copy_((q * alpha).clamp_min(MIN_THRESHOLD).log())
+        else:
+            self.b_enc.copy_(-q * alpha)
 
     @property
     def unit_decoder(self) -> bool:
@@ -271,8 +302,8 @@ class ForwardOutput(NamedTuple):
     """One training forward pass over a batch of scaled inputs, as the trainer needs it."""
 
     loss: Tensor
-    """What is minimised: fvu + auxk_alpha * auxk (topk, batchtopk), or fvu +
-    coefficient * sparsity (jumprelu, relu)."""
+    """What is minimised: fvu + auxk_alpha * auxk, plus coefficient * sparsity (jumprelu,
+    relu)."""
     fvu: Tensor
     """The batch's fraction of variance unexplained (scaled space), detached."""
     fired: Tensor
@@ -280,7 +311,7 @@ class ForwardOutput(NamedTuple):
     l0: float
     """Mean active latents per token."""
     auxk: float
-    """AuxK loss (topk, batchtopk; 0 where no latent is dead, or for the others)."""
+    """AuxK loss (0 where no latent is dead)."""
     sparsity: float
     """Sparsity penalty before its coefficient: expected L0 (jumprelu), decoder-norm-weighted
     L1 (relu); 0 for topk and batchtopk."""
@@ -314,22 +345,102 @@ class TopKEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_vals: Tensor, _grad_idx: Tensor):
         xc, W_enc, idx, vals = ctx.saved_tensors
-        g = torch.where(vals > 0, grad_vals, 0.0).contiguous()  # the ReLU after selection
+        g = torch.where(vals > 0, grad_vals, 0.0)  # the ReLU after selection
         n, k = idx.shape
-        m = W_enc.shape[0]
-        # g as a [d_sae, tokens] CSR matrix (rows sorted by latent): its product with xc is
-        # the weight gradient, on the CPU (MKL) and on CUDA (cuSPARSE) alike.
-        flat = idx.reshape(-1)
-        order = flat.argsort(stable=True)
-        crow = torch.zeros(m + 1, dtype=torch.long, device=idx.device)
-        crow[1:] = torch.bincount(flat, minlength=m).cumsum(0)
-        with warnings.catch_warnings():  # "sparse CSR support is in beta": it is tested here
-            warnings.simplefilter("ignore", UserWarning)
-            sparse = torch.sparse_csr_tensor(crow, order // k, g.reshape(-1)[order], (m, n))
-        grad_w = sparse @ xc
-        grad_b = torch.zeros_like(W_enc[:, 0]).index_add_(0, idx.reshape(-1), g.reshape(-1))
-        grad_b_dec = -(grad_b @ W_enc)  # every pre-activation holds -b_dec . W_enc[j]
+        rows = torch.arange(n, device=idx.device).repeat_interleave(k)
+        grad_w, grad_b, grad_b_dec = sparse_encoder_grads(
+            xc, W_enc, rows, idx.reshape(-1), g.reshape(-1)
+        )
         return None, grad_b_dec, grad_w, grad_b, None, None, None
+
+
+def sparse_encoder_grads(
+    xc: Tensor, W_enc: Tensor, rows: Tensor, latents: Tensor, g: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of W_enc, b_enc and b_dec from the gradient `g` [nnz] of the pre-activations
+    at the entries (rows[j], latents[j]) only (elsewhere it is zero). g as a [d_sae, tokens]
+    CSR matrix (rows sorted by latent): its product with xc is the weight gradient, on the
+    CPU (MKL) and on CUDA (cuSPARSE) alike."""
+    m, n = W_enc.shape[0], xc.shape[0]
+    order = latents.argsort(stable=True)
+    crow = torch.zeros(m + 1, dtype=torch.long, device=latents.device)
+    crow[1:] = torch.bincount(latents, minlength=m).cumsum(0)
+    g = g.contiguous()
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": it is tested here
+        warnings.simplefilter("ignore", UserWarning)
+        sparse = torch.sparse_csr_tensor(crow, rows[order], g[order], (m, n))
+    grad_w = sparse @ xc
+    grad_b = torch.zeros_like(W_enc[:, 0]).index_add_(0, latents, g)
+    grad_b_dec = -(grad_b @ W_enc)  # every pre-activation holds -b_dec . W_enc[j]
+    return grad_w, grad_b, grad_b_dec
+
+
+class ThresholdEncode(torch.autograd.Function):
+    """The entries of pre-activations above a per-latent threshold (jumprelu; 0 for relu),
+    and for jumprelu those within half a bandwidth of it, without a dense [tokens, d_sae]
+    matrix or gradient: the forward pass runs in chunks of tokens and keeps only those
+    entries (CSR, by token); the backward pass is the sparse product of TopKEncode.
+
+    Returns values [nnz] (the activation: the pre-activation above the threshold, else 0),
+    latents [nnz], offsets [tokens + 1] and in_band [nnz] bool. The threshold's gradient is
+    the straight-through estimator of Rajamanoharan et al. (2024) with a rectangle kernel:
+    d value / d theta = -(theta / bandwidth) on the entries in the band."""
+
+    @staticmethod
+    def forward(ctx, x, b_dec, W_enc, b_enc, theta, dtype: torch.dtype, bandwidth: float):
+        xc = x - b_dec
+        w, b = W_enc.to(dtype), b_enc.to(dtype)
+        half = bandwidth / 2
+        vals, lats, counts, band = [], [], [], []
+        for c in xc.split(ENCODE_CHUNK):
+            pre = F.linear(c.to(dtype), w, b).float()
+            keep = pre > theta
+            near = (pre - theta).abs_() < half if half > 0 else None
+            take = keep | near if near is not None else keep
+            r, j = take.nonzero(as_tuple=True)
+            v = pre[r, j]
+            on = keep[r, j]
+            vals.append(torch.where(on, v, 0.0))
+            lats.append(j)
+            counts.append(torch.bincount(r, minlength=c.shape[0]))
+            band.append(near[r, j] if near is not None else torch.zeros_like(on))
+        values, latents, in_band = torch.cat(vals), torch.cat(lats), torch.cat(band)
+        offsets = torch.zeros(x.shape[0] + 1, dtype=torch.long, device=x.device)
+        offsets[1:] = torch.cat(counts).cumsum(0)
+        ctx.bandwidth = bandwidth
+        ctx.save_for_backward(xc, W_enc, theta, values, latents, offsets, in_band)
+        ctx.mark_non_differentiable(latents, offsets, in_band)
+        return values, latents, offsets, in_band
+
+    @staticmethod
+    def backward(ctx, grad_values: Tensor, *_):
+        xc, W_enc, theta, values, latents, offsets, in_band = ctx.saved_tensors
+        rows = torch.repeat_interleave(torch.arange(xc.shape[0], device=xc.device), offsets.diff())
+        g = torch.where(values > 0, grad_values, 0.0)  # d value / d pre: 1 above, else 0
+        grad_w, grad_b, grad_b_dec = sparse_encoder_grads(xc, W_enc, rows, latents, g)
+        grad_theta = None
+        if ctx.needs_input_grad[4]:
+            lat = latents[in_band]
+            ste = -(theta[lat] / ctx.bandwidth) * grad_values[in_band]
+            grad_theta = torch.zeros_like(theta).index_add_(0, lat, ste)
+        return None, grad_b_dec, grad_w, grad_b, grad_theta, None, None
+
+
+class BandL0(torch.autograd.Function):
+    """The batch's L0 (active entries per token) as a function of the thresholds, whose
+    gradient is the straight-through estimator of the step function: -(1 / bandwidth) times
+    each latent's entries in the band, per token."""
+
+    @staticmethod
+    def forward(ctx, theta: Tensor, in_band_per_latent: Tensor, l0: float, bandwidth: float):
+        ctx.save_for_backward(in_band_per_latent)
+        ctx.bandwidth = bandwidth
+        return theta.new_tensor(l0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (band,) = ctx.saved_tensors
+        return -(grad / ctx.bandwidth) * band, None, None, None
 
 
 @dataclass
@@ -342,6 +453,8 @@ class StepSettings:
     """[d_sae] bool: latents counted as dead (for AuxK); None turns AuxK off."""
     auxk_alpha: float = 0.0
     sparsity_coefficient: float = 0.0
+    target_l0: float = 32.0
+    """JumpReLU's L0 penalty is (L0 / target_l0 - 1)^2 (the L0 through the estimator)."""
 
 
 def _fired(d_sae: int, latents: Tensor, device: torch.device) -> Tensor:
@@ -369,61 +482,75 @@ def topk_forward(sae: Sae, x: Tensor, s: StepSettings) -> ForwardOutput:
 
 
 def batchtopk_forward(sae: Sae, x: Tensor, s: StepSettings) -> ForwardOutput:
-    """BatchTopK: the k * tokens largest activations of the whole batch, decoded sparsely."""
-    pre = sae.pre_acts(x, s.dtype)  # [tokens, d_sae]
-    top = pre.relu().flatten().topk(sae.cfg.k * x.shape[0], sorted=False)
-    keep = top.values > 0
-    flat_idx, values = top.indices[keep], top.values[keep]
-    order = flat_idx.argsort()  # by token, so the entries form CSR rows
-    flat_idx, values = flat_idx[order], values[order]
-    rows, latents = flat_idx // sae.cfg.d_sae, flat_idx % sae.cfg.d_sae
-    offsets = torch.zeros(x.shape[0] + 1, dtype=torch.long, device=x.device)
-    offsets[1:] = torch.bincount(rows, minlength=x.shape[0]).cumsum(0)
-    err = gather_decode(sae.W_dec, values, latents, offsets) + sae.b_dec - x
+    """BatchTopK: the k * tokens largest activations of the whole batch. Each token's
+    BATCHTOPK_CAP * k largest pre-activations are the candidates (through the sparse TopK
+    encoder, so no dense [tokens, d_sae] matrix or gradient exists), the batch's global top
+    k * tokens are kept among them, and the kept ones are decoded sparsely, as TopK's."""
+    n, k = x.shape[0], sae.cfg.k
+    cap = min(sae.cfg.d_sae, BATCHTOPK_CAP * k)
+    vals, idx = TopKEncode.apply(x, sae.b_dec, sae.W_enc, sae.b_enc, cap, s.dtype)
+    flat = vals.detach().flatten()
+    top = flat.topk(min(k * n, flat.numel()), sorted=False).indices
+    keep = torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, top, True).view_as(vals)
+    keep &= vals.detach() > 0
+    vals = vals * keep  # the others' values, and gradients, are zero
+    err = gather_decode(sae.W_dec, vals, idx) + sae.b_dec - x
     fvu = fvu_of(err, x)
     aux = auxk_loss(sae, x, err, s.dead, s.dtype)
+    kept = flat[keep.flatten()]
     return ForwardOutput(
         fvu + s.auxk_alpha * aux,
         fvu.detach(),
-        _fired(sae.cfg.d_sae, latents, x.device),
-        values.numel() / x.shape[0],
+        _fired(sae.cfg.d_sae, idx[keep], x.device),
+        kept.numel() / n,
         float(aux.detach()),
         0.0,
-        float(values.detach().min()) if values.numel() else None,
+        float(kept.min()) if kept.numel() else None,
     )
 
 
-def _dense_output(
-    sae: Sae, x: Tensor, acts: Tensor, penalty: Tensor, s: StepSettings
-) -> ForwardOutput:
-    fvu = fvu_of(acts @ sae.W_dec + sae.b_dec - x, x)
-    active = acts > 0
+def _threshold_output(
+    sae: Sae, x: Tensor, values: Tensor, latents: Tensor, offsets: Tensor, penalty: Tensor,
+    s: StepSettings,
+) -> ForwardOutput:  # fmt: skip
+    err = gather_decode(sae.W_dec, values, latents, offsets) + sae.b_dec - x
+    fvu = fvu_of(err, x)
+    aux = auxk_loss(sae, x, err, s.dead, s.dtype)
+    active = values.detach() > 0
     return ForwardOutput(
-        fvu + s.sparsity_coefficient * penalty,
+        fvu + s.sparsity_coefficient * penalty + s.auxk_alpha * aux,
         fvu.detach(),
-        active.any(0),
+        _fired(sae.cfg.d_sae, latents[active], x.device),
         float(active.sum()) / x.shape[0],
-        0.0,
+        float(aux.detach()),
         float(penalty.detach()),
         None,
     )
 
 
 def jumprelu_forward(sae: Sae, x: Tensor, s: StepSettings) -> ForwardOutput:
-    """JumpReLU: learned per-latent thresholds, an L0 penalty through a straight-through
-    estimator (Rajamanoharan et al. 2024)."""
-    pre = sae.pre_acts(x, s.dtype)
+    """JumpReLU: learned per-latent thresholds, an L0 penalty, both through a
+    straight-through estimator (Rajamanoharan et al. 2024); sparse entries only."""
     theta = sae.log_threshold.exp()
-    acts = JumpReLU.apply(pre, theta, sae.cfg.bandwidth)
-    penalty = Step.apply(pre, theta, sae.cfg.bandwidth).sum(-1).mean()
-    return _dense_output(sae, x, acts, penalty, s)
+    eps = sae.cfg.bandwidth
+    values, latents, offsets, in_band = ThresholdEncode.apply(
+        x, sae.b_dec, sae.W_enc, sae.b_enc, theta, s.dtype, eps
+    )
+    band = torch.bincount(latents[in_band], minlength=sae.cfg.d_sae).float() / x.shape[0]
+    l0 = float((values.detach() > 0).sum()) / x.shape[0]
+    penalty = (BandL0.apply(theta, band, l0, eps) / s.target_l0 - 1).pow(2)
+    return _threshold_output(sae, x, values, latents, offsets, penalty, s)
 
 
 def relu_forward(sae: Sae, x: Tensor, s: StepSettings) -> ForwardOutput:
-    """ReLU with an L1 penalty weighted by the decoder row norms."""
-    acts = sae.pre_acts(x, s.dtype).relu()
-    penalty = (acts * sae.W_dec.norm(dim=1)).sum(-1).mean()
-    return _dense_output(sae, x, acts, penalty, s)
+    """ReLU with an L1 penalty weighted by the decoder row norms; sparse entries only."""
+    zero = sae.b_enc.new_zeros(()).detach()
+    values, latents, offsets, _ = ThresholdEncode.apply(
+        x, sae.b_dec, sae.W_enc, sae.b_enc, zero, s.dtype, 0.0
+    )
+    norms = torch.linalg.vector_norm(sae.W_dec, dim=1)
+    penalty = (values * norms[latents]).sum() / x.shape[0]
+    return _threshold_output(sae, x, values, latents, offsets, penalty, s)
 
 
 FORWARDS: dict[str, Callable[[Sae, Tensor, StepSettings], ForwardOutput]] = {
@@ -460,40 +587,3 @@ def auxk_loss(sae: Sae, x: Tensor, err: Tensor, dead: Tensor | None, dtype: torc
     vals, pos = pre_dead.topk(min(AUXK_K, n_dead), dim=-1, sorted=False)
     e_hat = gather_decode(sae.W_dec, vals.relu(), dead_idx[pos])
     return auxk_scale(n_dead) * fvu_of(e_hat + err.detach(), x)
-
-
-class JumpReLU(torch.autograd.Function):
-    """z * H(z - theta); the threshold's gradient by a rectangle-kernel straight-through
-    estimator (Rajamanoharan et al. 2024)."""
-
-    @staticmethod
-    def forward(ctx, pre: Tensor, theta: Tensor, bandwidth: float):
-        ctx.save_for_backward(pre, theta)
-        ctx.bandwidth = bandwidth
-        return pre * (pre > theta)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        pre, theta = ctx.saved_tensors
-        eps = ctx.bandwidth
-        near = ((pre - theta).abs() < eps / 2).to(grad.dtype)
-        grad_theta = (-(theta / eps) * near * grad).sum(0)
-        return grad * (pre > theta), grad_theta, None
-
-
-class Step(torch.autograd.Function):
-    """H(z - theta), with the same estimator for the threshold's gradient (for the L0
-    penalty); no gradient to z."""
-
-    @staticmethod
-    def forward(ctx, pre: Tensor, theta: Tensor, bandwidth: float):
-        ctx.save_for_backward(pre, theta)
-        ctx.bandwidth = bandwidth
-        return (pre > theta).to(pre.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        pre, theta = ctx.saved_tensors
-        eps = ctx.bandwidth
-        near = ((pre - theta).abs() < eps / 2).to(grad.dtype)
-        return None, (-(1.0 / eps) * near * grad).sum(0), None

@@ -27,7 +27,18 @@ from .store import Store, TokenFilter
 
 CHECKPOINT = "checkpoint.safetensors"
 SCALE_SAMPLE_TOKENS = 65_536
-DEFAULT_SPARSITY = {"jumprelu": 0.002, "relu": 0.02}
+DEFAULT_SPARSITY = {"jumprelu": 1.0, "relu": 0.02}
+"""Sparsity coefficients: jumprelu's weighs its (L0 / target - 1)^2 penalty, fixed; relu's
+L1 coefficient is where steering starts (unless train.sparsity_coefficient fixes it)."""
+STEERED = ("relu",)
+LR_FACTOR = {"relu": 2.0}
+"""ReLU + L1 learns slower: on Gemma layer 12 (244 steps, 1M tokens) held-out FVU 0.398 at
+half the default rate, 0.355 at it, 0.328 at twice it (4.5% dead), while at four times 70% of
+the latents died."""
+STEER_GAIN = 0.1
+STEER_LIMIT = 0.1
+CALIBRATION_TOKENS = 8192
+"""Training tokens on which a jumprelu or relu SAE's thresholds or biases are calibrated."""
 
 
 def sae_config(cfg: TrainConfig, d_in: int) -> SaeConfig:
@@ -38,12 +49,14 @@ def sae_config(cfg: TrainConfig, d_in: int) -> SaeConfig:
 
 def learning_rate(cfg: TrainConfig, d_sae: int, steps: int) -> float:
     """The configured rate, or the default: 4e-3 scaled like sparsify's by 1/sqrt(width), and
-    by sqrt(100 / steps) for runs longer than 100 steps. Measured on Gemma layer 12 and
-    SmolLM2 layer 20 (244 steps): 5e-3 leaves 7% and 39% of the latents dead, 3.2e-3 under 5%
-    at the same or lower held-out FVU; at 73 steps 5e-3 gives the lower FVU."""
+    by sqrt(100 / steps) for runs longer than 100 steps, times LR_FACTOR for the
+    architecture. Measured on Gemma layer 12 and SmolLM2 layer 20 (244 steps): 5e-3 leaves 7%
+    and 39% of the latents dead, 3.2e-3 under 5% at the same or lower held-out FVU; at 73
+    steps 5e-3 gives the lower FVU."""
     if cfg.lr > 0:
         return cfg.lr
-    return 4e-3 / math.sqrt(d_sae / 16384) * min(1.0, math.sqrt(100 / max(steps, 1)))
+    base = 4e-3 / math.sqrt(d_sae / 16384) * min(1.0, math.sqrt(100 / max(steps, 1)))
+    return base * LR_FACTOR.get(cfg.architecture, 1.0)
 
 
 def lr_factor(step: int, total: int, warmup: float, decay: float) -> float:
@@ -140,9 +153,8 @@ def batch_stream(
             buffer, held = ([], 0) if last else ([mixed[n_out:]], held - n_out)
 
 
-def input_statistics(store: Store, token_filter: TokenFilter) -> tuple[float, torch.Tensor]:
-    """(scale, mean of scaled inputs): the scale brings the mean squared norm of the first
-    training tokens to d_in."""
+def input_sample(store: Store, token_filter: TokenFilter) -> torch.Tensor:
+    """The first SCALE_SAMPLE_TOKENS kept training tokens, float32."""
     sample, n = [], 0
     for name in store.shard_names("train"):
         rows = shard_rows(store, name, token_filter).float()
@@ -150,7 +162,15 @@ def input_statistics(store: Store, token_filter: TokenFilter) -> tuple[float, to
         n += rows.shape[0]
         if n >= SCALE_SAMPLE_TOKENS:
             break
-    x = torch.cat(sample)[:SCALE_SAMPLE_TOKENS]  # float32
+    return torch.cat(sample)[:SCALE_SAMPLE_TOKENS]
+
+
+def input_statistics(
+    store: Store, token_filter: TokenFilter, x: torch.Tensor | None = None
+) -> tuple[float, torch.Tensor]:
+    """(scale, mean of scaled inputs): the scale brings the mean squared norm of the first
+    training tokens (`x`, the input_sample, read here if not given) to d_in."""
+    x = input_sample(store, token_filter) if x is None else x
     # Row sums of squares in float32 (d terms each), their mean in float64; torch's float32
     # column means sum in cascades (within about 1e-6 of float64, and no float64 copy).
     squares = x.pow(2).sum(1).double()
@@ -170,6 +190,9 @@ class TrainState:
     opt: torch.optim.Optimizer
     since_fired: torch.Tensor  # [d_sae] training tokens since each latent last fired
     step: int = 0
+    coefficient: float = 0.0
+    """Weight of the sparsity penalty now (jumprelu, relu): steered towards the target L0
+    step by step unless train.sparsity_coefficient fixes it."""
 
 
 def save_checkpoint(
@@ -184,6 +207,7 @@ def save_checkpoint(
             # safetensors keeps no 0-d tensors: Adam's step count goes as shape [1]
             tensors[f"adam.{names[id(p)]}.{field}"] = value.reshape(1) if value.ndim == 0 else value
     tensors["since_fired"] = state.since_fired
+    tensors["coefficient"] = torch.tensor([state.coefficient], dtype=torch.float64)
     meta = {"key": key, "step": str(state.step), **(made_on or {})}
     tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
@@ -223,6 +247,7 @@ def load_checkpoint(
                 value = tensors[f"adam.{name}.{field}"].to(device)
                 s[field] = value.reshape(()) if field == "step" else value
         state.since_fired.copy_(tensors["since_fired"])
+        state.coefficient = float(tensors["coefficient"][0])
         state.step = int(meta["step"])
     except (RuntimeError, KeyError, ValueError) as e:
         raise SamesheepError(
@@ -256,16 +281,39 @@ def make_optimizer(sae: Sae, lr: float, device: torch.device) -> torch.optim.Opt
     return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), fused=fused)
 
 
+def target_l0(cfg: TrainConfig) -> float:
+    """The L0 a jumprelu or relu SAE is steered to (train.target_l0, or k)."""
+    return cfg.target_l0 if cfg.target_l0 > 0 else float(cfg.k)
+
+
 def new_state(
-    cfg: TrainConfig, d_in: int, scale: float, mean: torch.Tensor, device: torch.device
+    cfg: TrainConfig,
+    d_in: int,
+    scale: float,
+    mean: torch.Tensor,
+    device: torch.device,
+    sample: torch.Tensor | None = None,
 ) -> TrainState:
-    """A freshly initialised SAE (seeded), its optimizer and dead-latent counters."""
+    """A freshly initialised SAE (seeded), its optimizer and dead-latent counters; a jumprelu
+    or relu SAE's thresholds or biases calibrated on `sample` (raw training inputs) so that
+    it starts at the target L0."""
     scfg = sae_config(cfg, d_in)
     scfg.input_scale = scale
     sae = Sae(scfg, device)
     sae.initialize(torch.Generator().manual_seed(cfg.seed), mean.to(device))
+    if sample is not None:
+        sae.calibrate(sample[:CALIBRATION_TOKENS].to(device) * scale, target_l0(cfg))
     opt = make_optimizer(sae, 0.0, device)  # train_step sets the rate of every step
-    return TrainState(sae, opt, torch.zeros(scfg.d_sae, dtype=torch.long, device=device))
+    coefficient = cfg.sparsity_coefficient or DEFAULT_SPARSITY.get(cfg.architecture, 0.0)
+    since = torch.zeros(scfg.d_sae, dtype=torch.long, device=device)
+    return TrainState(sae, opt, since, coefficient=coefficient)
+
+
+def steer(coefficient: float, l0: float, target: float) -> float:
+    """The sparsity coefficient for the next step: raised where the batch's L0 lay above the
+    target, lowered where below, by at most STEER_LIMIT in log space per step."""
+    change = STEER_GAIN * math.log(max(l0, 0.1) / target)
+    return coefficient * math.exp(min(max(change, -STEER_LIMIT), STEER_LIMIT))
 
 
 def train_step(
@@ -278,8 +326,8 @@ def train_step(
         dtype=dtype,
         dead=state.since_fired >= cfg.dead_tokens if cfg.auxk_alpha > 0 else None,
         auxk_alpha=cfg.auxk_alpha,
-        sparsity_coefficient=cfg.sparsity_coefficient
-        or DEFAULT_SPARSITY.get(cfg.architecture, 0.0),
+        sparsity_coefficient=state.coefficient,
+        target_l0=target_l0(cfg),
     )
     out = train_forward(sae, x, settings)
     if not torch.isfinite(out.loss):
@@ -298,6 +346,8 @@ def train_step(
         sae.normalize_decoder()
     if out.threshold is not None:
         sae.update_batch_threshold(out.threshold)
+    if cfg.sparsity_coefficient == 0 and cfg.architecture in STEERED:
+        state.coefficient = steer(state.coefficient, out.l0, target_l0(cfg))
     state.since_fired += x.shape[0]
     state.since_fired[out.fired] = 0
     state.step += 1
@@ -335,8 +385,10 @@ def train_sae(
     # "auto" resolves otherwise, since it could not continue exactly.
     made_on = {"dtype": dtype_name(dtype), "device": device.type}
     ckpt_key = settings_hash(key, made_on["dtype"], made_on["device"])
-    scale, mean = input_statistics(store, tokens)
-    state = new_state(cfg, store.d_model, scale, mean, device)
+    sample = input_sample(store, tokens)
+    scale, mean = input_statistics(store, tokens, sample)
+    state = new_state(cfg, store.d_model, scale, mean, device, sample)
+    del sample
     resumed = load_checkpoint(path, state, ckpt_key, made_on)
 
     stream = batch_stream(store, cfg, tokens)
