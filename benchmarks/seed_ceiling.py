@@ -48,6 +48,8 @@ ARCHS = ("topk", "relu")
 WIDTHS = (8, 16)
 MIN_FIRES = 20
 THRESHOLD = 0.5
+SAME_WITHIN = 0.01
+"""Shares closer than this are called no clear difference (one percentage point)."""
 
 
 def trained(store: Store, cfg: TrainConfig, folder: Path) -> Sae:
@@ -139,18 +141,26 @@ def main() -> None:
     for model in MODELS:
         for arch in ARCHS:
             narrow, wide = results[(model, arch, 8)], results[(model, arch, 16)]
-            agree = "agrees" if wide < narrow else "DOES NOT agree"
             print(
                 f"{model} {arch}: overlap {100 * narrow:.1f}% at 8x, {100 * wide:.1f}% at 16x: "
-                f"{agree} with 'overlap falls as width grows'"
+                f"{verdict(narrow - wide)} 'overlap falls as width grows'"
             )
         for width in WIDTHS:
             topk, relu = results[(model, "topk", width)], results[(model, "relu", width)]
-            agree = "agrees" if relu > topk else "DOES NOT agree"
             print(
-                f"{model} {width}x: ReLU {100 * relu:.1f}% vs TopK {100 * topk:.1f}%: {agree} "
-                "with 'ReLU-L1 SAEs are more seed-stable than TopK ones'"
+                f"{model} {width}x: ReLU {100 * relu:.1f}% vs TopK {100 * topk:.1f}%: "
+                f"{verdict(relu - topk)} 'ReLU-L1 SAEs are more seed-stable than TopK ones'"
             )
+
+
+def verdict(difference: float) -> str:
+    """Whether a difference of shares backs an ordering: agrees past one percentage point
+    either way, else says there is no clear difference."""
+    if difference > SAME_WITHIN:
+        return "agrees with"
+    if difference < -SAME_WITHIN:
+        return "DOES NOT agree with"
+    return f"no clear difference (within {100 * SAME_WITHIN:.0f} point): neither backs nor refutes"
 
 
 if __name__ == "__main__":

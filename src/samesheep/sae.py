@@ -482,31 +482,60 @@ def topk_forward(sae: Sae, x: Tensor, s: StepSettings) -> ForwardOutput:
 
 
 def batchtopk_forward(sae: Sae, x: Tensor, s: StepSettings) -> ForwardOutput:
-    """BatchTopK: the k * tokens largest activations of the whole batch. Each token's
-    BATCHTOPK_CAP * k largest pre-activations are the candidates (through the sparse TopK
-    encoder, so no dense [tokens, d_sae] matrix or gradient exists), the batch's global top
-    k * tokens are kept among them, and the kept ones are decoded sparsely, as TopK's."""
-    n, k = x.shape[0], sae.cfg.k
-    cap = min(sae.cfg.d_sae, BATCHTOPK_CAP * k)
-    vals, idx = TopKEncode.apply(x, sae.b_dec, sae.W_enc, sae.b_enc, cap, s.dtype)
-    flat = vals.detach().flatten()
-    top = flat.topk(min(k * n, flat.numel()), sorted=False).indices
-    keep = torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, top, True).view_as(vals)
-    keep &= vals.detach() > 0
-    vals = vals * keep  # the others' values, and gradients, are zero
-    err = gather_decode(sae.W_dec, vals, idx) + sae.b_dec - x
+    """BatchTopK: the k * tokens largest activations of the whole batch (among each token's
+    BATCHTOPK_CAP * k largest), encoded and decoded sparsely, as TopK's."""
+    values, latents, offsets = BatchTopKEncode.apply(
+        x, sae.b_dec, sae.W_enc, sae.b_enc, sae.cfg.k, s.dtype
+    )
+    err = gather_decode(sae.W_dec, values, latents, offsets) + sae.b_dec - x
     fvu = fvu_of(err, x)
     aux = auxk_loss(sae, x, err, s.dead, s.dtype)
-    kept = flat[keep.flatten()]
     return ForwardOutput(
         fvu + s.auxk_alpha * aux,
         fvu.detach(),
-        _fired(sae.cfg.d_sae, idx[keep], x.device),
-        kept.numel() / n,
+        _fired(sae.cfg.d_sae, latents, x.device),
+        values.numel() / x.shape[0],
         float(aux.detach()),
         0.0,
-        float(kept.min()) if kept.numel() else None,
+        float(values.detach().min()) if values.numel() else None,
     )
+
+
+class BatchTopKEncode(torch.autograd.Function):
+    """BatchTopK's selection without a dense [tokens, d_sae] matrix or gradient: each chunk
+    of tokens keeps its BATCHTOPK_CAP * k largest pre-activations per token, the batch's
+    k * tokens largest positive ones among those are kept, and only they enter the backward
+    pass (the sparse product of TopKEncode). Returns values [nnz], latents [nnz] and offsets
+    [tokens + 1] (CSR, by token)."""
+
+    @staticmethod
+    def forward(ctx, x, b_dec, W_enc, b_enc, k: int, dtype: torch.dtype):
+        xc = x - b_dec
+        n, cap = x.shape[0], min(W_enc.shape[0], BATCHTOPK_CAP * k)
+        w, b = W_enc.to(dtype), b_enc.to(dtype)
+        parts = [
+            F.linear(c.to(dtype), w, b).topk(cap, dim=-1, sorted=False)
+            for c in xc.split(ENCODE_CHUNK)
+        ]
+        vals = torch.cat([p.values for p in parts]).float()  # [n, cap]
+        idx = torch.cat([p.indices for p in parts])
+        flat = vals.flatten()
+        top = flat.topk(min(k * n, flat.numel()), sorted=False).indices
+        keep = torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, top, True)
+        keep = (keep & (flat > 0)).view(n, cap)
+        values, latents = vals[keep], idx[keep]  # row-major: sorted by token
+        offsets = torch.zeros(n + 1, dtype=torch.long, device=x.device)
+        offsets[1:] = keep.sum(1).cumsum(0)
+        ctx.save_for_backward(xc, W_enc, latents, offsets)
+        ctx.mark_non_differentiable(latents, offsets)
+        return values, latents, offsets
+
+    @staticmethod
+    def backward(ctx, grad_values: Tensor, *_):
+        xc, W_enc, latents, offsets = ctx.saved_tensors
+        rows = torch.repeat_interleave(torch.arange(xc.shape[0], device=xc.device), offsets.diff())
+        grad_w, grad_b, grad_b_dec = sparse_encoder_grads(xc, W_enc, rows, latents, grad_values)
+        return None, grad_b_dec, grad_w, grad_b, None, None
 
 
 def _threshold_output(
