@@ -87,14 +87,19 @@ class SparseCodes(NamedTuple):
 
     def rows(self) -> Tensor:
         """[nnz] int64: the token (row) of each entry."""
-        counts = self.offsets.diff()
-        return torch.repeat_interleave(torch.arange(self.tokens, device=counts.device), counts)
+        return csr_rows(self.offsets)
 
     def to_dense(self, d_sae: int) -> Tensor:
         """[tokens, d_sae] float32."""
         out = self.values.new_zeros(self.tokens, d_sae)
         out[self.rows(), self.latents] = self.values
         return out
+
+
+def csr_rows(offsets: Tensor) -> Tensor:
+    """[nnz] int64: the row of each entry of a CSR layout with these offsets [rows + 1]."""
+    counts = offsets.diff()
+    return torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
 
 
 def sparse_from_dense(acts: Tensor) -> SparseCodes:
@@ -415,7 +420,7 @@ class ThresholdEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_values: Tensor, *_):
         xc, W_enc, theta, values, latents, offsets, in_band = ctx.saved_tensors
-        rows = torch.repeat_interleave(torch.arange(xc.shape[0], device=xc.device), offsets.diff())
+        rows = csr_rows(offsets)
         g = torch.where(values > 0, grad_values, 0.0)  # d value / d pre: 1 above, else 0
         grad_w, grad_b, grad_b_dec = sparse_encoder_grads(xc, W_enc, rows, latents, g)
         grad_theta = None
@@ -533,7 +538,7 @@ class BatchTopKEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_values: Tensor, *_):
         xc, W_enc, latents, offsets = ctx.saved_tensors
-        rows = torch.repeat_interleave(torch.arange(xc.shape[0], device=xc.device), offsets.diff())
+        rows = csr_rows(offsets)
         grad_w, grad_b, grad_b_dec = sparse_encoder_grads(xc, W_enc, rows, latents, grad_values)
         return None, grad_b_dec, grad_w, grad_b, None, None
 
