@@ -168,3 +168,37 @@ def test_every_architecture_gets_its_floor_and_seed_ceiling(run, env, tmp_path, 
     for role in ("raw", "floor", "ceiling"):
         assert 0 <= raw[role]["share_r0.5"] <= 1, role
     assert raw["ceiling"]["judged"] > 0
+
+
+def test_the_ceiling_can_use_another_architecture(run, env, tmp_path):
+    """compare.ceiling_architecture trains the second-seed SAEs with another architecture,
+    kept in their own folders beside the main ones; the summary and the report say which."""
+    from helpers import copy_run
+
+    _, run_dir, args, _ = run
+    copy, cargs = copy_run(run_dir, args, tmp_path / "copy")
+    res = cli("run", *cargs, "--set", 'compare.ceiling_architecture="relu"', env=env)
+    assert res.returncode == 0, res.stderr
+
+    def arch(sae: str) -> str:
+        return json.loads((copy / sae / "cfg.json").read_text())["samesheep"]["architecture"]
+
+    assert arch("llama0/layer_1/sae") == "topk"
+    assert arch("llama0/layer_1/sae-seed1") == "topk"  # the default ceiling's SAE, kept
+    assert arch("llama0/layer_1/sae-seed1-relu") == "relu"
+    assert arch("gpt20/layer_1/sae-seed1-relu") == "relu"
+    summary = json.loads((copy / "compare" / "llama0__gpt20" / "summary.json").read_text())
+    assert (summary["architecture"], summary["ceiling_architecture"]) == ("topk", "relu")
+    raw = summary["headline"]["raw"]["a_to_b"]
+    assert raw["ceiling"]["judged"] > 0 and 0 <= raw["ceiling"]["share_r0.5"] <= 1
+    first = json.loads((run_dir / "compare" / "llama0__gpt20" / "summary.json").read_text())
+    assert first["ceiling_architecture"] == "topk"
+    page = (copy / "report" / "index.html").read_text()
+    assert "a second relu SAE on" in page
+
+
+def test_an_unknown_ceiling_architecture_is_one_line(run, env):
+    args = run[2]
+    res = cli("extract", *args, "--set", 'compare.ceiling_architecture="gated"', env=env)
+    assert_one_line_error(res)
+    assert "compare.ceiling_architecture" in res.stderr

@@ -180,6 +180,11 @@ class CompareConfig:
     ceiling: bool = True
     """Also train a second SAE (train.seed + 1) on each model and layer and compare it with
     the first on the same units: the ceiling."""
+    ceiling_architecture: str = ""
+    """Architecture of the ceiling's second-seed SAEs ("topk", "batchtopk", "jumprelu" or
+    "relu"); empty: train.architecture, so the ceiling is the main SAEs' own. Another one
+    measures how seed-stable that architecture is on the same units (its SAEs are kept
+    apart, in sae-seed<N>-<architecture>)."""
     null: bool = True
     """Also compare with one model's units circularly shifted inside each document (topic
     kept, alignment broken), and with documents paired across: the nulls."""

@@ -28,6 +28,7 @@ from .models import (
     safe_name,
 )
 from .progress import say, step
+from .sae import ARCHITECTURES
 from .sae_files import load_sae, save_sae
 from .store import SPLITS, Store, TokenFilter, open_store
 from .train import filter_counts, token_filter, train_sae
@@ -109,6 +110,8 @@ class SaeRun:
     sae_name: str
     seed: int
     spliced: bool
+    architecture: str = ""
+    """Its architecture where it is not train.architecture (a ceiling's, by setting)."""
 
     @property
     def main(self) -> bool:
@@ -124,8 +127,22 @@ def random_copy(source: str) -> str:
     return source if source.startswith(RANDOM_PREFIX) else RANDOM_PREFIX + source
 
 
+def ceiling_architecture(cfg: Config) -> str:
+    """The ceiling SAEs' architecture (compare.ceiling_architecture, or train's), checked."""
+    arch = cfg.compare.ceiling_architecture or cfg.train.architecture
+    if arch not in ARCHITECTURES:
+        raise SamesheepError(
+            f"unknown SAE architecture {arch!r} in compare.ceiling_architecture "
+            f"(use {', '.join(ARCHITECTURES)})"
+        )
+    return arch
+
+
 def ceiling_name(cfg: Config) -> str:
-    return f"sae-seed{cfg.train.seed + 1}"
+    """The ceiling SAEs' folder: sae-seed<N>, with the architecture where it is another."""
+    arch = ceiling_architecture(cfg)
+    name = f"sae-seed{cfg.train.seed + 1}"
+    return name if arch == cfg.train.architecture else f"{name}-{arch}"
 
 
 def sae_runs(cfg: Config) -> list[SaeRun]:
@@ -140,7 +157,8 @@ def sae_runs(cfg: Config) -> list[SaeRun]:
             if random_copy(m) not in cfg.models
         ]
     if comparing(cfg) and cfg.compare.ceiling:
-        runs += [SaeRun(m, ceiling_name(cfg), seed + 1, False) for m in cfg.models]
+        arch = ceiling_architecture(cfg)
+        runs += [SaeRun(m, ceiling_name(cfg), seed + 1, False, arch) for m in cfg.models]
     return runs
 
 
@@ -302,7 +320,9 @@ def _train_layer(
     source = sr.source
     if cfg.train.pretrained:
         return _pretrained_layer(cfg, source, layer, store, layer_dir)
-    train_cfg = dataclasses.replace(cfg.train, seed=sr.seed)
+    train_cfg = dataclasses.replace(
+        cfg.train, seed=sr.seed, architecture=sr.architecture or cfg.train.architecture
+    )
     settings = {k: v for k, v in dataclasses.asdict(train_cfg).items() if k not in NOT_IN_TRAIN_KEY}
     settings["dtype"] = dtype_name(choose_dtype(train_cfg.dtype, choose_device(train_cfg.device)))
     key = settings_hash(SAE_VERSION, store.manifest["key"], settings)
@@ -871,6 +891,8 @@ def _compare_pair(cfg: Config, inp: Any, out: Path, key: str) -> dict[str, Any]:
         "settings": dataclasses.asdict(cfg.compare),
         "floor": inp.floor is not None,
         "ceiling": inp.ceiling is not None,
+        "architecture": cfg.train.architecture,
+        "ceiling_architecture": ceiling_architecture(cfg) if inp.ceiling is not None else None,
         "seconds": round(time.perf_counter() - start, 1),
     }
     summary["verdict"] = verdict(inp.a.model, inp.b.model, numbers)

@@ -55,8 +55,10 @@ def answer_sentences(summary: dict[str, Any], a: str, b: str) -> list[str]:
                 f"units shifted inside each document give {percent(e['null'][KEY])} (the null)"
             )
         if "ceiling" in e:
+            arch = summary.get("ceiling_architecture")
+            kind = f"{arch} " if arch and arch != summary.get("architecture") else ""
             refs.append(
-                f"a second SAE on {x} with another seed gives "
+                f"a second {kind}SAE on {x} with another seed gives "
                 f"{percent(e['ceiling'][KEY])} (the ceiling)"
             )
         if refs:
