@@ -335,3 +335,32 @@ def test_a_whole_document_window_is_cut_around_its_peak():
     for lo, hi in zip(short.starts, short.ends, strict=True):
         assert short.text[lo:hi].startswith("w")  # every kept span still points at its token
     assert window("a b c", [1], [1.0]).clipped(200).text == "a b c"
+
+
+def test_without_usable_explanations_the_baseline_is_another_latents_statistical_label():
+    """An explainer that says nothing usable (a 135M model answering with the prompt's
+    lead-in) still leaves every latent a baseline: another latent's statistical label."""
+    from types import SimpleNamespace
+
+    from samesheep.config import InterpretConfig
+    from samesheep.interpret.stage import _label_jobs
+
+    k = ("m", 3)
+    info = SimpleNamespace(labels={0: "rivers", 1: "numbers", 2: "names", 3: ""})
+    examples = {k: {i: SimpleNamespace(scoring=f"windows {i}") for i in range(4)}}
+    chosen = np.array([0, 1, 2, 3])
+
+    def baselines(explained: dict[int, str]) -> list:
+        jobs = _label_jobs(k, info, chosen, {k: explained}, {}, InterpretConfig(), {}, {},
+                           examples)  # fmt: skip
+        return [j for j in jobs if j.source == "random"]
+
+    empty = baselines({i: "" for i in range(4)})
+    assert sorted(j.latent for j in empty) == [0, 1, 2, 3]
+    for j in empty:
+        assert j.from_latent != j.latent and j.label == info.labels[j.from_latent]
+        assert j.windows == f"windows {j.latent}"  # scored on the latent's own windows
+    # with explanations, the baseline is another latent's explanation, as before
+    said = {0: "water", 1: "digits", 2: "people", 3: ""}
+    for j in baselines(said):
+        assert j.from_latent != j.latent and j.label == said[j.from_latent]

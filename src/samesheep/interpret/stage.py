@@ -30,7 +30,7 @@ from .backends import Calls, Request, make_backend
 from .prompts import Example, clean_explanation, explain_messages
 from .scoring import Questions, ScoreSet, detection, fuzzing
 
-INTERPRET_VERSION = 1
+INTERPRET_VERSION = 2
 """Bump when the stage changes what it writes for the same inputs."""
 NOT_IN_KEY = ("enabled", "concurrency", "timeout", "retries", "api_key_env")
 """Settings that do not change the answers (and, for the key's variable, nothing secret is
@@ -301,11 +301,14 @@ def _label_jobs(
     examples: dict[tuple[str, int], dict[int, LatentExamples]],
 ) -> list[LabelJob]:
     """Every label of every chosen latent, on its own windows, and its explanation on the
-    best partner's windows in each compared model."""
+    best partner's windows in each compared model. The baseline ("random") is another
+    latent's explanation, or where no other latent has a usable one, another chosen latent's
+    statistical label, so that no SAE is left without a baseline."""
     model, layer = k
     mine = explained[k]
     rng = np.random.default_rng([ic.seed, layer, 1])
     others = [i for i in mine if mine[i]]
+    statistical = [int(j) for j in chosen if info.labels.get(int(j))]
     jobs = []
     for i in (int(x) for x in chosen):
         own = examples[k][i].scoring
@@ -314,9 +317,13 @@ def _label_jobs(
         if (model, i) in user:
             labels.append(("user", user[(model, i)], i))
         pool = [j for j in others if j != i]
+        spare = [j for j in statistical if j != i]
         if pool:  # the baseline: another latent's explanation
             j = int(rng.choice(pool))
             labels.append(("random", mine[j], j))
+        elif spare:  # none usable: another latent's statistical label
+            j = int(rng.choice(spare))
+            labels.append(("random", info.labels[j], j))
         for source, label, from_latent in labels:
             if label:
                 jobs.append(LabelJob(i, source, label, from_latent, here, np.nan, own))
