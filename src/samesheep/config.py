@@ -90,9 +90,9 @@ class TrainConfig:
     """A latent that has not fired for this many training tokens counts as dead (for AuxK).
     Short, because runs here are short: most latents die within the first hundred steps."""
     sparsity_coefficient: float = 0.0
-    """Weight of the sparsity penalty: L0 for jumprelu, decoder-norm-weighted L1 for relu;
-    0 means steered during training (from jumprelu 0.002, relu 0.02) so that the batches'
-    L0 holds at target_l0."""
+    """Weight of the sparsity penalty: (L0 / target_l0 - 1)^2 for jumprelu (0 means 1.0),
+    decoder-norm-weighted L1 for relu (0 means steered during training, from 0.02, so that
+    the batches' L0 holds at target_l0)."""
     target_l0: float = 0.0
     """L0 that jumprelu and relu SAEs start at and are steered to; 0 means k."""
     buffer_tokens: int = 131_072
