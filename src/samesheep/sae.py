@@ -492,18 +492,8 @@ def batchtopk_forward(sae: Sae, x: Tensor, s: StepSettings) -> ForwardOutput:
     values, latents, offsets = BatchTopKEncode.apply(
         x, sae.b_dec, sae.W_enc, sae.b_enc, sae.cfg.k, s.dtype
     )
-    err = gather_decode(sae.W_dec, values, latents, offsets) + sae.b_dec - x
-    fvu = fvu_of(err, x)
-    aux = auxk_loss(sae, x, err, s.dead, s.dtype)
-    return ForwardOutput(
-        fvu + s.auxk_alpha * aux,
-        fvu.detach(),
-        _fired(sae.cfg.d_sae, latents, x.device),
-        values.numel() / x.shape[0],
-        float(aux.detach()),
-        0.0,
-        float(values.detach().min()) if values.numel() else None,
-    )
+    smallest = float(values.detach().min()) if values.numel() else None
+    return _sparse_output(sae, x, values, latents, offsets, s, threshold=smallest)
 
 
 class BatchTopKEncode(torch.autograd.Function):
@@ -543,22 +533,28 @@ class BatchTopKEncode(torch.autograd.Function):
         return None, grad_b_dec, grad_w, grad_b, None, None
 
 
-def _threshold_output(
-    sae: Sae, x: Tensor, values: Tensor, latents: Tensor, offsets: Tensor, penalty: Tensor,
-    s: StepSettings,
+def _sparse_output(
+    sae: Sae, x: Tensor, values: Tensor, latents: Tensor, offsets: Tensor, s: StepSettings,
+    penalty: Tensor | None = None, threshold: float | None = None,
 ) -> ForwardOutput:  # fmt: skip
+    """The training output of sparse codes (CSR, by token): decoded, with the AuxK loss and,
+    where given, the sparsity penalty (jumprelu, relu) or the smallest kept value
+    (batchtopk)."""
     err = gather_decode(sae.W_dec, values, latents, offsets) + sae.b_dec - x
     fvu = fvu_of(err, x)
     aux = auxk_loss(sae, x, err, s.dead, s.dtype)
+    loss = fvu + s.auxk_alpha * aux
+    if penalty is not None:
+        loss = loss + s.sparsity_coefficient * penalty
     active = values.detach() > 0
     return ForwardOutput(
-        fvu + s.sparsity_coefficient * penalty + s.auxk_alpha * aux,
+        loss,
         fvu.detach(),
         _fired(sae.cfg.d_sae, latents[active], x.device),
         float(active.sum()) / x.shape[0],
         float(aux.detach()),
-        float(penalty.detach()),
-        None,
+        float(penalty.detach()) if penalty is not None else 0.0,
+        threshold,
     )
 
 
@@ -573,7 +569,7 @@ def jumprelu_forward(sae: Sae, x: Tensor, s: StepSettings) -> ForwardOutput:
     band = torch.bincount(latents[in_band], minlength=sae.cfg.d_sae).float() / x.shape[0]
     l0 = float((values.detach() > 0).sum()) / x.shape[0]
     penalty = (BandL0.apply(theta, band, l0, eps) / s.target_l0 - 1).pow(2)
-    return _threshold_output(sae, x, values, latents, offsets, penalty, s)
+    return _sparse_output(sae, x, values, latents, offsets, s, penalty)
 
 
 def relu_forward(sae: Sae, x: Tensor, s: StepSettings) -> ForwardOutput:
@@ -584,7 +580,7 @@ def relu_forward(sae: Sae, x: Tensor, s: StepSettings) -> ForwardOutput:
     )
     norms = torch.linalg.vector_norm(sae.W_dec, dim=1)
     penalty = (values * norms[latents]).sum() / x.shape[0]
-    return _threshold_output(sae, x, values, latents, offsets, penalty, s)
+    return _sparse_output(sae, x, values, latents, offsets, s, penalty)
 
 
 FORWARDS: dict[str, Callable[[Sae, Tensor, StepSettings], ForwardOutput]] = {
