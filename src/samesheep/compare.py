@@ -17,7 +17,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .alignment import Units
-from .correlation import VIEWS, TopPartners, correlation_blocks
+from .correlation import HALVES, VIEWS, TopPartners, correlation_blocks
 from .matching import candidate_pairs
 
 DIRECTIONS = ("a_to_b", "b_to_a")
@@ -48,6 +48,7 @@ class Measurement:
     group_n: np.ndarray  # [G] units per document group
     group_cross: np.ndarray  # [G, pairs] sum of a_i b_j over each group's units
     group_moments: dict[str, np.ndarray] = field(default_factory=dict)  # [G, m] sums, squares
+    half_of_group: np.ndarray | None = None  # [G] 0 or 1: the halves of the cross-fitting
 
     @property
     def m_a(self) -> int:
@@ -64,12 +65,21 @@ def measure(
     text: np.ndarray | None,
     group: np.ndarray,
     s: Settings,
+    halves: bool = False,
 ) -> Measurement:
     """Correlate every latent of a with every latent of b over the units (rows), keeping the
     top partners of each latent in every view, and the per-group sums the jackknife needs
-    for the raw view. `group` [units] is each unit's document group (0..G-1)."""
+    for the raw view. `group` [units] is each unit's document group (0..G-1). `halves` also
+    keeps the raw view's top partners on each half of the groups alone (for cross-fitting;
+    see crossfit_best), where both halves hold units."""
     m_a, m_b = a.shape[1], b.shape[1]
+    n_groups = int(group.max()) + 1 if len(group) else 0
+    half_of_group = group_halves(n_groups) if halves else None
+    half = half_of_group[group] if half_of_group is not None else None
+    if half is not None and (half.all() or not half.any()):
+        half_of_group = half = None  # one half holds no unit: nothing to cross-fit
     views = VIEWS if text is not None and s.residual else ("raw",)
+    views += HALVES if half is not None else ()
     partners = {v: TopPartners(m_a, m_b, s.partners) for v in views}
 
     def visit(rows: slice, r: dict[str, np.ndarray]) -> None:
@@ -77,12 +87,15 @@ def measure(
             if v in partners:
                 partners[v].add(rows, block)
 
-    correlation_blocks(a, b, text if len(views) > 1 else None, visit, s.block)
+    use_text = text if text is not None and s.residual else None
+    correlation_blocks(a, b, use_text, visit, s.block, half)
     for p in partners.values():
         p.finish()
-    raw = partners["raw"]
-    ci, cj, _ = candidate_pairs(raw.a_idx, raw.a_val, raw.b_idx, raw.b_val)
-    n_groups = int(group.max()) + 1 if len(group) else 0
+    # candidates: the top partners of either side on all units and on each half
+    found = [candidate_pairs(p.a_idx, p.a_val, p.b_idx, p.b_val) for v, p in partners.items()
+             if v == "raw" or v in HALVES]  # fmt: skip
+    key = np.unique(np.concatenate([i * m_b + j for i, j, _ in found]))
+    ci, cj = key // m_b, key % m_b
     g_n, g_cross, g_mom = group_sums(a, b, group, n_groups, ci, cj)
     return Measurement(
         n_units=a.shape[0],
@@ -94,7 +107,14 @@ def measure(
         group_n=g_n,
         group_cross=g_cross,
         group_moments=g_mom,
+        half_of_group=half_of_group,
     )
+
+
+def group_halves(n_groups: int) -> np.ndarray:
+    """[G] the half (0 or 1) of each document group: the first ceil(G/2) groups, the rest
+    (the groups are documents dealt at random, so each half is a random half of them)."""
+    return (np.arange(n_groups) >= (n_groups + 1) // 2).astype(np.int64)
 
 
 def group_sums(
@@ -127,6 +147,11 @@ def candidate_r(m: Measurement, drop: np.ndarray | None = None) -> np.ndarray:
     """[pairs] Pearson r of every candidate pair over the units of the groups not in `drop`
     (a boolean [G] mask; None: all units)."""
     keep = np.ones(len(m.group_n), dtype=bool) if drop is None else ~drop
+    return _r_over(m, keep)
+
+
+def _r_over(m: Measurement, keep: np.ndarray) -> np.ndarray:
+    """[pairs] Pearson r of every candidate pair over the units of the groups in `keep`."""
     n = m.group_n[keep].sum()
     if n == 0:
         return np.zeros(len(m.cand_i))
@@ -148,6 +173,45 @@ def best_from_candidates(m: Measurement, r: np.ndarray) -> tuple[np.ndarray, np.
     np.maximum.at(best_a, m.cand_i, r)
     np.maximum.at(best_b, m.cand_j, r)
     return best_a, best_b
+
+
+def crossfit_best(
+    m: Measurement, drop: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """([m_a], [m_b], [m_a], [m_b]) each latent's cross-fitted best r and its partners: the
+    partner chosen on one half of the document groups, its r measured on the other half, both
+    ways round, averaged (choosing the best of ~10k candidates on the units that also measure
+    it inflates r, most for rare latents). The partners are those chosen on the first half.
+    `drop` ([G] boolean) leaves groups out of both halves, for the jackknife."""
+    if m.half_of_group is None:
+        raise ValueError("this measurement kept no halves to cross-fit")
+    left = np.zeros(len(m.group_n), dtype=bool) if drop is None else drop
+    r_half = [_r_over(m, (m.half_of_group == h) & ~left) for h in (0, 1)]
+    out = []
+    for mine, theirs, n in ((m.cand_i, m.cand_j, m.m_a), (m.cand_j, m.cand_i, m.m_b)):
+        value = np.zeros(n)
+        chosen_first = np.full(n, -1, dtype=np.int64)
+        for h in (0, 1):
+            pick = _best_candidate(mine, r_half[h], n)  # chosen on half h
+            ok = pick >= 0
+            value[ok] += r_half[1 - h][pick[ok]] / 2  # measured on the other
+            if h == 0:
+                chosen_first[ok] = theirs[pick[ok]]
+        out.append((value, chosen_first))
+    (best_a, partner_a), (best_b, partner_b) = out
+    return best_a, best_b, partner_a, partner_b
+
+
+def _best_candidate(owner: np.ndarray, r: np.ndarray, n: int) -> np.ndarray:
+    """[n] the index (into the candidates) of each latent's candidate of highest r; -1 where
+    a latent has none with r > 0 (one that is constant on the half chooses nothing: a tie
+    broken by index could pick the partner the other half found, and leak it back)."""
+    order = np.lexsort((-r, owner))
+    first = order[np.flatnonzero(np.diff(owner[order], prepend=-1))]
+    first = first[r[first] > 0]
+    out = np.full(n, -1, dtype=np.int64)
+    out[owner[first]] = first
+    return out
 
 
 # ---------------------------------------------------------------- headline numbers
@@ -232,20 +296,29 @@ def jackknife(
     return estimate - z * se, estimate + z * se, se
 
 
-def leave_one_out(m: Measurement, s: Settings, direction: str) -> list[dict[str, float]]:
-    """The direction's headline with each document group left out in turn (best partners
-    searched among the candidate pairs, which hold them but where the data barely changes)."""
+def dropped_best(m: Measurement, direction: str, crossfit: bool = False) -> list[np.ndarray]:
+    """[G] the direction's best r per latent with each document group left out in turn (best
+    partners searched among the candidate pairs, which hold them but where the data barely
+    changes): in-sample, or cross-fitted (crossfit_best)."""
     out = []
     for g in range(len(m.group_n)):
         drop = np.zeros(len(m.group_n), dtype=bool)
         drop[g] = True
-        best_a, best_b = best_from_candidates(m, candidate_r(m, drop))
-        if direction == "a_to_b":
-            fires = m.fires_a  # the judged set stays that of all the units
-            out.append(headline(best_a, fires, s))
+        if crossfit:
+            best_a, best_b, _, _ = crossfit_best(m, drop)
         else:
-            out.append(headline(best_b, m.fires_b, s))
+            best_a, best_b = best_from_candidates(m, candidate_r(m, drop))
+        out.append(best_a if direction == "a_to_b" else best_b)
     return out
+
+
+def leave_one_out(
+    m: Measurement, s: Settings, direction: str, crossfit: bool = False
+) -> list[dict[str, float]]:
+    """The direction's headline with each document group left out in turn (the judged set
+    stays that of all the units)."""
+    fires = m.fires_a if direction == "a_to_b" else m.fires_b
+    return [headline(best, fires, s) for best in dropped_best(m, direction, crossfit)]
 
 
 def share_curve(

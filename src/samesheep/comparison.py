@@ -20,19 +20,20 @@ from .compare import (
     across_documents,
     by_decile,
     candidate_r,
+    crossfit_best,
     curve,
     document_groups,
+    dropped_best,
     headline,
     histogram,
     jackknife,
-    leave_one_out,
     measure,
     mutual_count,
     share_curve,
     shifted_within_documents,
 )
 from .config import CompareConfig
-from .correlation import unit_codes
+from .correlation import HALVES, unit_codes
 from .errors import SamesheepError
 from .geometry import rsa_test, svcca_test
 from .matching import assignment, families
@@ -139,7 +140,13 @@ def _side_matrix(side: Side, units: Units, which: str, how: str) -> Any:
 
 
 def run_pair(inp: PairInputs, cfg: CompareConfig) -> dict[str, Any]:
-    """Every measurement of one pair; returns the summary, the tables and the measurements."""
+    """Every measurement of one pair; returns the summary, the tables and the measurements.
+
+    Each direction holds its source latents fixed and changes only the target: A's latents
+    against B's SAE (the number), against the SAE of B's untrained copy (the floor) and
+    against A's second-seed SAE (the ceiling). The two untrained copies' SAEs matched to
+    each other are kept as a diagnostic, and each SAE against its own untrained copy gives,
+    with the floor, every latent's surface score."""
     s = settings_of(cfg)
     units = common_units(inp, cfg)
     if len(units) < 2 * cfg.min_fires:
@@ -152,9 +159,9 @@ def run_pair(inp: PairInputs, cfg: CompareConfig) -> dict[str, Any]:
     label = f"compare {inp.a.model} / {inp.b.model}"
     runs: dict[str, Measurement] = {}
 
-    def run(name: str, what: str, *args: Any) -> None:
+    def run(name: str, what: str, x: Any, y: Any, txt: Any, grp: Any, halves: bool) -> None:
         with step(f"{label}: {what}"):
-            runs[name] = measure(*args, s)
+            runs[name] = measure(x, y, txt, grp, s, halves)
 
     # One unit per document (per-text runs): no unit has another in its document to be
     # shifted onto, and no two units share a text, so the within-document null and the
@@ -162,29 +169,33 @@ def run_pair(inp: PairInputs, cfg: CompareConfig) -> dict[str, Any]:
     single = len(np.unique(units.doc)) == len(units)
     if len(np.unique(text)) == len(text):
         text = None
-    run("raw", f"the trained pair on {len(units):,} units", a, b, text, groups)
+    run("raw", f"the trained pair on {len(units):,} units", a, b, text, groups, True)
     if inp.floor is not None:
         fa, fb = inp.floor
         fa, fb = _side_matrix(fa, units, "a", how), _side_matrix(fb, units, "b", how)
-        run("floor", "the random-weights floor", fa, fb, text, groups)
+        run("floor_a", "A's latents against B's untrained copy (floor)", a, fb, text, groups, True)
+        run("floor_b", "B's latents against A's untrained copy (floor)", b, fa, text, groups, True)
+        run("surface_a", "A's latents against its own untrained copy", a, fa, None, groups, False)
+        run("surface_b", "B's latents against its own untrained copy", b, fb, None, groups, False)
+        run("untrained_pair", "the two untrained copies (diagnostic)", fa, fb, None, groups, False)
     if inp.ceiling is not None:
         ca, cb = inp.ceiling
         ca, cb = _side_matrix(ca, units, "a", how), _side_matrix(cb, units, "b", how)
-        run("ceiling_a", "the seed ceiling of A", a, ca, text, groups)
-        run("ceiling_b", "the seed ceiling of B", b, cb, text, groups)
+        run("ceiling_a", "the seed ceiling of A", a, ca, text, groups, True)
+        run("ceiling_b", "the seed ceiling of B", b, cb, text, groups, True)
     if cfg.null and not single:
         perm = shifted_within_documents(units, cfg.seed)
-        run("null", "the within-document null", a, b[perm], None, groups)
+        run("null", "the within-document null", a, b[perm], None, groups, False)
     if cfg.null:
         if single:
             ra, rb = other_document(units, cfg.seed)
         else:
             ra, rb = across_documents(units, seed=cfg.seed)
         if len(ra) >= 2 * cfg.min_fires:
-            run("across", "the across-document null", a[ra], b[rb], None, groups[ra])
+            run("across", "the across-document null", a[ra], b[rb], None, groups[ra], False)
     heldout = np.flatnonzero(units.doc >= inp.n_train_docs)
     if len(heldout) >= 2 * cfg.min_fires:
-        run("heldout", "the held-out check", a[heldout], b[heldout], None, groups[heldout])
+        run("heldout", "the held-out check", a[heldout], b[heldout], None, groups[heldout], False)
     return {"units": units, "runs": runs, "settings": s, "a": a, "b": b}
 
 
@@ -201,12 +212,30 @@ def other_document(units: Units, seed: int) -> tuple[np.ndarray, np.ndarray]:
 # ---------------------------------------------------------------- the numbers
 
 
-def direction_of(run: str, direction: str) -> tuple[str, str]:
-    """(measurement, its direction) that gives a direction's number for a role: the ceiling
-    of a -> b is a's seed pair, read a -> its seed; that of b -> a is b's, read b -> its seed."""
-    if run == "ceiling":
-        return ("ceiling_a", "a_to_b") if direction == "a_to_b" else ("ceiling_b", "a_to_b")
-    return run, direction
+ROLES = ("raw", "floor", "ceiling", "untrained_pair", "null", "across", "heldout")
+"""Every number of a direction: the trained pair (raw), the fixed-source floor and ceiling,
+the two untrained copies matched to each other (a diagnostic), the nulls, held-out units."""
+
+SCALE = ("raw", "floor", "ceiling")
+"""The three numbers of one population, on which the normalised score is read."""
+
+SURFACE_R = 0.5
+"""A latent whose best r against either untrained copy's latents reaches this is a surface
+latent: what an untrained network with one of the two tokenizers already carries."""
+
+MIN_CROSSFIT_DOCUMENTS = 40
+"""Documents a comparison needs before its headline is the cross-fitted one (each half
+then holds at least 20); with fewer, the in-sample number is shown, and said so."""
+
+
+def direction_of(role: str, direction: str) -> tuple[str, str]:
+    """(measurement, its direction) that gives a direction's number for a role. The source
+    is held fixed: a -> b's floor is a against b's untrained copy (floor_a), its ceiling a
+    against its second seed (ceiling_a); b -> a's are floor_b and ceiling_b, each read from
+    its first side."""
+    if role in ("floor", "ceiling"):
+        return (f"{role}_a", "a_to_b") if direction == "a_to_b" else (f"{role}_b", "a_to_b")
+    return role, direction
 
 
 def best_of(m: Measurement, view: str, direction: str) -> tuple[np.ndarray, np.ndarray]:
@@ -214,17 +243,46 @@ def best_of(m: Measurement, view: str, direction: str) -> tuple[np.ndarray, np.n
     return (p.a_val[:, 0], m.fires_a) if direction == "a_to_b" else (p.b_val[:, 0], m.fires_b)
 
 
-def headline_table(runs: dict[str, Measurement], s: Settings) -> dict[str, Any]:
-    """For each view and direction: raw, floor, null, across, ceiling, held-out check and
-    normalised numbers, the interval of the raw and normalised ones (delete-one-group
-    jackknife over documents), the curve, deciles and mutual pairs."""
+def crossfit_of(m: Measurement, direction: str) -> tuple[np.ndarray, np.ndarray]:
+    """(cross-fitted best r [latents], fires) of one direction of a measurement."""
+    best_a, best_b, _, _ = crossfit_best(m)
+    return (best_a, m.fires_a) if direction == "a_to_b" else (best_b, m.fires_b)
+
+
+def surface_scores(runs: dict[str, Measurement]) -> dict[str, dict[str, np.ndarray]] | None:
+    """Per side ("a", "b"): each latent's best r against the latents of both untrained SAEs
+    (`r`), that partner (`partner`) and whose untrained copy holds it (`copy`: "a" or "b")."""
+    if not {"surface_a", "surface_b", "floor_a", "floor_b"} <= runs.keys():
+        return None
+    out = {}
+    for side, other in (("a", "b"), ("b", "a")):
+        own = runs[f"surface_{side}"].partners["raw"]  # against its own untrained copy
+        far = runs[f"floor_{side}"].partners["raw"]  # against the other's untrained copy
+        use_own = own.a_val[:, 0] >= far.a_val[:, 0]
+        out[side] = {
+            "r": np.where(use_own, own.a_val[:, 0], far.a_val[:, 0]),
+            "partner": np.where(use_own, own.a_idx[:, 0], far.a_idx[:, 0]),
+            "copy": np.where(use_own, side, other),
+        }
+    return out
+
+
+def headline_table(runs: dict[str, Measurement], s: Settings, n_docs: int) -> dict[str, Any]:
+    """For each view and direction: every role's numbers (ROLES), the normalised score
+    (raw - floor) / (ceiling - floor), curves, histograms and deciles; in the raw view also
+    the delete-one-group jackknife intervals, the cross-fitted numbers, the split into
+    surface latents and the rest, and `answer`: the numbers the headline shows (cross-fitted
+    where the run has MIN_CROSSFIT_DOCUMENTS documents, else in-sample)."""
+    surface = surface_scores(runs)
     out: dict[str, Any] = {}
     for view in runs["raw"].partners:
+        if view in HALVES:
+            continue
         out[view] = {}
         for direction in DIRECTIONS:
             entry: dict[str, Any] = {}
             curves, histograms, deciles = {}, {}, {}
-            for role in ("raw", "floor", "null", "across", "ceiling", "heldout"):
+            for role in ROLES:
                 name, d = direction_of(role, direction)
                 m = runs.get(name)
                 if m is None or view not in m.partners:
@@ -233,7 +291,7 @@ def headline_table(runs: dict[str, Measurement], s: Settings) -> dict[str, Any]:
                 entry[role] = headline(best, fires, s)
                 curves[role] = curve(best, fires, s)
                 histograms[role] = histogram(best, fires, s)
-                if role in ("raw", "floor", "ceiling"):
+                if role in SCALE:
                     deciles[role] = by_decile(best, fires, s, HEADLINE_R)
             entry["curve"] = curves["raw"]
             entry["curves"] = curves
@@ -242,8 +300,29 @@ def headline_table(runs: dict[str, Measurement], s: Settings) -> dict[str, Any]:
             entry["deciles_by_role"] = deciles
             entry["normalised"] = normalised(entry)
             if view == "raw":
-                entry["intervals"] = intervals(runs, s, direction)
+                scale = Scale(runs, s, direction)
+                in_sample = scale.numbers(crossfit=False)
+                entry["intervals"] = in_sample["intervals"]
+                entry["normalised_curve"] = in_sample.get("normalised_curve", [])
+                if scale.can_crossfit:
+                    entry["crossfit"] = scale.numbers(crossfit=True)
+                shown = scale.can_crossfit and n_docs >= MIN_CROSSFIT_DOCUMENTS
+                entry["answer"] = entry["crossfit"] if shown else in_sample
+                if surface is not None:
+                    src = surface["a" if direction == "a_to_b" else "b"]["r"]
+                    entry["split"] = {
+                        "threshold": SURFACE_R,
+                        "surface": scale.numbers(shown, src >= SURFACE_R),
+                        "rest": scale.numbers(shown, src < SURFACE_R),
+                    }
                 entry["by_share_of_documents"] = share_curve(runs["raw"], s, direction, HEADLINE_R)
+            else:
+                entry["answer"] = {
+                    "mode": "in_sample",
+                    **{k: entry[k] for k in SCALE if k in entry},
+                    "normalised": entry["normalised"],
+                    "intervals": {},
+                }
             out[view][direction] = entry
         out[view]["mutual_pairs"] = {
             f"r{t:g}": mutual_count(runs["raw"], view, t, s) for t in s.thresholds
@@ -256,46 +335,120 @@ def headline_table(runs: dict[str, Measurement], s: Settings) -> dict[str, Any]:
     return out
 
 
+CURVE_GRID = np.round(np.linspace(0, 1, 21), 2)
+"""The thresholds of r at which the curves and the normalised curve are read."""
+
+
+class Scale:
+    """The trained number of one direction between its fixed-source floor and ceiling, for
+    any subset of the source latents, in-sample or cross-fitted, with jackknife intervals
+    (each left-out group's best r computed once and reused for every subset)."""
+
+    def __init__(self, runs: dict[str, Measurement], s: Settings, direction: str) -> None:
+        self.s = s
+        self.direction = direction
+        self.runs = {}
+        for role in SCALE:
+            name, d = direction_of(role, direction)
+            if name in runs:
+                self.runs[role] = (runs[name], d)
+        self.can_crossfit = bool(self.runs) and all(
+            m.half_of_group is not None for m, _ in self.runs.values()
+        )
+        self._best: dict[tuple[str, bool], tuple[np.ndarray, np.ndarray]] = {}
+        self._dropped: dict[tuple[str, bool], list[np.ndarray]] = {}
+
+    def best(self, role: str, crossfit: bool) -> tuple[np.ndarray, np.ndarray]:
+        if (role, crossfit) not in self._best:
+            m, d = self.runs[role]
+            self._best[role, crossfit] = crossfit_of(m, d) if crossfit else best_of(m, "raw", d)
+        return self._best[role, crossfit]
+
+    def dropped(self, role: str, crossfit: bool) -> list[np.ndarray]:
+        if (role, crossfit) not in self._dropped:
+            m, d = self.runs[role]
+            self._dropped[role, crossfit] = dropped_best(m, d, crossfit)
+        return self._dropped[role, crossfit]
+
+    def numbers(self, crossfit: bool, latents: np.ndarray | None = None) -> dict[str, Any]:
+        """Each role's numbers over the source latents `latents` (boolean; None: all), the
+        normalised score, their intervals, curves and the normalised curve with its
+        interval at every threshold of the curve."""
+        keep = slice(None) if latents is None else latents
+        out: dict[str, Any] = {"mode": "crossfit" if crossfit else "in_sample"}
+        loo: dict[str, list[np.ndarray]] = {}
+        fires = None
+        for role in self.runs:
+            best, fires = self.best(role, crossfit)
+            out[role] = headline(best[keep], fires[keep], self.s)
+            out.setdefault("curves", {})[role] = curve(best[keep], fires[keep], self.s)
+            loo[role] = [x[keep] for x in self.dropped(role, crossfit)]
+        if fires is None:
+            return out
+        fires = fires[keep]
+        out["normalised"] = normalised(out)
+        dropped = {r: [headline(x, fires, self.s) for x in loo[r]] for r in self.runs}
+        out["intervals"] = {}
+        for key in out["raw"]:
+            if key == "judged":
+                continue
+            row = {}
+            for role in self.runs:
+                lo, hi, _ = jackknife(out[role][key], [h[key] for h in dropped[role]])
+                row[role] = [lo, hi]
+            if set(SCALE) <= self.runs.keys():
+                groups = zip(*(dropped[r] for r in SCALE), strict=True)
+                lo, hi, _ = jackknife(out["normalised"][key], [_norm(*g, key) for g in groups])
+                row["normalised"] = [lo, hi]
+            out["intervals"][key] = row
+        if set(SCALE) <= self.runs.keys():
+            out["normalised_curve"] = normalised_curve(
+                [self.best(r, crossfit)[0][keep] for r in SCALE], [loo[r] for r in SCALE], fires,
+                self.s,
+            )  # fmt: skip
+        return out
+
+
+def _shares(best: np.ndarray, fires: np.ndarray, s: Settings) -> np.ndarray:
+    """[grid] share of the judged latents with best r >= each threshold of CURVE_GRID."""
+    b = np.where(np.isfinite(best), best, 0.0)[fires >= s.min_fires]
+    if not len(b):
+        return np.full(len(CURVE_GRID), math.nan)
+    return (b[None, :] >= CURVE_GRID[:, None]).mean(1)
+
+
+def normalised_curve(
+    best: list[np.ndarray], loo: list[list[np.ndarray]], fires: np.ndarray, s: Settings
+) -> list[list[float]]:
+    """[[r, normalised share at r, low, high]] over CURVE_GRID, from the (raw, floor,
+    ceiling) best r and their left-out-group values (nan where the floor is not below the
+    ceiling)."""
+
+    def norm(shares: list[np.ndarray]) -> np.ndarray:
+        raw, floor, ceiling = shares
+        span = ceiling - floor
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(span > 0, (raw - floor) / span, np.nan)
+
+    value = norm([_shares(b, fires, s) for b in best])
+    drops = np.array([norm([_shares(x, fires, s) for x in g]) for g in zip(*loo, strict=True)])
+    out = []
+    for t, v, col in zip(CURVE_GRID, value, drops.T, strict=True):
+        lo, hi, _ = jackknife(float(v), col)
+        out.append([float(t), float(v), lo, hi])
+    return out
+
+
 def normalised(entry: dict[str, Any]) -> dict[str, float]:
     """(raw - floor) / (ceiling - floor) of every number that has all three; nan where the
     floor is not below the ceiling (then no scale runs from one to the other)."""
-    if not {"raw", "floor", "ceiling"} <= entry.keys():
+    if not set(SCALE) <= entry.keys():
         return {}
     return {
         key: _norm(entry["raw"], entry["floor"], entry["ceiling"], key)
         for key in entry["raw"]
         if key != "judged"
     }
-
-
-def intervals(runs: dict[str, Measurement], s: Settings, direction: str) -> dict[str, Any]:
-    """95% delete-one-group jackknife intervals of the raw, floor, ceiling and normalised
-    numbers of the raw view (documents dealt into groups: no document is ever repeated)."""
-    loo = {}
-    for role in ("raw", "floor", "ceiling"):
-        name, d = direction_of(role, direction)
-        if name in runs:
-            loo[role] = leave_one_out(runs[name], s, d)
-    est = {}
-    for role in loo:
-        name, d = direction_of(role, direction)
-        best, fires = best_of(runs[name], "raw", d)
-        est[role] = headline(best, fires, s)
-    out: dict[str, Any] = {}
-    for key in est["raw"]:
-        if key == "judged":
-            continue
-        row = {}
-        for role in loo:
-            lo, hi, _ = jackknife(est[role][key], [x[key] for x in loo[role]])
-            row[role] = [lo, hi]
-        if {"floor", "ceiling"} <= loo.keys():
-            value = _norm(est["raw"], est["floor"], est["ceiling"], key)
-            groups = zip(loo["raw"], loo["floor"], loo["ceiling"], strict=True)
-            lo, hi, _ = jackknife(value, [_norm(*g, key) for g in groups])
-            row["normalised"] = [lo, hi]
-        out[key] = row
-    return out
 
 
 def _norm(raw: dict, floor: dict, ceiling: dict, key: str) -> float:
@@ -313,6 +466,8 @@ def partners_table(inp: PairInputs, runs: dict[str, Measurement], s: Settings) -
     raw = runs["raw"]
     cols: dict[str, list] = {}
     meaning = meaning_partners(inp)
+    surface = surface_scores(runs)
+    crossfit = crossfit_best(raw) if raw.half_of_group is not None else None
     for side in ("a", "b"):
         p = raw.partners["raw"]
         if side == "a":
@@ -341,6 +496,22 @@ def partners_table(inp: PairInputs, runs: dict[str, Measurement], s: Settings) -
             "r_runner_up": best_v[:, 1],
             "mutual": mutual,
         }
+        if crossfit is not None:
+            values["crossfit_r"] = crossfit[0 if side == "a" else 1]
+            values["crossfit_partner"] = crossfit[2 if side == "a" else 3].astype(np.int32)
+        for role in ("floor", "ceiling"):
+            name, _ = direction_of(role, "a_to_b" if side == "a" else "b_to_a")
+            if name in runs:  # the source side is the measurement's first
+                q = runs[name].partners["raw"]
+                values[f"{role}_partner"] = q.a_idx[:, 0].astype(np.int32)
+                values[f"{role}_r"] = q.a_val[:, 0]
+        if surface is not None:
+            sc = surface[side]
+            values["surface_r"] = sc["r"]
+            values["surface_partner"] = sc["partner"].astype(np.int32)
+            copies = {"a": inp.floor[0].model, "b": inp.floor[1].model} if inp.floor else {}
+            values["surface_model"] = [copies.get(c, "") for c in sc["copy"].tolist()]
+            values["surface"] = sc["r"] >= SURFACE_R
         for view in ("residual", "token"):
             if view in raw.partners:
                 q = raw.partners[view]
@@ -394,7 +565,7 @@ def pairs_table(runs: dict[str, Measurement], inp: PairInputs) -> tuple[pa.Table
     pr = np.array([lookup[(i, j)] for i, j in pairs.tolist()]) if len(pairs) else np.zeros(0)
     p = raw.partners["raw"]
     mutual = (p.a_idx[pairs[:, 0], 0] == pairs[:, 1]) & (p.b_idx[pairs[:, 1], 0] == pairs[:, 0])
-    table = pa.table({
+    columns = {
         "model_a": [inp.a.model] * len(pairs),
         "latent_a": pairs[:, 0].astype(np.int32),
         "model_b": [inp.b.model] * len(pairs),
@@ -403,8 +574,16 @@ def pairs_table(runs: dict[str, Measurement], inp: PairInputs) -> tuple[pa.Table
         "mutual": mutual,
         "fires_a": raw.fires_a[pairs[:, 0]],
         "fires_b": raw.fires_b[pairs[:, 1]],
-    })  # fmt: skip
-    return table, pr
+    }
+    surface = surface_scores(runs)
+    if surface is not None:
+        columns["surface_r_a"] = surface["a"]["r"][pairs[:, 0]]
+        columns["surface_r_b"] = surface["b"]["r"][pairs[:, 1]]
+        # a pair beyond the surface: neither latent is matched by an untrained copy's
+        columns["beyond_surface"] = (columns["surface_r_a"] < SURFACE_R) & (
+            columns["surface_r_b"] < SURFACE_R
+        )
+    return pa.table(columns), pr
 
 
 def families_table(runs: dict[str, Measurement], inp: PairInputs) -> pa.Table:
@@ -511,69 +690,124 @@ def too_rare(runs: dict[str, Measurement], s: Settings) -> dict[str, Any]:
     return out
 
 
+MODES = {"crossfit": "cross-fitted", "in_sample": "in-sample"}
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.0f}%" if math.isfinite(x) else "n/a"
+
+
+def _range(ci: list[float] | None, percent: bool = True) -> str:
+    if not ci or not all(math.isfinite(v) for v in ci):
+        return "no interval"
+    lo, hi = ci
+    return f"95% CI {_pct(lo)}-{_pct(hi)}" if percent else f"95% CI {lo:.2f} to {hi:.2f}"
+
+
+def normalised_phrase(numbers: dict[str, Any], key: str) -> str:
+    """'0.43 (95% CI 0.38 to 0.48)', or which number makes the score undefined."""
+    if not set(SCALE) <= numbers.keys():
+        return "undefined: the run has no floor or no ceiling"
+    value = numbers["normalised"].get(key, math.nan)
+    if math.isfinite(value):
+        ci = numbers.get("intervals", {}).get(key, {}).get("normalised")
+        return f"{value:.2f} ({_range(ci, percent=False)})"
+    return (
+        f"undefined: its floor ({_pct(numbers['floor'][key])}) is not below its ceiling "
+        f"({_pct(numbers['ceiling'][key])})"
+    )
+
+
 def answer(a: str, b: str, numbers: dict[str, Any]) -> str:
-    """The printed answer for both directions, from the raw and residual views."""
-    lines = []
+    """The printed answer: first the normalised score of each direction with its interval,
+    then per direction the trained share between its fixed-source floor and ceiling, the
+    surface/rest split, the view beyond the unit's text, and the diagnostics."""
     key = f"share_r{HEADLINE_R:g}"
-    for direction, (x, y) in (("a_to_b", (a, b)), ("b_to_a", (b, a))):
-        e = numbers["raw"][direction]
-        parts = []
-        for role, label in (
-            ("floor", "random-weights floor"),
-            ("null", "within-document null"),
-            ("ceiling", "seed ceiling"),
-        ):
-            if role in e:
-                parts.append(f"{label} {100 * e[role][key]:.0f}%")
-        norm = e.get("normalised", {}).get(key)
-        ci = e.get("intervals", {}).get(key, {})
-        if norm is not None and math.isfinite(norm):
-            lo, hi = ci.get("normalised", [math.nan, math.nan])
-            parts.append(f"normalised {norm:.2f}, 95% CI {lo:.2f}-{hi:.2f}")
-        else:
-            if norm is not None:
-                parts.append("normalised undefined: the floor is not below the ceiling")
-            if "raw" in ci:
-                lo, hi = ci["raw"]
-                parts.append(f"95% CI {100 * lo:.0f}-{100 * hi:.0f}%")
-        judged = e["raw"]["judged"]
-        line = (
-            f"{100 * e['raw'][key]:.0f}% of {x}'s {judged:,} judged latents have a {y} partner "
-            f"with r >= {HEADLINE_R:g} (" + "; ".join(parts) + ")"
+    names = {"a_to_b": (a, b), "b_to_a": (b, a)}
+    first = numbers["raw"]["a_to_b"]["answer"]
+    lines = [
+        f"Normalised agreement at r >= {HEADLINE_R:g} ({MODES[first['mode']]}; 0 = the "
+        "fixed-source floor, 1 = the seed ceiling): "
+        + "; ".join(
+            f"{x} -> {y} {normalised_phrase(numbers['raw'][d]['answer'], key)}"
+            for d, (x, y) in names.items()
         )
+    ]
+    for direction, (x, y) in names.items():
+        e = numbers["raw"][direction]
+        ans = e["answer"]
+        ci = ans.get("intervals", {}).get(key, {})
+        line = (
+            f"{x} -> {y}: {_pct(ans['raw'][key])} of {x}'s {ans['raw']['judged']:,} judged "
+            f"latents have a {y} partner with r >= {HEADLINE_R:g} ({_range(ci.get('raw'))})"
+        )
+        if "floor" in ans:
+            line += f"; floor {_pct(ans['floor'][key])} ({x} against {y}'s untrained copy)"
+        if "ceiling" in ans:
+            line += f"; ceiling {_pct(ans['ceiling'][key])} ({x}'s second seed)"
+        if ans["mode"] == "crossfit":
+            line += "; in-sample " + " / ".join(_pct(e[r][key]) for r in SCALE if r in e)
+        lines.append(line)
+        split = e.get("split")
+        if split:
+            parts = []
+            for part, label in (("surface", "surface latents"), ("rest", "the rest")):
+                p = split[part]
+                if "raw" not in p or not p["raw"]["judged"]:
+                    parts.append(f"{label}: none")
+                    continue
+                parts.append(
+                    f"{label} ({p['raw']['judged']:,}): "
+                    + ", ".join(f"{r} {_pct(p[r][key])}" for r in SCALE if r in p)
+                    + f", normalised {normalised_phrase(p, key)}"
+                )
+            lines.append(
+                f"  best r against an untrained copy >= {split['threshold']:g}: " + "; ".join(parts)
+            )
         res = numbers.get("residual", {}).get(direction)
         if res:
-            line += f"; beyond the unit's text (residuals) {100 * res['raw'][key]:.0f}%" + (
-                f" (floor {100 * res['floor'][key]:.0f}%, ceiling {100 * res['ceiling'][key]:.0f}%)"
-                if "floor" in res and "ceiling" in res
-                else ""
+            lines.append(
+                "  beyond the unit's text (residuals, in-sample): "
+                + ", ".join(f"{r} {_pct(res[r][key])}" for r in SCALE if r in res)
+                + (f", normalised {normalised_phrase(res, key)}" if "floor" in res else "")
             )
-        lines.append(line)
+        diag = []
+        for role, label in (("null", "within-document null"), ("across", "across documents")):
+            if role in e:
+                diag.append(f"{label} {_pct(e[role][key])}")
+        if "untrained_pair" in e:
+            diag.append(
+                f"two untrained networks' dictionaries {_pct(e['untrained_pair'][key])} "
+                "(surface text alone makes dictionaries this alike; a diagnostic, not the floor)"
+            )
+        if diag:
+            lines.append("  " + "; ".join(diag))
     return "\n".join(lines)
 
 
 def verdict(a: str, b: str, numbers: dict[str, Any]) -> list[str]:
-    """Whether each direction's headline lies above its floor and below its ceiling, said
-    plainly either way."""
+    """Whether each direction's headline lies above its fixed-source floor and below its
+    ceiling, said plainly either way."""
     key = f"share_r{HEADLINE_R:g}"
     out = []
     for direction, (x, y) in (("a_to_b", (a, b)), ("b_to_a", (b, a))):
-        e = numbers["raw"][direction]
-        if not {"floor", "ceiling"} <= e.keys():
+        e = numbers["raw"][direction]["answer"]
+        if not set(SCALE) <= e.keys():
             continue
         raw, floor, ceiling = e["raw"][key], e["floor"][key], e["ceiling"][key]
-        where = f"{x} -> {y}: {100 * raw:.0f}%"
+        where = f"{x} -> {y}: {_pct(raw)}"
         if floor >= ceiling:
             out.append(
-                f"{where}; its random-weights floor ({100 * floor:.0f}%) is not below its seed "
-                f"ceiling ({100 * ceiling:.0f}%): by this measure two untrained models share "
-                "more than two seeds of one trained model, so the share cannot be read on that "
-                "scale" + ("; the trained pair lies below its floor." if raw <= floor else ".")
+                f"{where}; its floor ({_pct(floor)}, {x}'s latents against {y}'s untrained "
+                f"copy) is not below its seed ceiling ({_pct(ceiling)}): an untrained {y} "
+                f"supplies as many of {x}'s latents as a second seed of {x} does, so the "
+                "share cannot be read on that scale"
+                + ("; the trained pair lies at or below its floor." if raw <= floor else ".")
             )
         elif floor < raw < ceiling:
-            out.append(f"{where} lies above its random-weights floor and below its seed ceiling.")
+            out.append(f"{where} lies above its floor and below its seed ceiling.")
         elif raw <= floor:
-            out.append(f"{where} does NOT lie above its random-weights floor ({100 * floor:.0f}%).")
+            out.append(f"{where} does NOT lie above its floor ({_pct(floor)}).")
         else:
-            out.append(f"{where} does NOT lie below its seed ceiling ({100 * ceiling:.0f}%).")
+            out.append(f"{where} does NOT lie below its seed ceiling ({_pct(ceiling)}).")
     return out

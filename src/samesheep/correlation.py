@@ -141,26 +141,46 @@ def block_rows(m_b: int) -> int:
     return max(16, min(1024, BLOCK_BYTES // (8 * max(m_b, 1))))
 
 
+HALVES = ("half0", "half1")
+"""The raw view on each half of the units alone (the cross-fitted partners' two halves)."""
+
+
 def correlation_blocks(
     a: sp.csr_matrix,
     b: sp.csr_matrix,
     text: np.ndarray | None,
     visit: Callable[[slice, dict[str, np.ndarray]], None],
     block: int = 0,
+    half: np.ndarray | None = None,
 ) -> tuple[Moments, Moments]:
     """Call visit(rows of a, {view: r [rows, latents of b]}) for every block of a's latents.
-    `text` [units] gives each unit's text id (None: only the raw view). `block` (0: sized
-    from b's width, see block_rows) bounds the memory. Returns both SAEs' moments."""
+    `text` [units] gives each unit's text id (None: only the raw view). `half` [units] (0 or
+    1) adds the raw view on each half's units alone ("half0", "half1"): the two halves'
+    products add up to the whole's, so the sparse work is the same. `block` (0: sized from
+    b's width, see block_rows) bounds the memory. Returns both SAEs' moments."""
     block = block or block_rows(b.shape[1])
     n_texts = int(text.max()) + 1 if text is not None and len(text) else 0
     ta = text_sums(a, text, n_texts) if text is not None else sp.csr_matrix(a.shape)
     tb = text_sums(b, text, n_texts) if text is not None else sp.csr_matrix(b.shape)
     ma, mb = Moments.of(a, ta), Moments.of(b, tb)
     a_csc, ta_csc = a.tocsc(), ta.tocsc()
+    parts = []  # per half: (a's columns, b, a's moments, b's moments)
+    if half is not None:
+        for h in (0, 1):
+            rows_h = np.flatnonzero(half == h)
+            ah, bh = a[rows_h], b[rows_h]
+            empty_a, empty_b = sp.csr_matrix(ah.shape), sp.csr_matrix(bh.shape)
+            parts.append((ah.tocsc(), bh, Moments.of(ah, empty_a), Moments.of(bh, empty_b)))
     for lo in range(0, a.shape[1], block):
         rows = slice(lo, min(lo + block, a.shape[1]))
-        raw = (a_csc[:, rows].T @ b).toarray()
         views = {}
+        if parts:
+            crosses = [(ah[:, rows].T @ bh).toarray() for ah, bh, _, _ in parts]
+            raw = crosses[0] + crosses[1]
+            for name, cross, (_, _, mah, mbh) in zip(HALVES, crosses, parts, strict=True):
+                views[name] = pearson(cross, mah, mbh, "raw", rows)
+        else:
+            raw = (a_csc[:, rows].T @ b).toarray()
         if text is not None:
             tok = (ta_csc[:, rows].T @ tb).toarray()
             views["residual"] = pearson(raw - tok, ma, mb, "residual", rows)

@@ -649,7 +649,7 @@ def _features_of(
     return summary
 
 
-COMPARE_VERSION = 2
+COMPARE_VERSION = 3
 """Bump when the compare stage changes what it writes for the same inputs."""
 NOT_IN_COMPARE_KEY = ("pairs",)
 
@@ -845,6 +845,7 @@ def _compare_pair(cfg: Config, inp: Any, out: Path, key: str) -> dict[str, Any]:
     import time
 
     from .comparison import (
+        SURFACE_R,
         answer,
         by_topic,
         families_table,
@@ -862,7 +863,8 @@ def _compare_pair(cfg: Config, inp: Any, out: Path, key: str) -> dict[str, Any]:
     (out / "summary.json").unlink(missing_ok=True)
     result = run_pair(inp, cfg.compare)
     runs, s = result["runs"], result["settings"]
-    numbers = headline_table(runs, s)
+    n_docs = len(np.unique(result["units"].doc))
+    numbers = headline_table(runs, s, n_docs)
     pairs, pair_r = pairs_table(runs, inp)
     tables = {
         "partners.parquet": partners_table(inp, runs, s),
@@ -878,7 +880,8 @@ def _compare_pair(cfg: Config, inp: Any, out: Path, key: str) -> dict[str, Any]:
         "latents": {"a": inp.a.d_sae, "b": inp.b.d_sae},
         "coverage": result["units"].coverage,
         "units": len(result["units"]),
-        "documents": len(np.unique(result["units"].doc)),
+        "documents": n_docs,
+        "surface_r": SURFACE_R,
         "headline": numbers,
         "too_rare": too_rare(runs, s),
         "matched_pairs": {
