@@ -24,7 +24,7 @@ def run(tiny_models, tmp_path_factory, env):
 
 
 def test_run_compares_with_floor_null_and_ceiling(run):
-    res, run_dir, _, _ = run
+    res, run_dir, _, tiny_models = run
     assert res.returncode == 0, res.stderr
     # the floor's random copies and the ceiling's second seed were made
     assert (run_dir / "random-llama0" / "layer_1" / "sae" / "cfg.json").is_file()
@@ -33,11 +33,21 @@ def test_run_compares_with_floor_null_and_ceiling(run):
     out = run_dir / "compare" / "llama0__gpt20"
     summary = json.loads((out / "summary.json").read_text())
     raw = summary["headline"]["raw"]["a_to_b"]
-    for role in ("raw", "floor", "null", "across", "ceiling"):
+    for role in ("raw", "floor", "null", "across", "ceiling", "untrained_pair"):
         assert 0 <= raw[role]["share_r0.5"] <= 1, role
     assert "share_r0.5" in raw["normalised"]
     lo, hi = raw["intervals"]["share_r0.5"]["raw"]
     assert lo <= raw["raw"]["share_r0.5"] <= hi
+    # fixed source: number, floor and ceiling count the same latents of A
+    ans = raw["answer"]
+    assert ans["raw"]["judged"] == ans["floor"]["judged"] == ans["ceiling"]["judged"]
+    assert ans["mode"] in ("crossfit", "in_sample") and "normalised" in ans
+    assert set(raw["crossfit"]) >= {"raw", "floor", "ceiling", "normalised", "intervals"}
+    split = raw["split"]
+    assert (
+        split["surface"]["raw"]["judged"] + split["rest"]["raw"]["judged"] == ans["raw"]["judged"]
+    )
+    assert len(raw["normalised_curve"]) == 21
     assert summary["headline"]["residual"]["b_to_a"]["raw"]["judged"] > 0
     # the same tokenizer on both sides: the units are the tokens (a few are left out: after
     # window breaks, and where a random copy's norm limit drops a token)
@@ -47,10 +57,19 @@ def test_run_compares_with_floor_null_and_ceiling(run):
     partners = pq.read_table(out / "partners.parquet").to_pandas()
     assert set(partners.side) == {"a", "b"} and "partner_by_meaning" in partners
     assert len(partners) == 128 * 2
+    for col in ("surface_r", "surface_partner", "surface_model", "floor_r", "ceiling_r",
+                "crossfit_r"):  # fmt: skip
+        assert col in partners, col
+    models = {"random:" + str(tiny_models[k]) for k in ("llama", "gpt2")}
+    assert set(partners.surface_model) <= models  # the untrained copy that holds the partner
+    # the surface score is the best r against either untrained SAE: at least the floor's
+    assert (partners.surface_r >= partners.floor_r - 1e-12).all()
     pairs = pq.read_table(out / "pairs.parquet").to_pandas()
     assert pairs.latent_a.is_unique and pairs.latent_b.is_unique
+    assert (pairs.beyond_surface == ((pairs.surface_r_a < 0.5) & (pairs.surface_r_b < 0.5))).all()
     pq.read_table(out / "families.parquet")
     assert "judged latents have a" in flat(res.stderr)
+    assert "Normalised agreement at r >= 0.5" in flat(res.stderr)
 
 
 def test_rerun_skips_and_prints_the_answer(run, env):

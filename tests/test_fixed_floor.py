@@ -112,7 +112,9 @@ def test_fixed_source_floor_recovers_the_surface_and_the_score_the_deep_share():
     text = answer("A", "B", numbers)
     assert text.splitlines()[0].startswith("Normalised agreement at r >= 0.5 (cross-fitted")
     assert "two untrained networks' dictionaries" in text
-    assert verdict("A", "B", numbers)[0].endswith("lies above its floor and below its seed ceiling.")
+    assert verdict("A", "B", numbers)[0].endswith(
+        "lies above its floor and below its seed ceiling."
+    )
 
 
 def test_no_shared_deep_features_gives_an_interval_around_zero():

@@ -152,6 +152,8 @@ def test_default_run_end_to_end(tmp_path):
     for direction in ("a_to_b", "b_to_a"):
         e = summary["headline"]["raw"][direction]
         assert {"raw", "floor", "null", "ceiling", "normalised", "intervals"} <= e.keys()
+        assert {"answer", "crossfit", "split", "untrained_pair"} <= e.keys()
+        assert e["answer"]["mode"] == "crossfit"  # the real run has the documents for it
         assert 0 <= e["null"]["share_r0.5"] <= e["ceiling"]["share_r0.5"] <= 1
     assert len(summary["verdict"]) == 2 and summary["units"] > 3000
 
