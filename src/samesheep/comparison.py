@@ -748,6 +748,15 @@ def answer(a: str, b: str, numbers: dict[str, Any]) -> str:
         if ans["mode"] == "crossfit":
             line += "; in-sample " + " / ".join(_pct(e[r][key]) for r in SCALE if r in e)
         lines.append(line)
+        if ans.get("normalised"):
+            lines.append(
+                "  normalised at every threshold: "
+                + "; ".join(
+                    f"r >= {k.removeprefix('share_r')} {normalised_phrase(ans, k)}"
+                    for k in ans["normalised"]
+                    if k.startswith("share_r") and not k.endswith("_weighted")
+                )
+            )
         split = e.get("split")
         if split:
             parts = []
