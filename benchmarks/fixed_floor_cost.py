@@ -36,21 +36,22 @@ from samesheep.comparison import (
     run_pair,
     settings_of,
 )
-from samesheep.corpus import CorpusReader
 from samesheep.device import choose_device, choose_dtype, machine_lines, set_threads
-from samesheep.features import CorpusInfo
 from samesheep.models import model_depth, resolve_layer
-from samesheep.pipeline import _load_side, ceiling_name, compare_pairs, random_copy
+from samesheep.pipeline import (
+    _load_side,
+    ceiling_name,
+    compare_corpus,
+    compare_pairs,
+    random_copy,
+)
 
 
 def load_inputs(run: Path) -> tuple[PairInputs, object]:
     """The default run's first pair, as the compare stage reads it."""
     cfg = config_mod.load(run / "config.toml")
     a, b = compare_pairs(cfg)[0]
-    reader = CorpusReader(run / "corpus")
-    info = CorpusInfo.load(reader)
-    texts = [d.text for split in ("train", "heldout") for d in reader.documents(split)]
-    n_train = reader.count("train")
+    info, texts, n_train = compare_corpus(run)
     device = choose_device(cfg.features.device)
     dtype = choose_dtype(cfg.features.dtype, device)
     spec = cfg.layers[0]

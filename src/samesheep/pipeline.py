@@ -764,6 +764,17 @@ def compare_folder(cfg: Config, a: str, b: str, layer_a: int, layer_b: int) -> P
     return out / f"layer_{layer_a}__layer_{layer_b}" if len(cfg.layers) > 1 else out
 
 
+def compare_corpus(run: Path) -> tuple[Any, list[str], int]:
+    """(the run's corpus info, every document's text, train then held-out, and how many of
+    them are training documents): what a comparison reads of the corpus."""
+    from .corpus import CorpusReader
+    from .features import CorpusInfo
+
+    reader = CorpusReader(run / "corpus")
+    texts = [d.text for split in ("train", "heldout") for d in reader.documents(split)]
+    return CorpusInfo.load(reader), texts, reader.count("train")
+
+
 def compare_stage(cfg: Config) -> dict[tuple[str, str, int], dict[str, Any]]:
     """Compare every pair of models: their SAEs' features on aligned units, with the
     random-weights floor, the nulls and the seed ceilings (skipped when unchanged). Returns
@@ -785,13 +796,7 @@ def compare_stage(cfg: Config) -> dict[tuple[str, str, int], dict[str, Any]]:
     corpus = read_json(run / "corpus" / "manifest.json")
     if not corpus:
         raise SamesheepError(f"no corpus in {run / 'corpus'}: run `samesheep run` first")
-    from .corpus import CorpusReader
-    from .features import CorpusInfo
-
-    reader = CorpusReader(run / "corpus")
-    info = CorpusInfo.load(reader)
-    texts = [d.text for split in ("train", "heldout") for d in reader.documents(split)]
-    n_train = reader.count("train")
+    info, texts, n_train = compare_corpus(run)
     device = choose_device(cfg.features.device)
     dtype = choose_dtype(cfg.features.dtype, device)
     settings = {
