@@ -11,17 +11,24 @@ import pytest
 from samesheep.geometry import svcca
 from samesheep.similarity import (
     CKA_METRICS,
+    INPUT_DEBIASED,
+    PackedGrams,
     cka_matrices,
     cknna,
-    debiased_cka,
+    copy_crosses,
     hsic_unbiased,
+    input_debiased_cka,
+    input_debiased_matrices,
     linear_cka,
     mutual_knn,
     outlier_dimensions,
     pair_metrics,
+    pairing_crosses,
     prepare,
+    self_crosses,
     standardized,
     svcca_sweep,
+    unbiased_cka,
     within_group_permutation,
     without_outlier_dimensions,
 )
@@ -89,12 +96,95 @@ def test_unbiased_hsic_equals_its_u_statistic_and_the_gram_formula():
     assert hsic_unbiased(x, y) == pytest.approx(gram, rel=1e-9)
 
 
-def test_debiased_cka_is_near_zero_for_independent_inputs_where_plain_cka_is_not():
+def test_unbiased_cka_is_near_zero_for_independent_inputs_where_plain_cka_is_not():
     x, y = data(n=200, d=100, seed=1), data(n=200, d=100, seed=2)
     assert linear_cka(x, y) > 0.3  # many dimensions against few items
-    assert abs(debiased_cka(x, y)) < 0.03
-    assert debiased_cka(x, x) == pytest.approx(1.0)
-    assert debiased_cka(x, 2.0 * x @ orthogonal(100)) == pytest.approx(1.0)
+    assert abs(unbiased_cka(x, y)) < 0.03
+    assert unbiased_cka(x, x) == pytest.approx(1.0)
+    assert unbiased_cka(x, 2.0 * x @ orthogonal(100)) == pytest.approx(1.0)
+
+
+def tokens(n, vocab=1000, seed=0):
+    """Token ids with Zipf frequencies, as in text: a few very common, most rare."""
+    p = 1.0 / np.arange(1, vocab + 1)
+    return np.random.default_rng(seed).choice(vocab, n, p=p / p.sum())
+
+
+def random_function(ids, d, seed, noise=0.2):
+    """A random function of the token identities (a random embedding table read at the ids,
+    as an untrained network's states mostly are), with a little noise of its own."""
+    rng = np.random.default_rng(seed)
+    table = rng.standard_normal((ids.max() + 1, d))
+    return table[ids] + noise * rng.standard_normal((len(ids), d))
+
+
+def input_debiased_by_gram(x, y, x0, y0):
+    """Cui et al.'s deconfounded CKA written out with n x n centred Gram matrices: each side's
+    Gram regressed by least squares (np.linalg.lstsq, with an intercept) on its input-only
+    Gram over every entry, then linear CKA of the two residual matrices."""
+    n = len(x)
+    h = np.eye(n) - 1.0 / n
+
+    def residual(a, a0):
+        k, k0 = h @ a @ a.T @ h, h @ a0 @ a0.T @ h
+        design = np.c_[k0.ravel(), np.ones(n * n)]
+        coef, *_ = np.linalg.lstsq(design, k.ravel(), rcond=None)
+        return k - (design @ coef).reshape(n, n)
+
+    rx, ry = residual(x, x0), residual(y, y0)
+    return (rx * ry).sum() / np.sqrt((rx * rx).sum() * (ry * ry).sum())
+
+
+def test_input_debiased_cka_equals_the_residual_grams_cka_and_keeps_ckas_invariances():
+    ids = tokens(120, vocab=40)
+    x0, y0 = random_function(ids, 9, 1), random_function(ids, 7, 2)
+    z = np.random.default_rng(3).standard_normal((120, 3))
+    x = x0 @ np.random.default_rng(4).standard_normal((9, 9)) + z @ np.ones((3, 9))
+    y = random_function(ids, 6, 5) + z @ np.random.default_rng(6).standard_normal((3, 6))
+    want = input_debiased_by_gram(x, y, x0, y0)
+    assert input_debiased_cka(x, y, x0, y0) == pytest.approx(want, rel=1e-9)
+    assert abs(want - linear_cka(x, y)) > 0.05  # the regression did something
+    # invariant to rotating, scaling and shifting any of the four, as CKA is
+    moved = input_debiased_cka(
+        2.0 * x @ orthogonal(9) + 3.0, y, 0.5 * x0 @ orthogonal(9, seed=2) - 1.0, y0 @ orthogonal(7)
+    )
+    assert moved == pytest.approx(want, rel=1e-9)
+    assert input_debiased_cka(x, x, x0, x0) == pytest.approx(1.0)
+    # a side that is its input-only representation (rotated) leaves nothing: nan, not noise
+    assert np.isnan(input_debiased_cka(x0 @ orthogonal(9), y, x0, y0))
+    with pytest.raises(ValueError, match="paired"):
+        input_debiased_cka(x, y, x0[:100], y0[:100])
+
+
+# (items, A's width, B's width): a small case, and the default run's layer comparison
+# (2,000 aligned units, Gemma-3-270m's 640 dimensions against SmolLM2-135M's 576)
+SHAPES = [(800, 256, 192), (2000, 640, 576)]
+
+
+@pytest.mark.parametrize("n, da, db", SHAPES)
+def test_input_debiased_cka_is_about_zero_for_random_functions_of_the_same_tokens(n, da, db):
+    """Two models whose states are different random functions of the same token identities
+    (and their untrained copies, two more) agree under plain and unbiased CKA, both reading
+    the shared token identity; with each side's untrained copy's Gram regressed out, about
+    0 is left. The rest is the regression's attenuation by the copies' own cross-token
+    scatter (0.07 on average at 256 dimensions, 0.04 at 640) and a few frequent tokens'
+    random norms. Structure the two share beyond the tokens stays high."""
+    plain, debiased = [], []
+    for seed in range(4):
+        ids = tokens(n, seed=seed)
+        x, y = random_function(ids, da, 10 * seed + 1), random_function(ids, db, 10 * seed + 2)
+        x0, y0 = random_function(ids, da, 10 * seed + 3), random_function(ids, db, 10 * seed + 4)
+        plain.append(linear_cka(x, y))
+        debiased.append(input_debiased_cka(x, y, x0, y0))
+        assert unbiased_cka(x, y) > 0.8  # the estimator's bias is not the input's confound
+        rng = np.random.default_rng(seed)
+        z = rng.standard_normal((n, 8))  # a signal each item carries in both, beyond its token
+        shared = input_debiased_cka(
+            x + z @ rng.standard_normal((8, da)), y + z @ rng.standard_normal((8, db)), x0, y0
+        )
+        assert shared > 0.8
+    assert min(plain) > 0.8
+    assert max(abs(v) for v in debiased) < 0.15 and abs(np.mean(debiased)) < 0.1
 
 
 def test_one_huge_dimension_decides_raw_cka_until_it_is_removed_or_standardised():
@@ -234,7 +324,7 @@ def test_prepared_pair_metrics_equal_the_plain_functions(dtype, tolerance):
     got = pair_metrics(prepare(x, **prep), prepare(y, **prep))
     want = {
         "cka": linear_cka(x, y),
-        "cka_debiased": debiased_cka(x, y),
+        "cka_unbiased": unbiased_cka(x, y),
         "cka_standardized": linear_cka(standardized(x), standardized(y)),
         "cka_trimmed": linear_cka(without_outlier_dimensions(x), without_outlier_dimensions(y)),
         "mutual_knn": mutual_knn(without_outlier_dimensions(x), without_outlier_dimensions(y)),
@@ -337,3 +427,45 @@ def test_leading_basis_spans_the_leading_singular_directions(rank_deficient):
     np.testing.assert_allclose(u.T @ u, np.eye(u.shape[1]), atol=1e-5)
     overlap = np.linalg.svd(u[:, :k].T @ ref_u[:, :k], compute_uv=False)
     assert overlap.min() > 1 - 1e-4  # the same subspace
+
+
+def copy_of(x, rng):
+    """An input-only stand-in for x: its standardised states mixed, plus noise of its own."""
+    return 0.7 * standardized(x) @ rng.standard_normal((x.shape[1],) * 2) + rng.standard_normal(
+        x.shape
+    )
+
+
+VIEWS = {"raw": lambda x: x, "standardized": standardized, "trimmed": without_outlier_dimensions}
+
+
+@pytest.mark.parametrize("dtype, tolerance", PRECISIONS)
+@pytest.mark.parametrize("gram", [True, False])
+def test_input_debiased_matrices_equal_the_plain_function_for_every_pairing(dtype, tolerance, gram):
+    """The stage's form (cross terms of A's layers then its copy's against B's then its
+    copy's, from packed Grams or in feature space, B's copy moved with B under a
+    permutation) gives input_debiased_cka of each view's states, pair by pair."""
+    n = 90
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((n, 5))
+    xa, xb = layer_stack(z, [12, 7], seed=1), layer_stack(z, [8, 11, 6], seed=2)
+    # the copies: part of each layer's structure (not its massive dimension, as an untrained
+    # network has none), plus their own
+    fa = [copy_of(x, rng) for x in xa]
+    fb = [copy_of(y, rng) for y in xb]
+    left = [prepare(x, dtype=dtype) for x in [*xa, *fa]]
+    right = [prepare(y, dtype=dtype) for y in [*xb, *fb]]
+    perms = [None, within_group_permutation(np.repeat(np.arange(9), 10), rng)]
+    grams = PackedGrams.of(left, right) if gram else None
+    selves = (self_crosses(left), self_crosses(right))
+    copies = (copy_crosses(left[:2], left[2:]), copy_crosses(right[:3], right[3:]))
+    for cross, perm in zip(pairing_crosses(left, right, perms, grams), perms, strict=True):
+        got = input_debiased_matrices(cross, (2, 3), selves, copies)
+        assert set(got) == set(INPUT_DEBIASED.values())
+        p = np.arange(n) if perm is None else perm
+        for view, f in VIEWS.items():
+            for i in range(2):
+                for j in range(3):
+                    want = input_debiased_cka(f(xa[i]), f(xb[j])[p], f(fa[i]), f(fb[j])[p])
+                    value = got[INPUT_DEBIASED[view]][i, j]
+                    assert value == pytest.approx(want, **tolerance), (view, i, j)

@@ -1,13 +1,16 @@
 """Similarity of two representations of the same n items (rows paired, e.g. hidden states
-of two models on aligned units): linear CKA, its debiased form (the unbiased HSIC estimator
-of Song et al. 2012), mutual k-nearest neighbours and CKNNA (Huh et al. 2024), and SVCCA
-over a sweep of kept dimensions. Each is a pure function of two matrices [n, d1], [n, d2],
-computed in float64; SVCCA itself lives in geometry.
+of two models on aligned units): linear CKA, unbiased CKA (the unbiased HSIC estimator of
+Song et al. 2012: corrects the estimator's bias), input-debiased CKA (Cui et al. 2022: each
+side's Gram matrix with an input-only Gram regressed out, which corrects the input's
+confound), mutual k-nearest neighbours and CKNNA (Huh et al. 2024), and SVCCA over a sweep of
+kept dimensions. Each is a pure function of the matrices [n, d], computed in float64; SVCCA
+itself lives in geometry.
 
 For many layer pairs and permutations, `prepare` each layer once and score pairs with
 `pair_metrics` (float32 products by default). CKA is computed in feature space (d x d
-products, never an n x n Gram matrix); the neighbour searches need n x n similarities, a
-block of rows at a time, so they are meant for samples of a few thousand items."""
+products) or from packed Gram matrices (`PackedGrams`, `pairing_crosses`); the neighbour
+searches need n x n similarities, a block of rows at a time, so they are meant for samples of
+a few thousand items."""
 
 from __future__ import annotations
 
@@ -81,11 +84,71 @@ def hsic_unbiased(x: np.ndarray, y: np.ndarray) -> float:
     return _hsic_linear(_cross(x, y), (x * x).sum(1), (y * y).sum(1))
 
 
-def debiased_cka(x: np.ndarray, y: np.ndarray) -> float:
+def unbiased_cka(x: np.ndarray, y: np.ndarray) -> float:
     """CKA with the unbiased HSIC in place of the biased one: near 0 for independent inputs
     where plain CKA reads well above 0 when dimensions are many against items, and 1 for
-    identical inputs."""
+    identical inputs. It corrects the estimator's bias, not the input's confound (that is
+    input_debiased_cka)."""
     return _ratio(hsic_unbiased(x, y), hsic_unbiased(x, x), hsic_unbiased(y, y))
+
+
+RESIDUAL_SHARE = 1e-5
+"""Where the input-only Gram explains all but this share of a side's centred Gram (its
+squared norm), nothing is left after the regression (float32 products agree to about 1e-6):
+input-debiased CKA is nan there, not a ratio of rounding errors."""
+
+
+def _ratios(xy: np.ndarray, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
+    """xy / sqrt(xx yy) elementwise (broadcast), nan where xx or yy is not positive."""
+    xy, xx, yy = np.broadcast_arrays(*(np.asarray(v, dtype=np.float64) for v in (xy, xx, yy)))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where((xx > 0) & (yy > 0), xy / np.sqrt(np.abs(xx * yy)), np.nan)
+
+
+def _regressed(kk: np.ndarray, kk0: np.ndarray, k0k0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(beta, residual): a centred Gram matrix K regressed by least squares on the input-only
+    centred Gram K0 of the same items, from their Frobenius products <K, K>, <K, K0>,
+    <K0, K0>: beta = <K, K0> / <K0, K0> (0 where K0 is 0) and ||K - beta K0||^2 =
+    <K, K> - beta <K, K0>, set to 0 below RESIDUAL_SHARE of <K, K>. Elementwise over arrays.
+    An intercept would change nothing: a constant matrix is orthogonal to centred ones."""
+    kk, kk0, k0k0 = (np.asarray(v, dtype=np.float64) for v in (kk, kk0, k0k0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        beta = np.where(k0k0 > 0, kk0 / np.where(k0k0 > 0, k0k0, 1.0), 0.0)
+    residual = kk - beta * kk0
+    return beta, np.where(residual > RESIDUAL_SHARE * kk, residual, 0.0)
+
+
+def _input_debiased(
+    cross: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    a: tuple[np.ndarray, np.ndarray],
+    b: tuple[np.ndarray, np.ndarray],
+) -> np.ndarray:
+    """CKA of the residual Grams K - beta_a K0 and L - beta_b L0, from cross = (<K, L>,
+    <K, L0>, <K0, L>, <K0, L0>) and each side's (beta, residual) of _regressed; elementwise
+    (broadcast), nan where a side has no residual."""
+    kl, kl0, k0l, k0l0 = (np.asarray(c, dtype=np.float64) for c in cross)
+    (beta_a, res_a), (beta_b, res_b) = a, b
+    return _ratios(kl - beta_b * kl0 - beta_a * k0l + beta_a * beta_b * k0l0, res_a, res_b)
+
+
+def input_debiased_cka(x: np.ndarray, y: np.ndarray, x0: np.ndarray, y0: np.ndarray) -> float:
+    """Linear CKA with the input's confound regressed out (the deconfounded CKA of Cui et al.
+    2022): each side's centred Gram matrix is regressed by least squares on its input-only
+    Gram (x0, y0: the same items as represented by an untrained network, here each model's
+    untrained copy at the same layer) and CKA is read from the residuals. About 0 where x and
+    y share nothing beyond what x0 and y0 supply (two random functions of the same token
+    identities), high for structure they share beyond it; nan where a side is a multiple of
+    its input-only Gram. Not unbiased_cka, which corrects the estimator's bias."""
+    x, y = _paired(x, y)
+    x0, y0 = _paired(x0, y0)
+    if len(x0) != len(x):
+        raise ValueError(
+            f"the input-only states hold {len(x0)} items, not {len(x)}: rows must be paired"
+        )
+    a = _regressed(_cross(x, x), _cross(x, x0), _cross(x0, x0))
+    b = _regressed(_cross(y, y), _cross(y, y0), _cross(y0, y0))
+    cross = (_cross(x, y), _cross(x, y0), _cross(x0, y), _cross(x0, y0))
+    return float(_input_debiased(cross, a, b))
 
 
 def standardized(x: np.ndarray) -> np.ndarray:
@@ -295,8 +358,14 @@ def _mean_canonical(m: np.ndarray) -> float:
     return float(np.sqrt(np.clip(np.linalg.eigvalsh(gram), 0.0, 1.0)).mean())
 
 
-CKA_METRICS = ("cka", "cka_debiased", "cka_standardized", "cka_trimmed")
+CKA_METRICS = ("cka", "cka_unbiased", "cka_standardized", "cka_trimmed")
 CKA_VIEWS = ("raw", "standardized", "trimmed")
+INPUT_DEBIASED = {
+    "raw": "cka_input_debiased",
+    "standardized": "cka_standardized_input_debiased",
+    "trimmed": "cka_trimmed_input_debiased",
+}
+"""The input-debiased CKA metric of each view (input_debiased_cka of the view's states)."""
 
 
 def _cka_from(
@@ -306,7 +375,7 @@ def _cka_from(
     norms squared in the pairing's order (for the unbiased HSIC)."""
     return {
         "cka": _ratio(cross["raw"], a.self_cross["raw"], b.self_cross["raw"]),
-        "cka_debiased": _ratio(_hsic_linear(cross["raw"], a.sq, b_sq), a.self_hsic, b.self_hsic),
+        "cka_unbiased": _ratio(_hsic_linear(cross["raw"], a.sq, b_sq), a.self_hsic, b.self_hsic),
         "cka_standardized": _ratio(
             cross["standardized"], a.self_cross["standardized"], b.self_cross["standardized"]
         ),
@@ -318,7 +387,7 @@ def pair_metrics(
     a: Prepared, b: Prepared, perm: np.ndarray | None = None, cka: bool = True
 ) -> dict[str, float]:
     """Every metric of two prepared representations of the same items: a's item i paired
-    with b's item i, or with b's item perm[i] (a permutation null). Keys: cka, cka_debiased,
+    with b's item i, or with b's item perm[i] (a permutation null). Keys: cka, cka_unbiased,
     cka_standardized, cka_trimmed (outlier dimensions removed; left out where cka is False,
     for callers that compute them for many pairs at once with cka_matrices), mutual_knn and
     cknna (on the trimmed views), and svcca@<setting> for each kept-dimension setting both
@@ -351,7 +420,7 @@ GRAM_CHUNK = 2**18
 
 
 def gram_bytes(n: int, layers_a: int, layers_b: int) -> int:
-    """What PackedGrams and cka_matrices hold for n items: the packed Grams of both sides
+    """What PackedGrams and pairing_crosses hold for n items: the packed Grams of both sides
     in every view, and one permuted copy of the smaller side's."""
     return 4 * len(CKA_VIEWS) * (layers_a + layers_b + min(layers_a, layers_b)) * n * (n + 1) // 2
 
@@ -378,6 +447,9 @@ class PackedGrams:
             out = np.empty((len(CKA_VIEWS), len(preps), len(upper)), dtype=preps[0].x.dtype)
             for layer, p in enumerate(preps):
                 for v, name in enumerate(CKA_VIEWS):
+                    if name == "trimmed" and p.kept.all():  # no outlier dimension: the raw view
+                        out[v, layer] = out[CKA_VIEWS.index("raw"), layer]
+                        continue
                     x = p.view(name)
                     out[v, layer] = (x @ x.T).ravel().take(upper)
             sides.append(out)
@@ -398,27 +470,36 @@ def _products(left: np.ndarray, right: np.ndarray) -> np.ndarray:
     return out
 
 
-def cka_matrices(
+def pairing_crosses(
     pa: list[Prepared],
     pb: list[Prepared],
     perms: Sequence[np.ndarray | None],
     grams: PackedGrams | None = None,
-) -> list[dict[str, np.ndarray]]:
-    """The CKA metrics of every pair of a layer of A with a layer of B, for each pairing in
-    perms (None: the true one; else A's item i with B's item perm[i], as pair_metrics):
-    [{metric: [La, Lb]}], one per pairing. In Gram form: ||A'PB||_F^2 is the Frobenius
-    product of A's Gram matrix with B's permuted, so each layer's Gram is made once per view
-    (`grams`, where already made) and each pairing costs a gather of the smaller side's
-    Grams and one [La, n^2/2] x [n^2/2, Lb] product, instead of an n x d_a x d_b product
-    per layer pair. Memory: gram_bytes."""
-    grams = grams or PackedGrams.of(pa, pb)
+) -> list[np.ndarray]:
+    """[views, La, Lb] ||A'PB||_F^2 of every layer of A with every layer of B in each CKA
+    view (CKA_VIEWS), for each pairing in perms (None: the true one; else A's item i with B's
+    item perm[i], as pair_metrics). Given `grams` (PackedGrams.of(pa, pb)): ||A'PB||_F^2 is
+    the Frobenius product of A's Gram matrix with B's permuted, so each pairing costs a
+    gather of the smaller side's Grams and one [La, n^2/2] x [n^2/2, Lb] product per view,
+    instead of an n x d_a x d_b product per layer pair (memory: gram_bytes). Without, pair
+    by pair in feature space."""
+    out = []
+    if grams is None:
+        for perm in perms:
+            cross = np.empty((len(CKA_VIEWS), len(pa), len(pb)))
+            for j, b in enumerate(pb):
+                bx = b.x if perm is None else b.x[perm]
+                for i, a in enumerate(pa):
+                    views = _crosses(a.x.T @ bx, (a.inv_sd, b.inv_sd), (a.kept, b.kept))
+                    cross[:, i, j] = [views[name] for name in CKA_VIEWS]
+            out.append(cross)
+        return out
     n, iu, ju = grams.n, grams.iu, grams.ju
     move_a = len(pa) <= len(pb)  # permute the side with fewer layers
     still = grams.b if move_a else grams.a
-    out = []
     for perm in perms:
         if perm is None:
-            moved, b_order = (grams.a if move_a else grams.b) * grams.weight, np.arange(n)
+            moved = (grams.a if move_a else grams.b) * grams.weight
         else:
             # A's i with B's perm[i]: sum_ij Ka[i,j] Kb[perm i, perm j], which is
             # sum_ij Ka[inv i, inv j] Kb[i,j] where A is the side that moves
@@ -430,19 +511,102 @@ def cka_matrices(
             at = lo * n - lo * (lo - 1) // 2 + (hi - lo)  # (lo, hi)'s place in the triangle
             moved = np.take(grams.a if move_a else grams.b, at, axis=2)  # 7x faster than [..., at]
             moved *= grams.weight
-            b_order = perm
-        crosses = [
-            _products(moved[v], still[v]) if move_a else _products(still[v], moved[v])
-            for v in range(len(CKA_VIEWS))
-        ]
-        values = {name: np.empty((len(pa), len(pb))) for name in CKA_METRICS}
-        for i, a in enumerate(pa):
-            for j, b in enumerate(pb):
-                cross = {name: float(c[i, j]) for name, c in zip(CKA_VIEWS, crosses, strict=True)}
-                for name, v in _cka_from(a, b, cross, b.sq[b_order]).items():
-                    values[name][i, j] = v
-        out.append(values)
+        out.append(
+            np.stack([
+                _products(moved[v], still[v]) if move_a else _products(still[v], moved[v])
+                for v in range(len(CKA_VIEWS))
+            ])
+        )  # fmt: skip
     return out
+
+
+def self_crosses(preps: list[Prepared]) -> np.ndarray:
+    """[views, L] ||X'X||_F^2 of each layer in each CKA view (CKA's normalisers)."""
+    return np.array([[p.self_cross[name] for p in preps] for name in CKA_VIEWS])
+
+
+def cka_from_crosses(
+    pa: list[Prepared], pb: list[Prepared], cross: np.ndarray, perm: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """{metric: [La, Lb]} the CKA metrics (CKA_METRICS) of every layer pair from a pairing's
+    cross terms [views, La, Lb] (pairing_crosses; perm: the pairing, for the unbiased HSIC's
+    row norms)."""
+    sa, sb = self_crosses(pa), self_crosses(pb)  # [views, La], [views, Lb]
+    sq_a = np.stack([p.sq for p in pa])  # [La, n]
+    sq_b = np.stack([p.sq if perm is None else p.sq[perm] for p in pb])  # [Lb, n]
+    n = sq_a.shape[1]
+    # _hsic_linear of every layer pair at once
+    dot = sq_a @ sq_b.T
+    sums = np.outer(sq_a.sum(1), sq_b.sum(1)) / ((n - 1) * (n - 2))
+    hsic = (cross[CKA_VIEWS.index("raw")] - dot + sums - 2.0 * dot / (n - 2)) / (n * (n - 3))
+    hsic_a, hsic_b = np.array([p.self_hsic for p in pa]), np.array([p.self_hsic for p in pb])
+    out = {"cka_unbiased": _ratios(hsic, hsic_a[:, None], hsic_b[None])}
+    for metric, name in (("cka", "raw"), ("cka_standardized", "standardized"),
+                         ("cka_trimmed", "trimmed")):  # fmt: skip
+        v = CKA_VIEWS.index(name)
+        out[metric] = _ratios(cross[v], sa[v][:, None], sb[v][None])
+    return {metric: out[metric] for metric in CKA_METRICS}
+
+
+def copy_crosses(real: list[Prepared], copies: list[Prepared]) -> np.ndarray:
+    """[views, L] <K, K0> of each layer with the same layer of its input-only copy (the same
+    items), in each CKA view: what the regression of input_debiased_cka needs of a side."""
+    out = np.empty((len(CKA_VIEWS), len(real)))
+    for layer, (p, q) in enumerate(zip(real, copies, strict=True)):
+        views = _crosses(p.x.T @ q.x, (p.inv_sd, q.inv_sd), (p.kept, q.kept))
+        out[:, layer] = [views[name] for name in CKA_VIEWS]
+    return out
+
+
+def input_debiased_blocks(
+    cross: np.ndarray,
+    layers: tuple[int, int],
+    selves: tuple[np.ndarray, np.ndarray],
+    copies: tuple[np.ndarray, np.ndarray],
+) -> np.ndarray:
+    """[..., La, Lb] input-debiased CKA of every layer pair of A and B from the cross terms
+    [..., La + La0, Lb + Lb0] of A's layers followed by its input-only copy's with B's
+    followed by its copy's (layers: (La, Lb)), each side's <K, K> stacked likewise (selves:
+    [..., La + La0], [..., Lb + Lb0]) and <K, K0> of each layer with its copy's (copies:
+    [..., La], [..., Lb]). Leading axes (views, or unions of documents) broadcast."""
+    la, lb = layers
+    sa, sb = selves
+    beta_a, res_a = _regressed(sa[..., :la], copies[0], sa[..., la:])
+    beta_b, res_b = _regressed(sb[..., :lb], copies[1], sb[..., lb:])
+    parts = (cross[..., :la, :lb], cross[..., :la, lb:], cross[..., la:, :lb], cross[..., la:, lb:])
+    return _input_debiased(
+        parts,
+        (beta_a[..., :, None], res_a[..., :, None]),
+        (beta_b[..., None, :], res_b[..., None, :]),
+    )
+
+
+def input_debiased_matrices(
+    cross: np.ndarray,
+    layers: tuple[int, int],
+    selves: tuple[np.ndarray, np.ndarray],
+    copies: tuple[np.ndarray, np.ndarray],
+) -> dict[str, np.ndarray]:
+    """{metric: [La, Lb]} input-debiased CKA of every layer pair in each view (INPUT_DEBIASED)
+    from a pairing's cross terms [views, La + La0, Lb + Lb0] (pairing_crosses of the two
+    stacked lists), self_crosses of each stacked list and copy_crosses of each side."""
+    values = input_debiased_blocks(cross, layers, selves, copies)
+    return {INPUT_DEBIASED[name]: values[v] for v, name in enumerate(CKA_VIEWS)}
+
+
+def cka_matrices(
+    pa: list[Prepared],
+    pb: list[Prepared],
+    perms: Sequence[np.ndarray | None],
+    grams: PackedGrams | None = None,
+) -> list[dict[str, np.ndarray]]:
+    """The CKA metrics of every pair of a layer of A with a layer of B, for each pairing in
+    perms (None: the true one; else A's item i with B's item perm[i], as pair_metrics):
+    [{metric: [La, Lb]}], one per pairing, in Gram form (pairing_crosses; the Grams are made
+    here where not given)."""
+    grams = grams or PackedGrams.of(pa, pb)
+    crosses = pairing_crosses(pa, pb, perms, grams)
+    return [cka_from_crosses(pa, pb, c, p) for c, p in zip(crosses, perms, strict=True)]
 
 
 def group_blocks(grams: PackedGrams, view: str, groups: np.ndarray) -> np.ndarray:
@@ -552,8 +716,7 @@ def _group_terms(
         t = np.stack([ua[lo:hi].T @ ub[lo:hi] for lo, hi in itertools.pairwise(a.bounds)])
         return m, t
     parts = group_products(a, b) if parts is None else parts
-    flat = parts.reshape(len(parts), -1)
-    m = (flat @ flat.T).astype(np.float64)
+    m = group_m(parts)
     low = parts.dtype
     t = np.matmul(a.sums.astype(low)[None], parts) @ b.sums.T.astype(low)  # [g, h, l]
     return m, t.astype(np.float64)
@@ -601,6 +764,39 @@ def subset_self(a: Groups, subsets: np.ndarray) -> np.ndarray:
     """[S] ||A_S'A_S||_F^2 of each recentred union of groups (subset_cka's normalisers)."""
     w = np.asarray(subsets, dtype=np.float64)
     return _subset_cross(a.self_terms, a.sums, a.sums, w, w @ a.counts)
+
+
+def subset_crosses(
+    left: list[Groups], right: list[Groups], subsets: np.ndarray, m: np.ndarray
+) -> np.ndarray:
+    """[S, L1, L2] ||A_S'B_S||_F^2 of every grouped representation in left with every one in
+    right (the same items in the same groups), each recentred on the union of groups a row
+    of subsets [S, G] (0/1) marks, from each pair's M [L1, L2, G, G] (group_blocks, or
+    group_m of their group products): _subset_cross of every pair at once."""
+    w = np.asarray(subsets, dtype=np.float64)
+    n = w @ left[0].counts  # [S]
+    ua = np.stack([g.x @ g.sums.T for g in left])  # [L1, n, G] rows . group sums
+    ub = np.stack([g.x @ g.sums.T for g in right])  # [L2, n, G]
+    # T[a, b, g, h, l] = sum over i in g of (a_i . sa_h)(b_i . sb_l)
+    t = np.stack(
+        [np.einsum("aih,bil->abhl", ua[:, lo:hi], ub[:, lo:hi], optimize=True)
+         for lo, hi in itertools.pairwise(left[0].bounds)],
+        axis=2,
+    )  # fmt: skip
+    l1, l2 = t.shape[:2]
+    plain = np.einsum("sg,abgh,sh->sab", w, m, w, optimize=True)
+    w3 = np.einsum("sg,sh,sl->sghl", w, w, w).reshape(len(w), -1)
+    mixed = (t.reshape(l1 * l2, -1) @ w3.T).reshape(l1, l2, -1).transpose(2, 0, 1)
+    sums_a = np.stack([np.square(w @ x.sums).sum(1) for x in left], axis=1)  # [S, L1]
+    sums_b = np.stack([np.square(w @ y.sums).sum(1) for y in right], axis=1)  # [S, L2]
+    nn = n[:, None, None]
+    return plain - 2.0 * mixed / nn + sums_a[:, :, None] * sums_b[:, None, :] / (nn * nn)
+
+
+def group_m(parts: np.ndarray) -> np.ndarray:
+    """[G, G] M_gh = <C_g, C_h> from a pairing's group products C_g [G, d1, d2]."""
+    flat = parts.reshape(len(parts), -1)
+    return (flat @ flat.T).astype(np.float64)
 
 
 def half_subsets(n_groups: int, count: int, rng: np.random.Generator) -> np.ndarray:
