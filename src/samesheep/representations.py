@@ -1,9 +1,14 @@
 """Layer by layer, on the raw hidden states (no SAE): every layer of model A against every
 layer of model B on the layer samples' aligned held-out units. Each value stands beside its
 permutation null (one side's units shuffled inside each document), a threshold above that
-null corrected for the number of layer pairs, and the same layer pair of the two models'
-random-weights copies (the floor). The best-matching layer of B for each layer of A (and
-the reverse) comes with an interval over random halves of the documents.
+null corrected for the number of layer pairs, and its fixed-source floors: A's layer against
+the same layer of B's untrained copy (A held fixed, for A -> B), B's layer against A's
+untrained copy's (for B -> A), and, as a diagnostic only, the two untrained copies against
+each other. CKA also comes input-debiased (Cui et al. 2022): each side's Gram matrix with its
+untrained copy's at the same layer regressed out. Which layers correspond is read from the
+corrected values (input-debiased, or less the floor), only where they survive the null; the
+best-matching layer of B for each layer of A (and the reverse) comes with an interval over
+random halves of the documents.
 
     compare/<A>__<B>/layers.parquet   one row per (layer_a, layer_b, metric)
     compare/<A>__<B>/layers.json      units, best-matching layers, settings, timings
@@ -35,23 +40,39 @@ from .similarity import (
     Groups,
     PackedGrams,
     Prepared,
-    cka_matrices,
+    cka_from_crosses,
+    copy_crosses,
     gram_bytes,
     group_blocks,
+    group_m,
     group_products,
     half_subsets,
+    input_debiased_blocks,
+    input_debiased_matrices,
     pair_metrics,
+    pairing_crosses,
     prepare,
-    subset_cka,
+    self_crosses,
+    subset_crosses,
     subset_self,
     within_group_permutation,
 )
 
-LAYERS_VERSION = 1
+LAYERS_VERSION = 2
 """Bump when the layers stage changes what it writes for the same inputs."""
-INTERVAL_METRICS = ("cka", "cka_trimmed")
+INTERVAL_METRICS = ("cka", "cka_trimmed", "cka_input_debiased", "cka_trimmed_input_debiased")
 """Metrics whose best-matching layer gets an interval (linear CKA on any half of the
 documents costs a few small products, so hundreds of halves are cheap)."""
+HEADLINE = ("cka_trimmed_input_debiased", "cka_trimmed")
+"""The metric that answers which layers correspond, the first there is: CKA without outlier
+dimensions, input-debiased (where the untrained copies were extracted), else plain."""
+FLOOR_OF = {
+    "cka_input_debiased": "cka",
+    "cka_standardized_input_debiased": "cka_standardized",
+    "cka_trimmed_input_debiased": "cka_trimmed",
+}
+"""The plain metric whose fixed-source floors stand beside each input-debiased one (which
+has none of its own: with B's untrained copy in B's place, nothing is left of B's side)."""
 
 
 @dataclass
@@ -115,31 +136,69 @@ def metric_matrices(
     pb: list[Prepared],
     perms: list[np.ndarray],
     grams: PackedGrams | None = None,
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """({metric: [La, Lb] values}, {metric: [P, La, Lb] values under each permutation}).
-    Given the layers' Gram matrices, the CKA metrics of all layer pairs come at once from
-    them (cka_matrices); otherwise, and for the others, pair by pair."""
+    floor: tuple[list[Prepared], list[Prepared]] | None = None,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, dict[str, np.ndarray]]]:
+    """({metric: [La, Lb] values}, {metric: [P, La, Lb] values under each permutation},
+    {metric: {"a_to_b", "b_to_a", "random_pair": [La, Lb]}} the CKA metrics' floors). The CKA
+    metrics of all layer pairs come at once from each pairing's cross terms (pairing_crosses;
+    in Gram form given `grams`, the Grams of A's layers followed by its untrained copy's
+    against B's followed by its copy's), and so, where `floor` (the copies' layers, the same
+    units) is given, do the input-debiased metrics and the floors; the others pair by pair.
+    Under a permutation B's copy moves with B: its units are B's."""
+    fa, fb = floor or ([], [])
+    left, right = [*pa_, *fa], [*pb, *fb]
+    la, lb = len(pa_), len(pb)
     pairings: list[np.ndarray | None] = [None, *perms]
-    shape = (len(pairings), len(pa_), len(pb))
+    shape = (len(pairings), la, lb)
     out: dict[str, np.ndarray] = {}
-    if grams is not None:
-        for p, cka in enumerate(cka_matrices(pa_, pb, pairings, grams)):
-            for name, v in cka.items():
+    floors: dict[str, dict[str, np.ndarray]] = {}
+    selves = (self_crosses(left), self_crosses(right))
+    copies = (copy_crosses(pa_, fa), copy_crosses(pb, fb)) if floor else None
+    crosses = pairing_crosses(left, right, pairings, grams)
+    for p, (cross, perm) in enumerate(zip(crosses, pairings, strict=True)):
+        for name, v in cka_from_crosses(left, right, cross, perm).items():
+            out.setdefault(name, np.full(shape, np.nan))[p] = v[:la, :lb]
+            if p == 0 and floor:
+                floors[name] = {"a_to_b": v[:la, lb:], "b_to_a": v[la:, :lb],
+                                "random_pair": v[la:, lb:]}  # fmt: skip
+        if copies is not None:
+            for name, v in input_debiased_matrices(cross, (la, lb), selves, copies).items():
                 out.setdefault(name, np.full(shape, np.nan))[p] = v
     for i, x in enumerate(pa_):
         for j, y in enumerate(pb):
             for p, perm in enumerate(pairings):
-                for name, v in pair_metrics(x, y, perm, cka=grams is None).items():
+                for name, v in pair_metrics(x, y, perm, cka=False).items():
                     out.setdefault(name, np.full(shape, np.nan))[p, i, j] = v
-    return {k: v[0] for k, v in out.items()}, {k: v[1:] for k, v in out.items()}
+    return {k: v[0] for k, v in out.items()}, {k: v[1:] for k, v in out.items()}, floors
 
 
-def gram_form(pa_: list[Prepared], pb: list[Prepared], permutations: int) -> PackedGrams | None:
-    """The layers' Gram matrices where they pay (with permutations to score: making them
-    costs about one pairing in feature space) and fit in GRAM_BYTES, else None."""
-    if permutations < 1 or gram_bytes(len(pa_[0].x), len(pa_), len(pb)) > GRAM_BYTES:
-        return None
-    return PackedGrams.of(pa_, pb)
+def floor_matrices(
+    pa_: list[Prepared], pb: list[Prepared], fa: list[Prepared], fb: list[Prepared]
+) -> dict[str, dict[str, np.ndarray]]:
+    """{metric: {"a_to_b", "b_to_a", "random_pair": [La, Lb]}} the floors of the metrics
+    scored pair by pair (neighbours, SVCCA): A's layer i against layer j of B's untrained
+    copy (A held fixed), layer i of A's copy against B's layer j (B held fixed), and the two
+    copies against each other (a diagnostic, never the floor)."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for kind, xs, ys in (("a_to_b", pa_, fb), ("b_to_a", fa, pb), ("random_pair", fa, fb)):
+        for i, x in enumerate(xs):
+            for j, y in enumerate(ys):
+                for name, v in pair_metrics(x, y, cka=False).items():
+                    m = out.setdefault(name, {}).setdefault(
+                        kind, np.full((len(xs), len(ys)), np.nan)
+                    )
+                    m[i, j] = v
+    return out
+
+
+def gram_form(
+    pa_: list[Prepared], pb: list[Prepared], permutations: int, floor: bool = False
+) -> PackedGrams | None:
+    """The layers' Gram matrices (pa_, pb: each model's layers, followed by its untrained
+    copy's where there is a floor) where they pay (more than one pairing to score: making
+    them costs about one pairing in feature space) and fit in GRAM_BYTES, else None."""
+    fits = gram_bytes(len(pa_[0].x), len(pa_), len(pb)) <= GRAM_BYTES
+    return PackedGrams.of(pa_, pb) if fits and (permutations >= 1 or floor) else None
 
 
 def bonferroni_z(alpha: float, tests: int) -> float:
@@ -160,24 +219,36 @@ def document_groups(docs: np.ndarray, n_groups: int, rng: np.random.Generator) -
 
 
 def best_layers(
-    matrix: np.ndarray, subsets_cka: np.ndarray | None = None
+    matrix: np.ndarray,
+    subsets_cka: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+    reverse: tuple[np.ndarray, np.ndarray | None] | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
-    """Best-matching layer of B for each layer of A ("a_to_b") and of A for each layer of B
-    ("b_to_a") in a [La, Lb] matrix; with subsets_cka [S, La, Lb] (the same metric on S
-    random halves of the documents) each carries the 95% range of the best layer over the
-    halves and the share of halves that agree with the whole sample."""
+    """Best-matching layer of B for each layer of A ("a_to_b", along the rows of the scores
+    matrix [La, Lb]) and of A for each layer of B ("b_to_a", along the columns of reverse's
+    scores where given: each direction less its own floor; else of matrix's). With the same
+    scores on S random halves of the documents ([S, La, Lb]) each carries the 95% range of
+    the best layer over the halves and the share of halves that agree with the whole sample.
+    Only cells in mask [La, Lb] (those that survive) may be chosen: a layer with none has
+    best None."""
+    back, back_sub = reverse if reverse is not None else (matrix, subsets_cka)
+    ok = np.ones(matrix.shape, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
     out: dict[str, list[dict[str, Any]]] = {}
-    for direction, m, sub in (
-        ("a_to_b", matrix, subsets_cka),
-        ("b_to_a", matrix.T, None if subsets_cka is None else subsets_cka.transpose(0, 2, 1)),
+    for direction, m, sub, allowed in (
+        ("a_to_b", matrix, subsets_cka, ok),
+        ("b_to_a", back.T, None if back_sub is None else back_sub.transpose(0, 2, 1), ok.T),
     ):
         rows = []
-        filled = np.where(np.isnan(m), -np.inf, m)
+        filled = np.where(np.isnan(m) | ~allowed, -np.inf, m)
         for layer, row in enumerate(filled):
+            if not np.isfinite(row).any():
+                rows.append({"layer": layer, "best": None, "value": None})
+                continue
             best = int(row.argmax())
             entry: dict[str, Any] = {"layer": layer, "best": best, "value": float(m[layer, best])}
             if sub is not None:
-                picks = np.where(np.isnan(sub[:, layer]), -np.inf, sub[:, layer]).argmax(1)
+                cells = np.where(np.isnan(sub[:, layer]) | ~allowed[layer], -np.inf, sub[:, layer])
+                picks = cells.argmax(1)
                 entry["interval"] = [
                     int(np.quantile(picks, 0.025, method="lower")),
                     int(np.quantile(picks, 0.975, method="higher")),
@@ -194,45 +265,79 @@ def subset_matrices(
     groups: np.ndarray,
     subsets: np.ndarray,
     grams: PackedGrams | None = None,
-) -> dict[str, np.ndarray]:
-    """{metric: [S, La, Lb]} linear CKA ("cka") and CKA without outlier dimensions
-    ("cka_trimmed") of every layer pair on each union of document groups. Given the layers'
-    Gram matrices, each pairing's group terms come from their blocks (group_blocks);
+    floor: tuple[list[Prepared], list[Prepared]] | None = None,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{metric: (A -> B scores, B -> A scores), each [S, La, Lb]} on each union of document
+    groups (subsets [S, G] 0/1 rows), each recentred on its own units: linear CKA ("cka")
+    and CKA without outlier dimensions ("cka_trimmed"), each less its fixed-source floor in
+    that direction where the untrained copies are given (floor: their layers), and then also
+    both input-debiased. Given the Gram matrices of A's (then its copy's) layers against B's
+    (then its copy's), each pairing's group terms come from their blocks (group_blocks);
     otherwise from group products, the trimmed view's being the raw ones with the outlier
     dimensions' rows and columns zeroed."""
-    ga = [Groups.of(p.x, groups) for p in pa_]
-    gb = [Groups.of(p.x, groups) for p in pb]
-    ta = [g.select(p.kept) for g, p in zip(ga, pa_, strict=True)]
-    tb = [g.select(p.kept) for g, p in zip(gb, pb, strict=True)]
-    blocks = None
+    fa, fb = floor or ([], [])
+    left, right = [*pa_, *fa], [*pb, *fb]
+    la, lb = len(pa_), len(pb)
+    n_groups = int(np.max(groups)) + 1
+    raw = ([Groups.of(p.x, groups) for p in left], [Groups.of(p.x, groups) for p in right])
+    trim = tuple([g.select(p.kept) for g, p in zip(gs, ps, strict=True)]
+                 for gs, ps in zip(raw, (left, right), strict=True))  # fmt: skip
+    views = {"raw": raw, "trimmed": trim}
     if grams is not None:
-        blocks = {"raw": group_blocks(grams, "raw", groups)}
-        blocks["trimmed"] = group_blocks(grams, "trimmed", groups)
-    selves = {  # each layer's normalisers, once
-        id(g): subset_self(g, subsets) for g in [*ga, *gb, *ta, *tb]
-    }
-    out = {name: np.empty((len(subsets), len(ga), len(gb))) for name in INTERVAL_METRICS}
-    for i, (x, xt) in enumerate(zip(ga, ta, strict=True)):
-        for j, (y, yt) in enumerate(zip(gb, tb, strict=True)):
-            if blocks is not None:
-                out["cka"][:, i, j] = subset_cka(
-                    x, y, subsets, m=blocks["raw"][i, j], selves=(selves[id(x)], selves[id(y)])
-                )
-                out["cka_trimmed"][:, i, j] = subset_cka(
-                    xt, yt, subsets, m=blocks["trimmed"][i, j],
-                    selves=(selves[id(xt)], selves[id(yt)]),
-                )  # fmt: skip
-                continue
-            parts = group_products(x, y)
-            out["cka"][:, i, j] = subset_cka(
-                x, y, subsets, parts, selves=(selves[id(x)], selves[id(y)])
-            )
-            parts[:, ~pa_[i].kept] = 0.0  # the outlier dimensions' rows and columns
-            parts[:, :, ~pb[j].kept] = 0.0
-            out["cka_trimmed"][:, i, j] = subset_cka(
-                xt, yt, subsets, parts, selves=(selves[id(xt)], selves[id(yt)])
-            )
+        ms = {view: group_blocks(grams, view, groups) for view in views}
+    else:
+        ms = {view: np.empty((len(left), len(right), n_groups, n_groups)) for view in views}
+        for i, x in enumerate(raw[0]):
+            for j, y in enumerate(raw[1]):
+                parts = group_products(x, y)
+                ms["raw"][i, j] = group_m(parts)
+                parts[:, ~left[i].kept] = 0.0  # the outlier dimensions' rows and columns
+                parts[:, :, ~right[j].kept] = 0.0
+                ms["trimmed"][i, j] = group_m(parts)
+    copies = {}
+    if floor is not None:
+        copies = {
+            "a": _copy_subset_crosses({v: g[0] for v, g in views.items()}, left, la, subsets),
+            "b": _copy_subset_crosses({v: g[1] for v, g in views.items()}, right, lb, subsets),
+        }
+    out = {}
+    for (view, (gl, gr)), metric in zip(views.items(), ("cka", "cka_trimmed"), strict=True):
+        cross = subset_crosses(gl, gr, subsets, ms[view])  # [S, La (+ La0), Lb (+ Lb0)]
+        sl = np.stack([subset_self(g, subsets) for g in gl], axis=1)  # [S, La (+ La0)]
+        sr = np.stack([subset_self(g, subsets) for g in gr], axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ok = (sl[:, :, None] > 0) & (sr[:, None, :] > 0)
+            cka = np.where(ok, cross / np.sqrt(np.abs(sl[:, :, None] * sr[:, None, :])), np.nan)
+        value = cka[:, :la, :lb]
+        if floor is None:
+            out[metric] = (value, value)
+            continue
+        out[metric] = (value - cka[:, :la, lb:], value - cka[:, la:, :lb])
+        debiased = input_debiased_blocks(
+            cross, (la, lb), (sl, sr), (copies["a"][view], copies["b"][view])
+        )
+        out["cka_input_debiased" if view == "raw" else "cka_trimmed_input_debiased"] = (
+            debiased, debiased
+        )  # fmt: skip
     return out
+
+
+def _copy_subset_crosses(
+    views: dict[str, list[Groups]], preps: list[Prepared], n: int, subsets: np.ndarray
+) -> dict[str, np.ndarray]:
+    """{view: [S, L]} ||X_S'X0_S||_F^2 of each of a model's L = n layers with the same layer
+    of its untrained copy on each union of groups, in the raw and trimmed views (views: each
+    view's groups, preps: the prepared layers, the model's followed by its copy's)."""
+    out: dict[str, list[np.ndarray]] = {view: [] for view in views}
+    for k in range(n):
+        parts = group_products(views["raw"][k], views["raw"][n + k])
+        for view, grouped in views.items():
+            if view == "trimmed":  # the outlier dimensions' rows and columns
+                parts[:, ~preps[k].kept] = 0.0
+                parts[:, :, ~preps[n + k].kept] = 0.0
+            m = group_m(parts)[None, None]
+            out[view].append(subset_crosses([grouped[k]], [grouped[n + k]], subsets, m)[:, 0, 0])
+    return {view: np.stack(v, axis=1) for view, v in out.items()}
 
 
 def compare_layers(
@@ -244,8 +349,11 @@ def compare_layers(
 ) -> dict[str, Any]:
     """Every metric for every layer pair of two models' states on the same units (xa[L]:
     [units, d_a] of A's layer L, row i of every layer the same unit; docs: each unit's
-    document), with the permutation null, its corrected threshold, the floor (the same on the
-    random copies' states, same units), and the best-matching layers with intervals."""
+    document), with the permutation null, its corrected threshold, and where the untrained
+    copies' states are given (floor: the same layers on the same units) the fixed-source
+    floors, the copies' own pair (a diagnostic) and the input-debiased CKA metrics; each
+    cell's corrected value and whether it survives, and the best-matching layers read from
+    the corrected values, with intervals."""
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -258,39 +366,71 @@ def compare_layers(
     rng = np.random.default_rng(rep.seed)
     pa_ = [prepare(x, rep.k) for x in xa]
     pb = [prepare(y, rep.k) for y in xb]
+    copies = None
+    if floor is not None:
+        copies = ([prepare(x, rep.k) for x in floor[0]], [prepare(y, rep.k) for y in floor[1]])
     lap("prepare")
     perms = [within_group_permutation(docs, rng) for _ in range(rep.permutations)]
-    grams = gram_form(pa_, pb, len(perms))
-    values, nulls = metric_matrices(pa_, pb, perms, grams)
+    fa, fb = copies or ([], [])
+    grams = gram_form([*pa_, *fa], [*pb, *fb], len(perms), copies is not None)
+    values, nulls, floors = metric_matrices(pa_, pb, perms, grams, copies)
     lap("metrics and null")
     groups = document_groups(docs, rep.groups, rng)
-    intervals = None
+    intervals: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if groups.max(initial=0) >= 1 and rep.subsets > 0:
         subsets = half_subsets(int(groups.max()) + 1, rep.subsets, rng)
-        intervals = subset_matrices(pa_, pb, groups, subsets, grams)
+        intervals = subset_matrices(pa_, pb, groups, subsets, grams, copies)
     del grams
     lap("intervals")
-    floor_values = None
-    if floor is not None:
-        fa = [prepare(x, rep.k) for x in floor[0]]
-        fb = [prepare(y, rep.k) for y in floor[1]]
-        floor_values, _ = metric_matrices(fa, fb, [])
+    if copies is not None:
+        floors |= floor_matrices(pa_, pb, *copies)
         lap("floor")
     z = bonferroni_z(rep.alpha, len(xa) * len(xb))
-    out: dict[str, Any] = {"metrics": {}, "z": z, "seconds": seconds}
+    out: dict[str, Any] = {"metrics": {}, "z": z, "seconds": seconds, "best": {}}
     for name, v in values.items():
         mean = nulls[name].mean(0) if perms else np.full_like(v, np.nan)
         sd = nulls[name].std(0, ddof=1) if len(perms) > 1 else np.full_like(v, np.nan)
-        out["metrics"][name] = {
+        none = np.full_like(v, np.nan)
+        own = floors.get(name, {})
+        m = {
             "value": v,
             "null_mean": mean,
             "null_sd": sd,
-            "null_max": nulls[name].max(0) if perms else np.full_like(v, np.nan),
+            "null_max": nulls[name].max(0) if perms else none,
             "threshold": mean + z * sd,
-            "floor": floor_values[name] if floor_values else np.full_like(v, np.nan),
+            **{f"floor_{k}": own.get(k, none) for k in ("a_to_b", "b_to_a")},
+            "random_pair": own.get("random_pair", none),
         }
-    out["best"] = {name: best_layers(v, (intervals or {}).get(name)) for name, v in values.items()}
+        m |= corrected(m)
+        out["metrics"][name] = m
+        scores = [
+            np.where(np.isfinite(f), v - f, v) for f in (m["floor_a_to_b"], m["floor_b_to_a"])
+        ]
+        halves = intervals.get(name, (None, None))
+        out["best"][name] = best_layers(scores[0], halves[0], m["survives"], (scores[1], halves[1]))
+    out["headline"] = next((h for h in HEADLINE if h in values), None)
     return out
+
+
+def corrected(m: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A metric's corrected value per cell (less the higher of its two fixed-source floors,
+    where it has floors; input-debiased metrics have none and stand as they are) and whether
+    it survives: finite, above the corrected null threshold (where there is a null) and
+    above both floors (where there are floors)."""
+    v = m["value"]
+    top = np.fmax(m["floor_a_to_b"], m["floor_b_to_a"])
+    with np.errstate(invalid="ignore"):
+        beyond_null = np.where(np.isfinite(m["threshold"]), v > m["threshold"], True)
+        beyond_floor = np.where(np.isfinite(top), v > top, True)
+    return {
+        "corrected": np.where(np.isfinite(top), v - top, v),
+        "survives": np.isfinite(v) & beyond_null & beyond_floor,
+    }
+
+
+TABLE_COLUMNS = ("value", "null_mean", "null_sd", "null_max", "threshold", "floor_a_to_b",
+                 "floor_b_to_a", "random_pair", "corrected")  # fmt: skip
+"""The per-cell numbers of layers.parquet, besides the layers, depths, metric and verdicts."""
 
 
 def layers_table(result: dict[str, Any], n_a: int, n_b: int) -> pa.Table:
@@ -304,10 +444,9 @@ def layers_table(result: dict[str, Any], n_a: int, n_b: int) -> pa.Table:
             "depth_a": (ia.ravel() + 1) / n_a,
             "depth_b": (ib.ravel() + 1) / n_b,
             "metric": np.full(ia.size, name, dtype=object),
-            **{k: m[k].ravel() for k in ("value", "null_mean", "null_sd", "null_max")},
-            "threshold": m["threshold"].ravel(),
+            **{k: m[k].ravel() for k in TABLE_COLUMNS},
             "above_null": m["value"].ravel() > m["threshold"].ravel(),
-            "floor": m["floor"].ravel(),
+            "survives": m["survives"].ravel(),
         }
         for k, v in parts.items():
             cols.setdefault(k, []).append(v)
@@ -435,6 +574,7 @@ def _layers_pair(
         "documents": len(np.unique(units.doc)),
         "z": result["z"],
         "best": result["best"],
+        "headline": headline_summary(result),
         "floor": floor is not None,
         "settings": dataclasses.asdict(rep),
         "seconds": {"read": round(read_s, 2), **result["seconds"]},
@@ -448,20 +588,83 @@ def _layers_pair(
     return summary
 
 
+HEADLINE_CELLS = ("value", "null_mean", "threshold", "survives", "corrected")
+"""The headline metric's per-cell numbers layers.json repeats (beside its floor metric's
+value and fixed-source floors); layers.parquet holds every metric's."""
+
+
+def _nested(m: np.ndarray) -> list[list[Any]]:
+    """[rows][cols] of a matrix for JSON: 4 decimals, None for nan, bools as they are."""
+    if m.dtype == bool:
+        return m.tolist()
+    return [[round(float(v), 4) if np.isfinite(v) else None for v in row] for row in m]
+
+
+def headline_summary(result: dict[str, Any]) -> dict[str, Any] | None:
+    """layers.json's headline: the metric that answers which layers correspond, the plain
+    metric whose fixed-source floors stand beside it, how many cells survive, and per cell
+    the headline's value, null, threshold, verdict and corrected value, with the floor
+    metric's value and both fixed-source floors."""
+    name = result.get("headline")
+    if name is None:
+        return None
+    m, plain = result["metrics"][name], result["metrics"][FLOOR_OF.get(name, name)]
+    cells = {k: _nested(m[k]) for k in HEADLINE_CELLS}
+    cells |= {f"plain_{k}": _nested(plain[k]) for k in ("value", "floor_a_to_b", "floor_b_to_a")}
+    return {
+        "metric": name,
+        "floor_metric": FLOOR_OF.get(name, name),
+        "survive": int(m["survives"].sum()),
+        "pairs": int(m["survives"].size),
+        "cells": cells,
+    }
+
+
+WORDS = {
+    "cka_trimmed_input_debiased": "input-debiased trimmed CKA (the untrained copies' "
+    "similarity regressed out, Cui et al. 2022)",
+    "cka_trimmed": "trimmed CKA",
+}
+"""How the answer names each headline metric."""
+
+
 def layers_answer(summary: dict[str, Any], table: pa.Table) -> str:
-    """A few lines saying which layers correspond, from the trimmed CKA."""
+    """A few lines saying which layers correspond, from the headline metric (input-debiased
+    trimmed CKA where the untrained copies were extracted), beside trimmed CKA's
+    fixed-source floors."""
     a, b = safe_name(summary["model_a"]), safe_name(summary["model_b"])
-    rows = table.filter(pc.equal(table.column("metric"), "cka_trimmed")).to_pylist()
-    above = sum(r["above_null"] for r in rows)
-    best = summary["best"]["cka_trimmed"]["a_to_b"]
-    last = best[-1]
-    cell = next(r for r in rows if r["layer_a"] == last["layer"] and r["layer_b"] == last["best"])
+    name = (summary.get("headline") or {}).get("metric", "cka_trimmed")
+    plain_name = FLOOR_OF.get(name, name)
+    rows = table.filter(pc.equal(table.column("metric"), name)).to_pylist()
+    plain_rows = table.filter(pc.equal(table.column("metric"), plain_name)).to_pylist()
+    verdict = "above the corrected null threshold"
+    if summary.get("floor") and name == plain_name:
+        verdict += " and both fixed-source floors"
+    head = (
+        f"layers {a} / {b}: {sum(r['survives'] for r in rows)} of {len(rows)} layer pairs have "
+        f"{WORDS.get(name, name)} {verdict} on {summary['units']:,} held-out units."
+    )
+    last = summary["best"][name]["a_to_b"][-1]
+    if last["best"] is None:
+        return f"{head} {a}'s last layer {last['layer']}: no layer of {b} survives"
+
+    def at(table_rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return next(
+            r for r in table_rows if r["layer_a"] == last["layer"] and r["layer_b"] == last["best"]
+        )
+
+    cell, plain = at(rows), at(plain_rows)
     interval = last.get("interval")
     where = f" (95% range over document halves {interval[0]}-{interval[1]})" if interval else ""
-    floor = f", random-weights floor {cell['floor']:.2f}" if np.isfinite(cell["floor"]) else ""
-    return (
-        f"layers {a} / {b}: {above} of {len(rows)} layer pairs have trimmed CKA above the "
-        f"corrected null threshold on {summary['units']:,} held-out units. {a}'s last layer "
-        f"{last['layer']} matches {b} layer {last['best']}{where}: CKA {cell['value']:.2f} "
-        f"(null {cell['null_mean']:.2f}{floor})"
+    text = (
+        f"{head} {a}'s last layer {last['layer']} matches {b} layer {last['best']}{where}: "
+        f"{'trimmed CKA' if name == plain_name else 'input-debiased trimmed CKA'} "
+        f"{cell['value']:.2f} (null {cell['null_mean']:.2f})"
     )
+    if np.isfinite(plain["floor_a_to_b"]):
+        text += (
+            f"; trimmed CKA {plain['value']:.2f} against its fixed-source floors "
+            f"{plain['floor_a_to_b']:.2f} ({a}'s layer against untrained {b}'s) and "
+            f"{plain['floor_b_to_a']:.2f} ({b}'s against untrained {a}'s)"
+        )
+    return text
