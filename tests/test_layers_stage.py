@@ -38,17 +38,32 @@ def test_every_layer_pair_with_null_threshold_and_floor(run):
     assert summary["layers_a"] == 4 and summary["layers_b"] == 4
     assert summary["units"] > 100 and summary["documents"] >= 2
     t = pq.read_table(out / "layers.parquet").to_pandas()
-    assert len(t) == 16 * t.metric.nunique() and t.metric.nunique() >= 9
-    assert t.value.notna().all() and (t.null_sd > 0).all()
+    assert len(t) == 16 * t.metric.nunique() and t.metric.nunique() >= 12
+    assert (t.null_sd[t.value.notna()] > 0).all()
     assert (t.above_null == (t.value > t.threshold)).all()
-    # the tiny models are random initialisations with seed 0, exactly what their random
-    # copies are: the floor is the very same computation and must equal the value
-    assert np.allclose(t.floor, t.value, atol=1e-6)
-    best = summary["best"]["cka_trimmed"]["a_to_b"]
-    assert len(best) == 4 and all(r["interval"][0] <= r["best"] <= r["interval"][1] for r in best)
+    # the tiny models are random initialisations with seed 0, exactly what their untrained
+    # copies are: each fixed-source floor and the copies' own pair are the very same
+    # computation as the value, so nothing survives them ...
+    plain = t[~t.metric.str.endswith("_input_debiased")]
+    assert plain.value.notna().all()
+    for column in ("floor_a_to_b", "floor_b_to_a", "random_pair"):
+        assert np.allclose(plain[column], plain.value, atol=1e-6), column
+    np.testing.assert_allclose(plain.corrected, 0.0, atol=1e-6)
+    # ... and with each side's copy regressed out nothing is left at all
+    debiased = t[t.metric.str.endswith("_input_debiased")]
+    assert set(debiased.metric) == {"cka_input_debiased", "cka_standardized_input_debiased",
+                                    "cka_trimmed_input_debiased"}  # fmt: skip
+    assert debiased.value.isna().all() and debiased.floor_a_to_b.isna().all()
+    assert not t.survives.any()
+    head = summary["headline"]
+    assert head["metric"] == "cka_trimmed_input_debiased" and head["floor_metric"] == "cka_trimmed"
+    assert head["survive"] == 0 and head["pairs"] == 16
+    assert head["cells"]["plain_floor_a_to_b"] == head["cells"]["plain_value"]
+    assert all(r["best"] is None for b in summary["best"].values() for r in b["a_to_b"])
     # the held-out set is smaller than the sample asked for: said, and all of it used
     assert "fewer than representations.units" in flat(res.stderr)
-    assert "layer pairs have trimmed CKA above" in flat(res.stderr)
+    assert ("0 of 16 layer pairs have input-debiased trimmed CKA" in flat(res.stderr)
+            and "last layer 3: no layer of gpt20 survives" in flat(res.stderr))  # fmt: skip
 
 
 def test_the_report_shows_the_heatmaps(run):
@@ -59,11 +74,39 @@ def test_the_report_shows_the_heatmaps(run):
     page = (root / "layers.html").read_text()
     t = pq.read_table(run_dir / "compare" / "llama0__gpt20" / "layers.parquet")
     metrics = set(t.column("metric").to_pylist())
-    # one heatmap of 16 cells per metric with a tip on every cell, and its floor beside it
+    # one heatmap of 16 cells per metric with a tip on every cell, the headline first and
+    # the others behind a selector, and the fixed-source floor beside each
     assert len(re.findall(r"<title>llama0 layer \d+, gpt20 layer \d+: ", page)) == 16 * len(metrics)
-    assert page.count(" best matches gpt20 layer ") == 4 * len(metrics)  # the best-match plot
-    assert page.count("random-weights copies.</figcaption>") == len(metrics)
-    assert page.count('class="best"') == 4 * len(metrics)  # each of A's layers: its best match
+    assert page.index("input-debiased</h3>") < page.index("<details")
+    assert page.count("<details") == len(metrics) - 1
+    assert page.count('(the fixed-source floor)">') == len(metrics)  # the panel's label
+    # nothing survives anywhere (the models are their untrained copies): every cell says so,
+    # none is coloured, no layer has a best match
+    assert page.count('class="none"') == 16 * len(metrics)
+    assert page.count("; nothing survives</title>") == 16 * len(metrics)
+    assert page.count('class="best"') == 0 and " best matches gpt20 layer " not in page
+
+
+def test_without_the_floor_every_layer_has_its_best_match(run, env, tmp_path):
+    """With the untrained copies left out (compare.floor false) the stage reads plain trimmed
+    CKA against its null: each of A's layers has a best match with its range."""
+    _, run_dir, args = run
+    copy, cargs = copy_run(run_dir, args, tmp_path / "copy")
+    res = cli("layers", *cargs, "--set", "compare.floor=false", env=env)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((copy / "compare" / "llama0__gpt20" / "layers.json").read_text())
+    assert summary["floor"] is False and summary["headline"]["metric"] == "cka_trimmed"
+    t = pq.read_table(copy / "compare" / "llama0__gpt20" / "layers.parquet").to_pandas()
+    assert not t.metric.str.endswith("_input_debiased").any() and t.floor_a_to_b.isna().all()
+    assert (t.survives == t.above_null).all()
+    best = summary["best"]["cka_trimmed"]["a_to_b"]
+    assert len(best) == 4
+    for r, cells in zip(best, np.array(summary["headline"]["cells"]["survives"]), strict=True):
+        if cells.any():
+            assert r["interval"][0] <= r["best"] <= r["interval"][1] and cells[r["best"]]
+        else:
+            assert r["best"] is None
+    assert "layer pairs have trimmed CKA above the corrected null threshold" in flat(res.stderr)
 
 
 def test_the_sample_holds_what_the_per_layer_store_holds(run):

@@ -247,12 +247,17 @@ def test_the_site_in_a_browser(run, browser):
     assert not_blank(p.screenshot(full_page=True))
     tab.check_clean()
 
-    # the layers page: a heatmap per metric (and its floor), every cell with its values
+    # the layers page: a heatmap per metric (and its fixed-source floor), every cell with
+    # its values; the headline shown, the other metrics behind a selector
     p = tab.open("layers.html")
     assert "Which layers correspond" in p.inner_text("h1")
-    assert p.locator("svg.plot").count() >= 3 * 9
+    assert p.locator("svg.plot").count() >= 2 * 12
     tips = p.locator("svg.plot rect title")
-    assert tips.count() >= 16 * 9 and "null" in tips.first.text_content()
+    assert tips.count() >= 16 * 12 and "null" in tips.first.text_content()
+    assert p.locator("details.metric").count() == 11
+    assert not p.locator("details.metric svg").first.is_visible()
+    p.locator("details.metric summary").first.click()
+    assert p.locator("details.metric svg").first.is_visible()
     assert not_blank(p.screenshot(full_page=True))
     tab.check_clean()
 

@@ -1,7 +1,8 @@
-"""The report's layer-by-layer view of a pair of models: a heatmap per metric (the trained
-models beside their random-weights copies, on one colour scale), cells that do not pass the
-corrected null threshold grey, each layer's best match framed, and the best-matching layer
-against depth with its interval."""
+"""The report's layer-by-layer view of a pair of models: the headline metric (trimmed CKA
+with the untrained copies' similarity regressed out, where they were extracted) as a heatmap
+of corrected values, cells where nothing survives shown as such, beside its fixed-source
+floor and the best-matching layer against depth with its interval; every other metric the
+same way behind a selector (one collapsed section each)."""
 
 from __future__ import annotations
 
@@ -13,17 +14,24 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from ..files import read_json
+from ..representations import FLOOR_OF
 from .plots import COLORS, Grid, Series, heatmap, line_plot
 
 NAMES = {
+    "cka_trimmed_input_debiased": "linear CKA, outlier dimensions removed, input-debiased",
     "cka_trimmed": "linear CKA, outlier dimensions removed",
+    "cka_input_debiased": "linear CKA, input-debiased",
     "cka": "linear CKA",
-    "cka_debiased": "linear CKA, unbiased HSIC",
+    "cka_unbiased": "linear CKA, unbiased HSIC",
+    "cka_standardized_input_debiased": "linear CKA, standardised dimensions, input-debiased",
     "cka_standardized": "linear CKA, standardised dimensions",
     "mutual_knn": "mutual k-nearest neighbours",
     "cknna": "CKNNA",
 }
 """Each metric's name on the page, the headline first; SVCCA settings follow."""
+CELLS = ("value", "corrected", "threshold", "null_mean", "null_sd", "floor_a_to_b",
+         "floor_b_to_a", "random_pair")  # fmt: skip
+"""The per-cell numbers a cell's tip shows."""
 
 
 def metric_name(metric: str) -> str:
@@ -39,11 +47,14 @@ def _order(metrics: list[str]) -> list[str]:
 
 def read_layers(folder: Path) -> tuple[dict[str, Any], Any] | None:
     """(layers.json, layers.parquet as a DataFrame) of a pair, or None where the layers stage
-    has not written them."""
+    has not written them (or wrote them before the fixed-source floors: rerun the stage)."""
     summary = read_json(folder / "layers.json", corrupt_is_missing=True)
     if not summary or not (folder / "layers.parquet").is_file():
         return None
-    return summary, pq.read_table(folder / "layers.parquet").to_pandas()
+    df = pq.read_table(folder / "layers.parquet").to_pandas()
+    if "corrected" not in df.columns:
+        return None
+    return summary, df
 
 
 def _matrix(df: Any, column: str, n_a: int, n_b: int) -> np.ndarray:
@@ -52,66 +63,81 @@ def _matrix(df: Any, column: str, n_a: int, n_b: int) -> np.ndarray:
     return m
 
 
-def _tip(a: str, b: str, i: int, j: int, row: dict[str, float]) -> str:
-    floor = row["floor"]
-    floor_text = f", random-weights floor {floor:.3f}" if math.isfinite(floor) else ""
+def _tip(a: str, b: str, i: int, j: int, row: dict[str, float], survives: bool) -> str:
     verdict = "above" if row["value"] > row["threshold"] else "not above"
-    return (
+    text = (
         f"{a} layer {i}, {b} layer {j}: {row['value']:.3f} (null {row['null_mean']:.3f} "
-        f"± {row['null_sd']:.3f}; {verdict} the corrected threshold {row['threshold']:.3f}"
-        f"{floor_text})"
+        f"± {row['null_sd']:.3f}; {verdict} the corrected threshold {row['threshold']:.3f})"
     )
+    if math.isfinite(row["floor_a_to_b"]):
+        text += (
+            f"; fixed-source floors {row['floor_a_to_b']:.3f} ({a}'s layer against untrained "
+            f"{b}'s) and {row['floor_b_to_a']:.3f} ({b}'s against untrained {a}'s); less the "
+            f"higher: {row['corrected']:.3f}; untrained pair {row['random_pair']:.3f} "
+            "(a diagnostic)"
+        )
+    return text + ("" if survives else "; nothing survives")
 
 
 def metric_view(summary: dict[str, Any], df: Any, metric: str, a: str, b: str) -> dict[str, Any]:
-    """The heatmaps of one metric (trained pair, floor) and its best-match plot."""
+    """One metric's heatmap of corrected values (input-debiased, or less the higher
+    fixed-source floor) with the cells where nothing survives struck through, the
+    fixed-source floor A -> B of the metric (of its plain form, for an input-debiased one)
+    on the scale of that metric's values, and the best-match plot."""
     n_a, n_b = summary["layers_a"], summary["layers_b"]
-    part = df[df.metric == metric]
-    cols = {
-        c: _matrix(part, c, n_a, n_b)
-        for c in ("value", "threshold", "floor", "null_mean", "null_sd")
-    }
-    both = np.concatenate([cols["value"].ravel(), cols["floor"].ravel()])
-    finite = both[np.isfinite(both)]
-    scale = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    cols = {c: _matrix(df[df.metric == metric], c, n_a, n_b) for c in CELLS}
+    survives = _matrix(df[df.metric == metric], "survives", n_a, n_b) == 1.0
+    kept = cols["corrected"][survives]
+    scale = (0.0, float(kept.max()) if kept.size and kept.max() > 0 else 1.0)
     best = summary["best"].get(metric, {}).get("a_to_b", [])
-    outlined = [r["best"] for r in best]
     tips = [
-        [_tip(a, b, i, j, {c: float(cols[c][i, j]) for c in cols}) for j in range(n_b)]
+        [_tip(a, b, i, j, {c: float(cols[c][i, j]) for c in cols}, bool(survives[i, j]))
+         for j in range(n_b)]
         for i in range(n_a)
-    ]
-    passes = (cols["value"] > cols["threshold"]).tolist()
+    ]  # fmt: skip
     x_label, y_label = f"{b} layer", f"{a} layer"
+    debiased = metric in FLOOR_OF
+    what = "input-debiased" if debiased else "less its higher fixed-source floor"
     trained = heatmap(
-        Grid(cols["value"].tolist(), passes, outlined, tips),
-        x_label, y_label, f"{metric_name(metric)}: {a} against {b}", scale,
+        Grid(cols["corrected"].tolist(), survives.tolist(), [r["best"] for r in best], tips),
+        x_label, y_label, f"{metric_name(metric)}: {a} against {b} ({what})", scale,
     )  # fmt: skip
+    plain = FLOOR_OF.get(metric, metric)
+    floor_of = {c: _matrix(df[df.metric == plain], c, n_a, n_b) for c in ("value", "floor_a_to_b")}
     floor = None
-    if np.isfinite(cols["floor"]).any():
+    if np.isfinite(floor_of["floor_a_to_b"]).any():
+        both = np.concatenate([floor_of["value"].ravel(), floor_of["floor_a_to_b"].ravel()])
+        finite = both[np.isfinite(both)]
         floor = heatmap(
-            Grid(cols["floor"].tolist()),
-            x_label, y_label, f"{metric_name(metric)}: random-weights copies", scale,
+            Grid(floor_of["floor_a_to_b"].tolist()),
+            f"untrained {b} layer", y_label,
+            f"{metric_name(plain)}: {a}'s layer against untrained {b}'s (the fixed-source floor)",
+            (float(finite.min()), float(finite.max())),
         )  # fmt: skip
     return {
         "metric": metric,
         "name": metric_name(metric),
+        "floor_name": metric_name(plain),
+        "debiased": debiased,
         "trained": trained,
         "floor": floor,
-        "above": int(np.sum(passes)),
-        "interval": bool(best) and all("interval" in r for r in best),
+        "above": int(survives.sum()),
+        "interval": bool(best) and all("interval" in r for r in best if r["best"] is not None),
         "pairs": n_a * n_b,
         "best_plot": best_plot(best, n_a, n_b, a, b, metric),
     }
 
 
 def best_plot(best: list[dict[str, Any]], n_a: int, n_b: int, a: str, b: str, metric: str) -> Any:
-    """The best-matching layer of B (as a share of B's depth) against A's depth, with the
-    95% range over document halves where there is one, and the diagonal of equal depth."""
-    if not best:
+    """The best-matching layer of B (as a share of B's depth) against A's depth, read from
+    the corrected values where they survive (a layer without one is left out), with the 95%
+    range over document halves where there is one, and the diagonal of equal depth."""
+    found = [r for r in best if r["best"] is not None]
+    if not found:
         return None
-    x = [(r["layer"] + 1) / n_a for r in best]
+    x = [(r["layer"] + 1) / n_a for r in found]
     tips = []
-    for r in best:
+    for r in found:
         where = ""
         if "interval" in r:
             lo, hi = r["interval"]
@@ -119,13 +145,13 @@ def best_plot(best: list[dict[str, Any]], n_a: int, n_b: int, a: str, b: str, me
         tips.append(f"{a} layer {r['layer']} best matches {b} layer {r['best']}{where}")
     series = [
         Series("best match", COLORS["raw"],
-               [(xi, (r["best"] + 1) / n_b) for xi, r in zip(x, best, strict=True)], tips=tips),
+               [(xi, (r["best"] + 1) / n_b) for xi, r in zip(x, found, strict=True)], tips=tips),
         Series("equal depth", COLORS["null"], [(0.0, 0.0), (1.0, 1.0)], dash="3 3",
                tips=["", ""]),
     ]  # fmt: skip
-    if all("interval" in r for r in best):
+    if all("interval" in r for r in found):
         for k, name in ((0, "95% range"), (1, "")):  # one legend entry for both bounds
-            pts = [(xi, (r["interval"][k] + 1) / n_b) for xi, r in zip(x, best, strict=True)]
+            pts = [(xi, (r["interval"][k] + 1) / n_b) for xi, r in zip(x, found, strict=True)]
             series.append(Series(name, COLORS["ceiling"], pts, dash="2 2"))
     return line_plot(
         series,
@@ -145,7 +171,11 @@ def layers_view(folder: Path, a: str, b: str) -> dict[str, Any] | None:
     if read is None:
         return None
     summary, df = read
-    views = [metric_view(summary, df, m, a, b) for m in _order(sorted(set(df.metric)))]
+    metrics = _order(sorted(set(df.metric)))
+    head = (summary.get("headline") or {}).get("metric")
+    if head in metrics:
+        metrics = [head, *(m for m in metrics if m != head)]
+    views = [metric_view(summary, df, m, a, b) for m in metrics]
     return {
         "units": summary["units"],
         "documents": summary["documents"],

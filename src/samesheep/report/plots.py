@@ -231,7 +231,7 @@ def bar_plot(
 PALETTE = ("#f7fbff", "#c6dbef", "#6baed6", "#2171b5", "#08306b")
 """A sequential blue scale, low to high."""
 BELOW = "#d9d9d9"
-"""The fill of a heatmap cell whose value does not pass its threshold."""
+"""The stroke across a heatmap cell whose value does not pass its threshold."""
 
 
 def _shade(t: float) -> str:
@@ -266,8 +266,9 @@ def heatmap(
     value_range: tuple[float, float],
     cell: int = 13,
 ) -> Markup:
-    """Cells coloured by value on a shared scale, row 0 at the bottom; cells that do not pass
-    their threshold grey, each row's outlined cell framed, a colour bar at the right."""
+    """Cells coloured by value on a shared scale, row 0 at the bottom; a cell that does not
+    pass (or has no value) is shown as such, not as a colour: blank, struck through; each
+    row's outlined cell framed, a colour bar at the right."""
     rows, cols = len(grid.values), len(grid.values[0]) if grid.values else 0
     left, top, bottom, bar = 40, 10, 38, 46
     width, height = left + cols * cell + bar + 8, top + rows * cell + bottom
@@ -278,9 +279,16 @@ def heatmap(
         y = top + (rows - 1 - r) * cell
         for c, v in enumerate(line):
             x = left + c * cell
-            ok = grid.passes is None or grid.passes[r][c]
-            fill = BELOW if not ok or not math.isfinite(v) else _shade((v - lo) / span)
+            ok = (grid.passes is None or grid.passes[r][c]) and math.isfinite(v)
             tip = f"<title>{escape(grid.tips[r][c])}</title>" if grid.tips else ""
+            if not ok:  # nothing survives here
+                body.append(
+                    f'<rect class="none" x="{x}" y="{y}" width="{cell}" height="{cell}" '
+                    f'fill="#fff">{tip}</rect><line x1="{x + 2}" y1="{y + cell - 2}" '
+                    f'x2="{x + cell - 2}" y2="{y + 2}" stroke="{BELOW}" stroke-width="1"/>'
+                )
+                continue
+            fill = _shade((v - lo) / span)
             body.append(
                 f'<rect x="{x}" y="{y}" width="{cell}" height="{cell}" fill="{fill}">{tip}</rect>'
             )
