@@ -16,6 +16,8 @@ COLORS = {
     "null": "#8a8a8a",
     "across": "#c0a040",
     "ceiling": "#2e8b57",
+    "untrained_pair": "#8e5bb5",
+    "normalised": "#333333",
     "a": "#1f5fbf",
     "b": "#d9822b",
 }
@@ -32,10 +34,15 @@ class Series:
     dash: str = ""
     tips: list[str] = field(default_factory=list)
     links: list[str] = field(default_factory=list)
+    band: list[tuple[float, float, float]] = field(default_factory=list)  # (x, low, high)
 
 
 def _fmt(v: float) -> str:
     return f"{v:.1f}"
+
+
+def _finite(v: float | None) -> bool:
+    return v is not None and math.isfinite(v)
 
 
 def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
@@ -45,24 +52,33 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     mag = 10 ** math.floor(math.log10(raw))
     step = min((m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw), default=raw)
     first = math.ceil(lo / step) * step
-    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
+    # rounded, so that a tick at zero reads "0" and not "-1e-17"
+    return [round(first + i * step, 12) for i in range(int((hi - first) / step + 1e-9) + 1)]
 
 
 def _label(v: float, percent: bool) -> str:
-    if percent:
-        return f"{100 * v:.0f}%"
+    if percent:  # as many decimals as the tick needs (0.25%, 5%), never more than two
+        return f"{100 * v:.2f}".rstrip("0").rstrip(".") + "%"
     return f"{v:g}" if abs(v) >= 0.01 or v == 0 else f"{v:.0e}"
 
 
 class Frame:
     """Axes from data ranges to pixels, with gridlines and labels."""
 
-    def __init__(self, x: tuple[float, float], y: tuple[float, float], width: int, height: int):
+    def __init__(
+        self,
+        x: tuple[float, float],
+        y: tuple[float, float],
+        width: int,
+        height: int,
+        left: float = MARGIN["left"],
+        top: float = MARGIN["top"],
+    ):
         self.x0, self.x1 = x
         self.y0, self.y1 = y
         self.w, self.h = width, height
-        self.left, self.right = MARGIN["left"], width - MARGIN["right"]
-        self.top, self.bottom = MARGIN["top"], height - MARGIN["bottom"]
+        self.left, self.right = left, width - MARGIN["right"]
+        self.top, self.bottom = top, height - MARGIN["bottom"]
 
     def px(self, x: float) -> float:
         span = (self.x1 - self.x0) or 1.0
@@ -121,19 +137,47 @@ def _svg(body: list[str], width: int, height: int, title: str) -> Markup:
     return Markup(head + "".join(body) + "</svg>")
 
 
+LEGEND_ROW = 13
+"""Pixels per row of a legend, which sits above the plot's frame."""
+
+
+def _legend_entries(series: list[Series]) -> list[Series]:
+    return [s for s in series if s.name]  # a series without a name shares another's entry
+
+
+def _legend_width(s: Series) -> float:
+    return 26 + 5.6 * len(s.name)
+
+
+def _legend_rows(series: list[Series], width: int, left: float = MARGIN["left"]) -> int:
+    """How many rows the legend of these series takes in a plot of this width."""
+    rows, x = 1, left
+    for s in _legend_entries(series):
+        if x > left and x + _legend_width(s) > width - MARGIN["right"]:
+            rows, x = rows + 1, left
+        x += _legend_width(s)
+    return rows if _legend_entries(series) else 0
+
+
 def _legend(series: list[Series], frame: Frame) -> list[str]:
-    out, x = [], frame.left + 8
-    for s in series:
-        if not s.name:  # a series that shares another's legend entry
-            continue
+    """The legend, row after row above the frame (never over the data)."""
+    out, x, y = [], frame.left, 10.0
+    for s in _legend_entries(series):
+        if x > frame.left and x + _legend_width(s) > frame.right:
+            x, y = frame.left, y + LEGEND_ROW
         dash = f' stroke-dasharray="{s.dash}"' if s.dash else ""
         out.append(
-            f'<line x1="{x}" x2="{x + 16}" y1="{frame.top + 4}" y2="{frame.top + 4}" '
+            f'<line x1="{_fmt(x)}" x2="{_fmt(x + 16)}" y1="{_fmt(y - 4)}" y2="{_fmt(y - 4)}" '
             f'stroke="{s.color}" stroke-width="2.5"{dash}/>'
         )
-        out.append(f'<text class="legend" x="{x + 20}" y="{frame.top + 8}">{escape(s.name)}</text>')
-        x += 26 + 6.2 * len(s.name)
+        out.append(f'<text class="legend" x="{_fmt(x + 20)}" y="{_fmt(y)}">{escape(s.name)}</text>')
+        x += _legend_width(s)
     return out
+
+
+def _top(series: list[Series], width: int, left: float = MARGIN["left"]) -> float:
+    """The frame's top: room for the legend's rows above it."""
+    return MARGIN["top"] + LEGEND_ROW * _legend_rows(series, width, left)
 
 
 def _point(x: float, y: float, color: str, tip: str, link: str, r: float = 3.2) -> str:
@@ -159,23 +203,35 @@ def line_plot(
     """Lines through each series' points, a dot with its tip on every point."""
     ys = [y for s in series for _, y in s.points if y is not None and math.isfinite(y)]
     y_range = y_range or (0.0, max(ys, default=1.0) or 1.0)
-    f = Frame(x_range, y_range, width, height)
+    f = Frame(x_range, y_range, width, height, top=_top(series, width))
     body = f.axes(xlabel, ylabel, x_percent, y_percent)
+
+    def py(y: float) -> float:  # values outside the range are drawn at its edge
+        return f.py(min(max(y, f.y0), f.y1))
+
     for s in series:
-        pts = [(x, y) for x, y in s.points if y is not None and math.isfinite(y)]
+        band = [(x, lo, hi) for x, lo, hi in s.band if _finite(lo) and _finite(hi)]
+        if band:
+            edge = [(x, hi) for x, _, hi in band] + [(x, lo) for x, lo, _ in reversed(band)]
+            path = " ".join(f"{_fmt(f.px(x))},{_fmt(py(y))}" for x, y in edge)
+            body.append(
+                f'<polygon class="band" fill="{s.color}" fill-opacity="0.15" points="{path}"/>'
+            )
+    for s in series:
+        pts = [(x, y) for x, y in s.points if _finite(y)]
         if not pts:
             continue
-        path = " ".join(f"{_fmt(f.px(x))},{_fmt(f.py(y))}" for x, y in pts)
+        path = " ".join(f"{_fmt(f.px(x))},{_fmt(py(y))}" for x, y in pts)
         dash = f' stroke-dasharray="{s.dash}"' if s.dash else ""
         body.append(
             f'<polyline fill="none" stroke="{s.color}" stroke-width="2"{dash} points="{path}"/>'
         )
         for i, (x, y) in enumerate(s.points):
-            if y is None or not math.isfinite(y):
+            if not _finite(y):
                 continue
             tip = s.tips[i] if i < len(s.tips) else f"{s.name}: {y:.3g} at {x:.3g}"
             link = s.links[i] if i < len(s.links) else ""
-            body.append(_point(f.px(x), f.py(y), s.color, tip, link, r=2.6))
+            body.append(_point(f.px(x), py(y), s.color, tip, link, r=2.6))
     body += _legend(series, f)
     return _svg(body, width, height, title)
 
@@ -194,7 +250,8 @@ def bar_plot(
     """Grouped bars: one group per category, one bar per series (its points' y, in order)."""
     ys = [y for s in series for _, y in s.points if y is not None and math.isfinite(y)]
     bottom = height + (60 if rotate else 0)
-    f = Frame((0, max(len(categories), 1)), (0.0, max(ys, default=1.0) or 1.0), width, bottom)
+    y_range = (0.0, max(ys, default=1.0) or 1.0)
+    f = Frame((0, max(len(categories), 1)), y_range, width, bottom, top=_top(series, width))
     body = f.axes(xlabel if not rotate else "", ylabel, False, y_percent, x_ticks=False)
     group = (f.right - f.left) / max(len(categories), 1)
     bar = group * 0.8 / max(len(series), 1)
@@ -226,6 +283,71 @@ def bar_plot(
             body.append(f'<a href="{escape(link)}">{rect}</a>' if link else rect)
     body += _legend(series, f)
     return _svg(body, width, bottom, title)
+
+
+LABEL_CHARS = 30
+"""Characters of a category's label a horizontal bar plot shows (the whole label on hover)."""
+
+
+def hbar_plot(
+    categories: list[str],
+    series: list[Series],
+    xlabel: str,
+    title: str,
+    x_percent: bool = True,
+    width: int = WIDTH,
+) -> Markup:
+    """Horizontal bars: one row per category, its label at the left (never cut by the
+    plot's edge: long labels are shortened, the whole one shown on hover), one bar per
+    series (its points' y, in order)."""
+    xs = [y for s in series for _, y in s.points if _finite(y)]
+    longest = max((len(c) for c in categories), default=4)
+    left = 12 + 5.8 * min(longest, LABEL_CHARS)
+    bar = 11.0
+    row = bar * max(len(series), 1) + 7
+    top = _top(series, width, left)
+    height = int(top + row * max(len(categories), 1) + MARGIN["bottom"])
+    f = Frame((0.0, max(xs, default=1.0) or 1.0), (0.0, 1.0), width, height, left, top)
+    body = []
+    for t in _ticks(f.x0, f.x1):
+        x = f.px(t)
+        body.append(
+            f'<line class="grid" x1="{_fmt(x)}" x2="{_fmt(x)}" y1="{_fmt(f.top)}" '
+            f'y2="{_fmt(f.bottom)}"/>'
+        )
+        body.append(
+            f'<text class="tick" x="{_fmt(x)}" y="{_fmt(f.bottom + 16)}" '
+            f'text-anchor="middle">{escape(_label(t, x_percent))}</text>'
+        )
+    for i, cat in enumerate(categories):
+        y = f.top + i * row + 3
+        shown = cat if len(cat) <= LABEL_CHARS else cat[: LABEL_CHARS - 1] + "…"
+        body.append(
+            f'<text class="tick" x="{_fmt(f.left - 6)}" y="{_fmt(y + row / 2)}" '
+            f'text-anchor="end"><title>{escape(cat)}</title>{escape(shown)}</text>'
+        )
+        for j, s in enumerate(series):
+            v = s.points[i][1] if i < len(s.points) else None
+            if not _finite(v):
+                continue
+            tip = s.tips[i] if i < len(s.tips) else f"{cat}, {s.name}: {v:.3g}"
+            rect = (
+                f'<rect x="{_fmt(f.left)}" y="{_fmt(y + j * bar)}" '
+                f'width="{_fmt(f.px(v) - f.left)}" height="{_fmt(bar - 1)}" fill="{s.color}">'
+                f"<title>{escape(tip)}</title></rect>"
+            )
+            link = s.links[i] if i < len(s.links) else ""
+            body.append(f'<a href="{escape(link)}">{rect}</a>' if link else rect)
+    body.append(
+        f'<line class="axis" x1="{_fmt(f.left)}" x2="{_fmt(f.left)}" y1="{_fmt(f.top)}" '
+        f'y2="{_fmt(f.bottom)}"/>'
+    )
+    body.append(
+        f'<text class="label" x="{_fmt((f.left + f.right) / 2)}" y="{height - 6}" '
+        f'text-anchor="middle">{escape(xlabel)}</text>'
+    )
+    body += _legend(series, f)
+    return _svg(body, width, height, title)
 
 
 PALETTE = ("#f7fbff", "#c6dbef", "#6baed6", "#2171b5", "#08306b")
