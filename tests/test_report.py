@@ -65,7 +65,7 @@ def test_run_writes_the_site(run):
     # without a terminal every long step says when it starts and when it finishes
     said = flat(res.stderr)
     for step in ("held-out reconstruction", "spliced CE and KL", "features: logit lens",
-                 "features: exemplar windows", "the random-weights floor",
+                 "features: exemplar windows", "A's latents against B's untrained copy (floor)",
                  "the within-document null", "feature pages"):  # fmt: skip
         assert f"{step}: started" in said and f"{step}: finished in" in said, step
     manifest = json.loads((root / "manifest.json").read_text())
@@ -138,12 +138,22 @@ def test_another_run_is_shown_beside_this_one(run, env, tmp_path):
     pair = next(p for p in (run_dir / "compare").iterdir() if p.is_dir())
     (other / "compare" / pair.name).mkdir(parents=True)
     summary = json.loads((pair / "summary.json").read_text())
-    summary["headline"]["raw"]["a_to_b"]["raw"]["share_r0.5"] = 0.8761
+    summary["headline"]["raw"]["a_to_b"]["answer"]["raw"]["share_r0.5"] = 0.8761
     summary["units"] = 4321
     (other / "compare" / pair.name / "summary.json").write_text(json.dumps(summary))
     toml = (run_dir / "config.toml").read_text().replace('unit = "token"', 'unit = "text-last"')
     (other / "config.toml").write_text(toml)
-    beside = json.dumps([str(other), str(tmp_path / "not-yet")])
+    # a run compared before the fixed-source floor: no answer, and a floor that meant the
+    # two untrained copies against each other (never shown as this page's floor)
+    old = tmp_path / "old"
+    (old / "compare" / pair.name).mkdir(parents=True)
+    for d in ("a_to_b", "b_to_a"):
+        entry = summary["headline"]["raw"][d]
+        del entry["answer"]
+        entry["raw"]["share_r0.5"], entry["floor"]["share_r0.5"] = 0.4321, 0.9137
+    (old / "compare" / pair.name / "summary.json").write_text(json.dumps(summary))
+    (old / "config.toml").write_text(toml)
+    beside = json.dumps([str(other), str(old), str(tmp_path / "not-yet")])
     res = cli("report", *cargs, "--set", f"report.beside={beside}", env=env)
     assert res.returncode == 0, res.stderr
     assert "not-yet" in flat(res.stderr)  # said, and run on
@@ -153,6 +163,8 @@ def test_another_run_is_shown_beside_this_one(run, env, tmp_path):
     assert "one vector per text (its last real token)" in page and "every token" in page
     assert "other&lt;b&gt;" in page and "other<b>" not in page
     assert "not-yet" in page and "samesheep run" in page
+    assert "43.2%" in page and "91.4%" not in page
+    assert "before the fixed-source floor" in page and "samesheep compare" in page
     # without report.beside the section is gone (and the site is rebuilt)
     res = cli("report", *cargs, env=env)
     assert res.returncode == 0, res.stderr
@@ -174,9 +186,9 @@ def test_report_before_features_names_the_stage(tiny_models, tmp_path, env):
 class Page:
     """A browser tab that records console errors and uncaught exceptions."""
 
-    def __init__(self, browser, root: Path):
+    def __init__(self, browser, root: Path, width: int = 1200, height: int = 900):
         self.root = root
-        self.page = browser.new_page(viewport={"width": 1200, "height": 900})
+        self.page = browser.new_page(viewport={"width": width, "height": height})
         self.errors: list[str] = []
         self.page.on("console", lambda m: m.type == "error" and self.errors.append(m.text))
         self.page.on("pageerror", lambda e: self.errors.append(str(e)))
@@ -241,6 +253,12 @@ def test_the_site_in_a_browser(run, browser):
     tab = Page(browser, run_dir / "report")
     p = tab.open("index.html")
     assert "learn the same features" in p.inner_text("h1")
+    # the overview opens with the normalised score of each direction, from the answer
+    summary = json.loads((run_dir / "compare" / "llama0__gpt20" / "summary.json").read_text())
+    shown = p.locator(".lead .score .value").all_inner_texts()
+    for d, value in zip(("a_to_b", "b_to_a"), shown, strict=True):
+        norm = summary["headline"]["raw"][d]["answer"]["normalised"]["share_r0.5"]
+        assert value == (f"{norm:.2f}" if norm == norm else "undefined")
     assert p.locator("svg.plot").count() >= 4
     assert p.locator("svg.plot title").count() > 10  # hover values
     p.wait_for_function("document.querySelector('.map canvas') !== null")
@@ -287,8 +305,16 @@ def test_the_site_in_a_browser(run, browser):
     # bidirectional overrides are shown as marks, never applied
     assert p.evaluate("samesheep.visible('a\\u202eb')") == "a\u27e6U+202E\u27e7b"
 
-    # a pair page: both models' activations on the same characters
-    p = tab.open("pair.html?cmp=llama0__gpt20&rank=0")
+    # a pair page: both models' activations on the same characters (the first list with a
+    # page: every latent of the tiny random models is on the surface)
+    lists = site_data(run_dir / "report", "q/llama0__gpt20")["lists"]
+    first = next(name for name, members in lists.items() if members)
+    if not lists.get("beyond"):  # no pair beyond the surface: the surface pairs, said so
+        p = tab.open("pair.html?cmp=llama0__gpt20")
+        p.wait_for_selector("ol.exemplars.pair li")
+        assert "surface pairs are shown" in p.inner_text(".none-beyond")
+        assert p.inner_text("h1").startswith("Surface pair 1")
+    p = tab.open(f"pair.html?cmp=llama0__gpt20&list={first}&rank=0")
     p.wait_for_selector("ol.exemplars.pair li")
     first = p.locator("ol.exemplars.pair li").first
     rows = first.locator(".row")
@@ -302,6 +328,268 @@ def test_the_site_in_a_browser(run, browser):
     # a latent that does not exist: a message on the page, not an uncaught error
     p = tab.open("feature.html?sae=llama0.L1&latent=99999")
     p.wait_for_selector(".error")
+    tab.check_clean()
+
+
+def site_data(root: Path, key: str):
+    """The value a data file of the site hands to the page."""
+    text = (root / "data" / f"{key}.js").read_text(encoding="utf-8")
+    head = f"samesheep.receive({json.dumps(key)},"
+    assert text.startswith(head) and text.rstrip().endswith(");")
+    return json.loads(text[len(head) : text.rstrip().rindex(")")])
+
+
+OVERFLOW = """() => {
+  const out = [];
+  const doc = document.documentElement;
+  if (doc.scrollWidth > doc.clientWidth) {
+    out.push('the page: ' + doc.scrollWidth + ' > ' + doc.clientWidth);
+  }
+  const boxes = new Set();
+  for (const el of document.querySelectorAll('table, figure, .scroll, .plots, .map')) {
+    boxes.add(el);
+    if (el.parentElement) boxes.add(el.parentElement);
+  }
+  for (const el of boxes) {
+    if (el.scrollWidth > el.clientWidth) {
+      out.push(el.tagName.toLowerCase() + (el.className ? '.' + el.className : '') + ': ' +
+               el.scrollWidth + ' > ' + el.clientWidth);
+    }
+  }
+  return out;
+}"""
+"""What runs past its box: the page sideways, or a table, figure or its container whose
+content is wider than what it shows (cut, or scrolled inside it)."""
+
+
+def overflowing(page) -> list[str]:
+    return page.evaluate(OVERFLOW)
+
+
+def every_page(root: Path) -> list[str]:
+    """One address of every kind of page the site has (and each list and filter)."""
+    cmp = "llama0__gpt20"
+    pages = ["index.html", f"latents.html?cmp={cmp}"]
+    pages += [f"latents.html?cmp={cmp}&list={k}" for k in ("shared", "only-a", "only-b")]
+    pages += [f"latents.html?cmp={cmp}&surface={k}" for k in ("surface", "beyond")]
+    pages += [f"feature.html?sae={s}&latent=0" for s in ("llama0.L1", "gpt20.L1")]
+    if (root / "layers.html").is_file():
+        pages.append("layers.html")
+    lists = site_data(root, f"q/{cmp}")["lists"]
+    pages += [f"pair.html?cmp={cmp}&list={k}&rank=0" for k in lists]
+    pages.append(f"pair.html?cmp={cmp}")
+    return pages
+
+
+def test_every_kind_of_page_fits_1280_pixels(run, browser):
+    """At 1280 px no page scrolls sideways and no table, figure or box around them is cut
+    or scrolled inside itself; the check itself catches a table cut inside its box."""
+    _, run_dir, _ = run
+    root = run_dir / "report"
+    tab = Page(browser, root, width=1280, height=800)
+    for name in every_page(root):
+        p = tab.open(name)
+        p.wait_for_function("!document.querySelector('.loading')")
+        assert overflowing(p) == [], name
+        tab.check_clean()
+    p = tab.open("index.html")
+    p.evaluate("""() => {
+      const box = document.createElement('div');
+      box.style.overflowX = 'hidden';
+      const t = box.appendChild(document.createElement('table'));
+      t.insertRow().insertCell().style.minWidth = '3000px';
+      document.querySelector('main').appendChild(box);
+    }""")
+    assert any(x.startswith("div") for x in overflowing(p))
+
+
+def mixed_surface(run_dir: Path, args: list[str], to: Path) -> tuple[Path, list[str]]:
+    """A copy of the run in which every third latent of each model lies beyond the surface
+    (the tiny random models equal their untrained copies, so every live latent is a surface
+    latent): its partners and pairs rewritten as the compare stage writes them."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from helpers import copy_run
+
+    copy, cargs = copy_run(run_dir, args, to)
+    folder = copy / "compare" / "llama0__gpt20"
+    t = pq.read_table(folder / "partners.parquet")
+    sr = t["surface_r"].to_numpy().copy()
+    low = t["latent"].to_numpy() % 3 == 0
+    sr[low] = 0.1
+    for name, values in (("surface_r", sr), ("surface", sr >= 0.5)):
+        t = t.set_column(t.schema.get_field_index(name), name, pa.array(values))
+    pq.write_table(t, folder / "partners.parquet")
+    side = np.array(t["side"].to_pylist())
+    pairs = pq.read_table(folder / "pairs.parquet")
+    ra = sr[side == "a"][pairs["latent_a"].to_numpy()]
+    rb = sr[side == "b"][pairs["latent_b"].to_numpy()]
+    for name, values in (("surface_r_a", ra), ("surface_r_b", rb),
+                         ("beyond_surface", (ra < 0.5) & (rb < 0.5))):  # fmt: skip
+        pairs = pairs.set_column(pairs.schema.get_field_index(name), name, pa.array(values))
+    pq.write_table(pairs, folder / "pairs.parquet")
+    (copy / "report" / "manifest.json").unlink()
+    return copy, cargs
+
+
+def test_pairs_beyond_the_surface_come_first(run, env, tmp_path, browser):
+    """Pair pages rank the pairs beyond the surface (both latents' surface r < 0.5) by
+    default; the surface pairs are one click away and say what they are; the latent table
+    filters by surface score; a feature page shows the surface score with its partner and
+    untrained copy, and the floor, ceiling and cross-fitted partners."""
+    import pyarrow.parquet as pq
+
+    _, run_dir, args = run
+    copy, cargs = mixed_surface(run_dir, args, tmp_path / "copy")
+    res = cli("report", *cargs, env=env)
+    assert res.returncode == 0, res.stderr
+    root = copy / "report"
+    q = site_data(root, "q/llama0__gpt20")
+    beyond, surface = q["lists"]["beyond"], q["lists"]["surface"]
+    assert beyond and surface and sorted(beyond + surface) == sorted(set(beyond + surface))
+    assert all(q["pairs"][i][4] is True for i in beyond)
+    assert all(q["pairs"][i][4] is False for i in surface)
+    for members in (beyond, surface):
+        rs = [q["pairs"][i][2] for i in members]
+        assert rs == sorted(rs, reverse=True)
+    # the surface pairs are not simply the worse ones: a surface pair outranks the first
+    # pair beyond the surface by r, and still comes second
+    first = q["pairs"][beyond[0]]
+    assert any(q["pairs"][i][2] > first[2] for i in surface)
+
+    tab = Page(browser, root, width=1280, height=800)
+    p = tab.open("pair.html?cmp=llama0__gpt20")  # no list named: beyond the surface
+    p.wait_for_selector("ol.exemplars.pair li")
+    assert "beyond the surface" in p.inner_text("h1")
+    links = p.locator("table.stats th a").all_inner_texts()
+    assert links == [f"llama0 #{first[0]}", f"gpt20 #{first[1]}"]
+    p.locator(".tabs a", has_text="surface pairs").click()
+    p.wait_for_selector("ol.exemplars.pair li")
+    assert p.inner_text("h1").startswith("Surface pair 1")
+    assert "Surface pairs:" in p.inner_text(".list-note")
+    top = q["pairs"][surface[0]]
+    links = p.locator("table.stats th a").all_inner_texts()
+    assert links == [f"llama0 #{top[0]}", f"gpt20 #{top[1]}"]
+    assert overflowing(p) == []
+    tab.check_clean()
+
+    # the latent table: beyond the surface lists exactly the live latents with surface r < 0.5
+    partners = pq.read_table(copy / "compare" / "llama0__gpt20" / "partners.parquet").to_pylist()
+    live = {(r["side"], r["latent"]): r for r in partners if r["fires"] > 0}
+    want = sum(1 for r in live.values() if r["surface_r"] < 0.5)
+    p = tab.open("latents.html?cmp=llama0__gpt20&surface=beyond")
+    p.wait_for_selector("table.latents tbody tr")
+    assert p.inner_text(".count") == f"{want:,} latents"
+    assert "beyond the surface" in p.inner_text("h1")
+    p.locator(".surface-filter a", has_text="surface latents").click()
+    p.wait_for_selector("table.latents tbody tr")
+    assert p.inner_text(".count") == f"{len(live) - want:,} latents"
+    tab.check_clean()
+
+    # a feature page: its surface score, partner and copy; its floor, ceiling, cross-fit
+    a = next(r for (side, _), r in live.items() if side == "a" and r["surface_r"] < 0.5)
+    p = tab.open(f"feature.html?sae=llama0.L1&latent={a['latent']}")
+    p.wait_for_selector("table.scale")
+    scale = p.inner_text("table.scale")
+    assert "beyond the surface" in scale and f"#{a['surface_partner']} of" in scale
+    assert "untrained copy" in scale and "seed ceiling" in scale
+    assert "cross-fitted" in p.inner_text(".partners")
+    assert "beyond the surface" in p.inner_text(".surface-line")
+    tab.check_clean()
+
+
+def flat_page(path: Path) -> str:
+    """A page's text without its markup, whitespace collapsed."""
+    import html
+
+    page = path.read_text(encoding="utf-8")
+    page = re.sub(r"<(script|style|svg)\b.*?</\1>", " ", page, flags=re.S)
+    return flat(html.unescape(re.sub(r"<[^>]+>", " ", page)))
+
+
+def test_overview_leads_with_the_normalised_score(run, env, tmp_path):
+    """The overview's answer opens with the normalised score of each direction, then the
+    trained share between its floor and ceiling, the surface split, the untrained pair as a
+    diagnostic; a floor at or above its ceiling is said plainly, once."""
+    from helpers import copy_run
+
+    _, run_dir, args = run
+    text = flat_page(run_dir / "report" / "index.html")
+    order = ["Normalised agreement at r ≥ 0.5", "its fixed-source floor", "surface latents (a",
+             "Two untrained networks' dictionaries", "The numbers"]  # fmt: skip
+    at = [text.index(x) for x in order]
+    assert at == sorted(at), at
+    assert "surface text alone makes dictionaries this alike." in text
+    assert "not below the seed ceiling" not in text  # none here: each floor < its ceiling
+
+    copy, cargs = copy_run(run_dir, args, tmp_path / "copy")
+    path = copy / "compare" / "llama0__gpt20" / "summary.json"
+    summary = json.loads(path.read_text())
+    for d in ("a_to_b", "b_to_a"):
+        ans = summary["headline"]["raw"][d]["answer"]
+        ans["floor"]["share_r0.5"], ans["ceiling"]["share_r0.5"] = 0.61, 0.3
+        ans["normalised"]["share_r0.5"] = float("nan")
+    path.write_text(json.dumps(summary))
+    (copy / "report" / "manifest.json").unlink()
+    res = cli("report", *cargs, env=env)
+    assert res.returncode == 0, res.stderr
+    text = flat_page(copy / "report" / "index.html")
+    assert text.count("not below the seed ceiling") == 1
+    assert "llama0 → gpt20: floor 61.0%, ceiling 30.0%; gpt20 → llama0: floor 61.0%" in text
+    assert text.count("its floor (61.0%) is not below its ceiling (30.0%)") == 2  # each score
+
+
+def test_a_comparison_from_before_the_fixed_floor_is_named(run, env, tmp_path):
+    """A summary written before the fixed-source floor (no answer) is named in one line
+    with the stage to rerun; the report does not show its old floor as the floor."""
+    from helpers import copy_run
+
+    _, run_dir, args = run
+    copy, cargs = copy_run(run_dir, args, tmp_path / "copy")
+    path = copy / "compare" / "llama0__gpt20" / "summary.json"
+    summary = json.loads(path.read_text())
+    for d in ("a_to_b", "b_to_a"):
+        del summary["headline"]["raw"][d]["answer"]
+    path.write_text(json.dumps(summary))
+    (copy / "report" / "manifest.json").unlink()
+    res = cli("report", *cargs, env=env)
+    assert_one_line_error(res)
+    assert "samesheep compare" in res.stderr and "llama0__gpt20" in res.stderr
+
+
+def test_a_run_without_floor_or_ceiling_renders(run, env, tmp_path, browser):
+    """compare.floor = false and compare.ceiling = false: the overview says why there is no
+    normalised score, the pair pages are one list, the latent table has no surface filter,
+    and every page still fits."""
+    from helpers import copy_run
+
+    _, run_dir, args = run
+    copy, cargs = copy_run(run_dir, args, tmp_path / "copy")
+    cargs += ["--set", "compare.floor=false", "--set", "compare.ceiling=false"]
+    for stage in ("compare", "report"):
+        res = cli(stage, *cargs, env=env)
+        assert res.returncode == 0, res.stderr
+    root = copy / "report"
+    text = flat_page(root / "index.html")
+    assert "the run has no floor" in text and "fixed-source floor (" not in text
+    q = site_data(root, "q/llama0__gpt20")
+    assert list(q["lists"]) == ["all"] and q["lists"]["all"]
+    tab = Page(browser, root, width=1280, height=800)
+    p = tab.open("pair.html?cmp=llama0__gpt20")
+    p.wait_for_selector("ol.exemplars.pair li")
+    assert p.inner_text("h1").startswith("Matched pair 1")
+    p = tab.open("latents.html?cmp=llama0__gpt20&surface=beyond")
+    p.wait_for_selector("table.latents tbody tr")
+    assert p.locator(".surface-filter").count() == 0
+    assert "surface r" not in p.inner_text("table.latents thead")
+    p = tab.open("feature.html?sae=llama0.L1&latent=1")
+    p.wait_for_selector(".partners table.stats")
+    assert p.locator("table.scale").count() == 0
+    for name in ("index.html", "latents.html?cmp=llama0__gpt20"):
+        p = tab.open(name)
+        p.wait_for_function("!document.querySelector('.loading')")
+        assert overflowing(p) == [], name
     tab.check_clean()
 
 

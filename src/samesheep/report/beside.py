@@ -14,8 +14,10 @@ from ..errors import SamesheepError
 from ..files import read_json
 from ..models import safe_name
 from ..progress import say
-from .overview import headline_rows
+from .overview import DIRECTIONS, MODES, has_answer, scale_cells
 
+RERUN = "needs a rerun"
+"""A number an older run's summary holds in another sense (its floor, before issue 33)."""
 UNITS = {
     "token": "every token",
     "text-last": "one vector per text (its last real token)",
@@ -116,18 +118,41 @@ def beside_view(
     for label, setting, summaries in entries:
         for s in summaries:
             layers = f"{s.get('layer_a', '?')} / {s.get('layer_b', '?')}"
-            for row in headline_rows(s, name_a, name_b):
-                if row["what"] != "codes":
-                    continue
-                rows.append({"run": label, **setting, "layers": layers,
-                             "units": s.get("units", 0), **row})  # fmt: skip
+            if not has_answer(s):
+                notes.append(
+                    f"{label} (layers {layers}) was compared before the fixed-source floor and "
+                    "ceiling (its floor matched the two untrained copies to each other): only "
+                    "its trained share is shown; run `samesheep compare` there again"
+                )
+            for d, (x, y) in zip(DIRECTIONS, ((name_a, name_b), (name_b, name_a)), strict=True):
+                row = _row(s, d)
+                if row is not None:
+                    rows.append({"run": label, **setting, "layers": layers,
+                                 "units": s.get("units", 0), "direction": f"{x} → {y}",
+                                 **row})  # fmt: skip
     for direction in (f"{name_a} → {name_b}", f"{name_b} → {name_a}"):
         parts = [
-            f"{r['run']} ({r['unit']}, layers {r['layers']}): {r['raw']} (floor {r['floor']}, "
-            f"null {r['null']}, ceiling {r['ceiling']})"
+            f"{r['run']} ({r['unit']}, layers {r['layers']}): {r['raw']} "
+            + (
+                f"(floor {r['floor']}, ceiling {r['ceiling']}, normalised {r['normalised']})"
+                if r["floor"] != RERUN
+                else "(its floor and ceiling need a rerun)"
+            )
             for r in rows
             if r["direction"] == direction
         ]
         if len(parts) > 1:
             sentences.append(f"{direction}, share with a partner of r ≥ 0.5: " + "; ".join(parts))
     return {"rows": rows, "sentences": sentences, "notes": notes}
+
+
+def _row(summary: dict[str, Any], direction: str) -> dict[str, Any] | None:
+    """One direction's cells of a run's headline: its answer; or, for a summary written
+    before the fixed-source floor, only the trained share (its floor meant another thing)."""
+    e = summary.get("headline", {}).get("raw", {}).get(direction)
+    if not e or "raw" not in e:
+        return None
+    if "answer" in e:
+        return {"mode": MODES.get(e["answer"].get("mode", ""), ""), **scale_cells(e["answer"])}
+    old = scale_cells({"raw": e["raw"], "intervals": e.get("intervals", {})})
+    return {**old, "mode": "", "floor": RERUN, "ceiling": RERUN, "normalised": RERUN}

@@ -96,6 +96,11 @@ def report_stage(cfg: Config) -> Path:
                     f"no comparison of {a} and {b} in {folder}: run `samesheep compare` "
                     "(or `samesheep run`) first"
                 )
+            if not overview.has_answer(summary):
+                raise SamesheepError(
+                    f"the comparison in {folder} predates the fixed-source floor and ceiling: "
+                    "run `samesheep compare` again"
+                )
             key = f"{safe_name(a)}__{safe_name(b)}" + (f".L{la}-{lb}" if multi else "")
             comparisons.append(ComparisonPage(key, saes[(a, la)], saes[(b, lb)], folder, summary))
 
@@ -271,7 +276,8 @@ def build_site(
             for s in saes
         },
         "comparisons": {
-            p["key"]: {k: p[k] for k in ("a", "b", "pairs", "pair_block")} for p in pages
+            p["key"]: {k: p[k] for k in ("a", "b", "lists", "pair_block", "surface", "surface_r")}
+            for p in pages
         },
         "layers": bool(layer_views),
     }
@@ -335,30 +341,45 @@ def comparison_data(
     add("compare", write_data(root, f"p/{c.key}", cols))
     order = np.argsort(-pairs.column("r").to_numpy(), kind="stable")
     pr = pairs.take(order).to_pydict()
+    beyond = pr.get("beyond_surface")  # absent where the run has no floor
     matched = [
-        [a, b, sig(r), bool(m)]
-        for a, b, r, m in zip(pr["latent_a"], pr["latent_b"], pr["r"], pr["mutual"], strict=True)
+        [a, b, sig(r), bool(m), None if beyond is None else bool(beyond[i])]
+        for i, (a, b, r, m) in enumerate(
+            zip(pr["latent_a"], pr["latent_b"], pr["r"], pr["mutual"], strict=True)
+        )
     ]
-    shown = [p for p in matched if p[2] is not None and p[2] >= rc.pair_min_r][: rc.max_pairs]
-    add("compare", write_data(root, f"q/{c.key}", {"pairs": matched, "shown": len(shown)}))
+    lists = pair_lists(matched, rc.pair_min_r, rc.max_pairs)
+    surface = {
+        side: [sig(v) for v in pr[f"surface_r_{side}"]] if f"surface_r_{side}" in pr else None
+        for side in ("a", "b")
+    }
+    add("compare", write_data(root, f"q/{c.key}", {"pairs": matched, "lists": lists}))
     fa, fb = features[c.a.key], features[c.b.key]
     ta, tb = token_index(cfg, c.a), token_index(cfg, c.b)
-    for lo in range(0, len(shown), rc.pair_block):
-        block = {}
-        for rank in range(lo, min(lo + rc.pair_block, len(shown))):
-            la, lb, r, mutual = shown[rank]
-            windows = [
-                pair_window(row, w, "a", la, lb, ta, tb) for row, w in fa.top_windows.get(la, [])
-            ]
-            windows += [
-                pair_window(row, w, "b", la, lb, ta, tb) for row, w in fb.top_windows.get(lb, [])
-            ]
-            block[rank] = {"a": la, "b": lb, "r": r, "mutual": mutual, "windows": windows}
-        add("pairs", write_data(root, f"pp/{c.key}/{lo // rc.pair_block}", block))
+    for name, members in lists.items():
+        for lo in range(0, len(members), rc.pair_block):
+            block = {}
+            for rank in range(lo, min(lo + rc.pair_block, len(members))):
+                i = members[rank]
+                la, lb, r, mutual, _ = matched[i]
+                windows = [
+                    pair_window(row, w, "a", la, lb, ta, tb)
+                    for row, w in fa.top_windows.get(la, [])
+                ]
+                windows += [
+                    pair_window(row, w, "b", la, lb, ta, tb)
+                    for row, w in fb.top_windows.get(lb, [])
+                ]
+                block[rank] = {"a": la, "b": lb, "r": r, "mutual": mutual, "index": i,
+                               "surface_a": surface["a"] and surface["a"][i],
+                               "surface_b": surface["b"] and surface["b"][i],
+                               "windows": windows}  # fmt: skip
+            add("pairs", write_data(root, f"pp/{c.key}/{name}/{lo // rc.pair_block}", block))
+    shown = [matched[i] for members in lists.values() for i in members]
     centroids = [_centroids(s.folder) for s in (c.a, c.b)]
     coords = latent_map(*centroids)
     if coords is not None:
-        links = [[a, b, r] for a, b, r, _ in shown if r >= 0.5]
+        links = [[a, b, r] for a, b, r, _, _ in shown if r >= 0.5]
         add("compare", write_data(root, f"m/{c.key}", {**coords, "links": links}))
     return {
         "key": c.key,
@@ -366,10 +387,34 @@ def comparison_data(
         "b": c.b.key,
         "name_a": c.a.name,
         "name_b": c.b.name,
-        "pairs": len(shown),
+        "lists": {name: len(members) for name, members in lists.items()},
+        "list_names": PAIR_LISTS,
+        "surface": beyond is not None,
         "pair_block": rc.pair_block,
         "map": coords is not None,
         **overview.comparison_view(c.summary, c.a.name, c.b.name, c.a.key, c.b.key, fa, fb),
+    }
+
+
+PAIR_LISTS = {
+    "beyond": "the best pairs beyond the surface",
+    "surface": "the surface pairs",
+    "all": "the best matched pairs",
+}
+"""The lists of pair pages: where the run has a floor, the pairs whose latents both lie
+beyond the surface (surface r < 0.5) come first, the surface pairs one click away."""
+
+
+def pair_lists(matched: list[list[Any]], min_r: float, most: int) -> dict[str, list[int]]:
+    """The pairs that get a page, by list (indices into `matched`, best r first): "beyond"
+    and "surface" where each pair says whether it lies beyond the surface, else "all";
+    pairs with r >= min_r, at most `most` per list."""
+    good = [i for i, p in enumerate(matched) if p[2] is not None and p[2] >= min_r]
+    if not matched or matched[0][4] is None:
+        return {"all": good[:most]}
+    return {
+        "beyond": [i for i in good if matched[i][4]][:most],
+        "surface": [i for i in good if not matched[i][4]][:most],
     }
 
 

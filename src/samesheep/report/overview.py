@@ -10,155 +10,428 @@ from typing import Any
 from ..config import Config, to_toml
 from ..files import read_json
 from ..models import safe_name
-from .plots import COLORS, Series, bar_plot, line_plot
+from .plots import COLORS, Series, bar_plot, hbar_plot, line_plot
 from .site import DASH, number, percent
 
 R = 0.5  # the headline threshold (comparison.HEADLINE_R)
 KEY = f"share_r{R:g}"
 ROLES = (
     ("raw", "trained pair", ""),
-    ("floor", "random-weights floor", "6 3"),
-    ("null", "within-document null", "2 3"),
-    ("across", "across documents", "1 3"),
+    ("floor", "fixed-source floor", "6 3"),
     ("ceiling", "seed ceiling", "8 3"),
 )
+"""The three numbers of one population: the source latents held fixed, only the target
+changes (the other model's SAE, its untrained copy's, a second seed of the source's)."""
+DIAGNOSTICS = (
+    ("null", "within-document null", "2 3"),
+    ("across", "across documents", "1 3"),
+    ("untrained_pair", "two untrained networks' dictionaries", "4 2"),
+)
+"""Numbers read beside the headline, never as its floor."""
+UNTRAINED_PAIR = "surface text alone makes dictionaries this alike."
+MODES = {"crossfit": "cross-fitted", "in_sample": "in-sample"}
+CROSSFIT = (
+    "cross-fitted: each latent's partner is chosen on one half of the documents and its r "
+    "measured on the other, both ways round"
+)
+VIEWS = (
+    ("raw", "codes"),
+    ("residual", "beyond the unit's text"),
+    ("token", "what the unit's text predicts"),
+)
+DIRECTIONS = ("a_to_b", "b_to_a")
 
 
 def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def answer_sentences(summary: dict[str, Any], a: str, b: str) -> list[str]:
-    """The answer, direction by direction, in sentences built from the summary's numbers."""
-    out = []
-    head = summary["headline"]
-    geometry = summary.get("geometry", {})
-    for direction, (x, y) in (("a_to_b", (a, b)), ("b_to_a", (b, a))):
-        e = head["raw"][direction]
-        raw = e["raw"][KEY]
-        ci = e.get("intervals", {}).get(KEY, {})
-        text = (
-            f"{percent(raw)} of {x}'s {e['raw']['judged']:,} judged latents have a {y} partner "
-            f"with r ≥ {R:g}"
+def has_answer(summary: dict[str, Any]) -> bool:
+    """Whether a comparison summary holds the fixed-source answer (written since issue 33);
+    an older one's floor matched the two untrained copies to each other."""
+    raw = summary.get("headline", {}).get("raw", {})
+    return all("answer" in raw.get(d, {}) for d in DIRECTIONS)
+
+
+def _names(a: str, b: str) -> dict[str, tuple[str, str]]:
+    return {"a_to_b": (a, b), "b_to_a": (b, a)}
+
+
+def interval(ci: Any, share: bool = True) -> str:
+    """ "12.1% to 13.4%" (or "0.38 to 0.48"), or "" where there is no finite interval."""
+    if not isinstance(ci, (list, tuple)) or len(ci) != 2 or not all(_finite(v) for v in ci):
+        return ""
+    if share:
+        return f"{percent(ci[0])} to {percent(ci[1])}"
+    return f"{ci[0]:.2f} to {ci[1]:.2f}"
+
+
+def _share(n: dict[str, Any], role: str) -> float:
+    return n.get(role, {}).get(KEY, math.nan)
+
+
+def undefined_because(n: dict[str, Any]) -> str:
+    """Why a population's normalised score is missing, in words ("" where it is not)."""
+    if "floor" not in n:
+        return "the run has no floor (compare.floor = false)"
+    if "ceiling" not in n:
+        return "the run has no seed ceiling (compare.ceiling = false)"
+    if not n.get("raw", {}).get("judged"):
+        return "no latent of this population is judged"
+    value = n.get("normalised", {}).get(KEY)
+    if _finite(value):
+        return ""
+    return (
+        f"its floor ({percent(_share(n, 'floor'))}) is not below its ceiling "
+        f"({percent(_share(n, 'ceiling'))})"
+    )
+
+
+def normalised_text(n: dict[str, Any]) -> str:
+    """A population's normalised score at r >= R ("0.43"), "undefined", or a dash where the
+    run has no floor or ceiling to read it on."""
+    if "floor" not in n or "ceiling" not in n or not n.get("raw", {}).get("judged"):
+        return DASH
+    value = n.get("normalised", {}).get(KEY)
+    return f"{value:.2f}" if _finite(value) else "undefined"
+
+
+def scale_cells(n: dict[str, Any]) -> dict[str, Any]:
+    """Table cells of one population (a comparison's `answer`, or its shape): the judged
+    latents; the normalised score, the trained share, its floor and its ceiling at r >= R,
+    each with its 95% interval ("" where there is none)."""
+    ci = n.get("intervals", {}).get(KEY, {})
+    out: dict[str, Any] = {"judged": n.get("raw", {}).get("judged", 0)}
+    for role, _, _ in ROLES:
+        out[role] = percent(_share(n, role)) if role in n else DASH
+        out[f"{role}_ci"] = interval(ci.get(role))
+    out["normalised"] = normalised_text(n)
+    out["normalised_ci"] = interval(ci.get("normalised"), share=False)
+    return out
+
+
+def in_sample(e: dict[str, Any]) -> dict[str, Any]:
+    """A direction's in-sample numbers (every partner chosen and measured on all the
+    documents) in the shape of its `answer`."""
+    out = {role: e[role] for role, _, _ in ROLES if role in e}
+    out.update(mode="in_sample", normalised=e.get("normalised", {}))
+    out["intervals"] = e.get("intervals", {})
+    return out
+
+
+def lead(summary: dict[str, Any], a: str, b: str) -> dict[str, Any]:
+    """What the overview opens with: the normalised score of each direction with its
+    interval; then the trained share between its fixed-source floor and ceiling; the
+    finding where a floor is not below its ceiling (said once); the surface/rest split; the
+    view beyond the unit's text; the diagnostics; the decoder geometry."""
+    raw = summary["headline"]["raw"]
+    answers = {d: raw[d]["answer"] for d in DIRECTIONS}
+    mode = MODES.get(answers["a_to_b"].get("mode", ""), "in-sample")
+    scores = []
+    for d, (x, y) in _names(a, b).items():
+        n = answers[d]
+        ci = interval(n.get("intervals", {}).get(KEY, {}).get("normalised"), share=False)
+        scores.append({
+            "direction": f"{x} → {y}",
+            "value": normalised_text(n),
+            "ci": f"95% CI {ci}" if ci else "",
+            "why": undefined_because(n),
+        })  # fmt: skip
+    return {
+        "mode": mode,
+        "scores": scores,
+        "shares": [share_sentence(summary, d, x, y) for d, (x, y) in _names(a, b).items()],
+        "finding": finding(answers, a, b),
+        "split": [s for d, (x, y) in _names(a, b).items() if (s := split_sentence(raw[d], x, y))],
+        "residual": residual_sentence(summary, a, b),
+        "diagnostic": diagnostic_sentences(summary, a, b),
+        "geometry": geometry_sentence(summary.get("geometry", {})),
+    }
+
+
+def share_sentence(summary: dict[str, Any], d: str, x: str, y: str) -> str:
+    """One direction's trained share between its fixed-source floor and its seed ceiling,
+    each with its interval, and where the share lies between them."""
+    e = summary["headline"]["raw"][d]
+    n = e["answer"]
+    ci = n.get("intervals", {}).get(KEY, {})
+
+    def with_ci(role: str) -> str:
+        i = interval(ci.get(role))
+        return percent(_share(n, role)) + (f" (95% CI {i})" if i else "")
+
+    text = (
+        f"{x} → {y}: {with_ci('raw')} of {x}'s {n['raw']['judged']:,} judged latents have a "
+        f"{y} partner with r ≥ {R:g}"
+    )
+    refs = []
+    if "floor" in n:
+        refs.append(
+            f"its fixed-source floor ({x}'s latents against the SAE of {y}'s untrained copy) "
+            f"is {with_ci('floor')}"
         )
-        if "raw" in ci and all(_finite(v) for v in ci["raw"]):
-            text += f" (95% CI {percent(ci['raw'][0])} to {percent(ci['raw'][1])})"
-        text += "."
-        refs = []
-        if "floor" in e:
-            refs.append(
-                f"two random-weights copies of the models give {percent(e['floor'][KEY])}"
-                " (the floor)"
-            )
-        if "null" in e:
-            refs.append(
-                f"units shifted inside each document give {percent(e['null'][KEY])} (the null)"
-            )
-        if "ceiling" in e:
-            arch = summary.get("ceiling_architecture")
-            kind = f"{arch} " if arch and arch != summary.get("architecture") else ""
-            refs.append(
-                f"a second {kind}SAE on {x} with another seed gives "
-                f"{percent(e['ceiling'][KEY])} (the ceiling)"
-            )
-        if refs:
-            text += " Against it, " + "; ".join(refs) + "."
-        norm = e.get("normalised", {}).get(KEY)
-        if "floor" in e and "ceiling" in e:
-            if _finite(norm):
-                lo, hi = ci.get("normalised", [math.nan, math.nan])
-                text += f" On the scale from floor (0) to ceiling (1) that is {norm:.2f}"
-                if _finite(lo) and _finite(hi):
-                    text += f" (95% CI {lo:.2f} to {hi:.2f})"
-                text += "."
-            else:
-                side = "above" if raw > e["floor"][KEY] else "below"
-                text += (
-                    " The floor is not below the ceiling, so no scale runs from one to the "
-                    "other and the normalised score is undefined: by this measure two untrained "
-                    f"models share more than two seeds of one trained model. The trained pair "
-                    f"lies {side} its floor."
-                )
-        res = head.get("residual", {}).get(direction)
-        if res and "raw" in res:
-            r_raw = res["raw"][KEY]
-            kept = r_raw / raw if raw > 0 else math.nan
-            text += (
-                f" Once each latent's word-level part is removed (its mean code over the units "
-                f"with the same text), {percent(r_raw)} keep a partner with r ≥ {R:g}"
-            )
-            refs = [
-                f"{label} {percent(res[role][KEY])}"
-                for role, label in (("floor", "floor"), ("ceiling", "ceiling"))
-                if role in res
-            ]
-            if refs:
-                text += " (" + ", ".join(refs) + ")"
-            if _finite(kept):
-                text += f": {percent(kept, 0)} of the raw share survives"
-            text += "."
-        out.append(text)
+    if "ceiling" in n:
+        arch = summary.get("ceiling_architecture")
+        kind = f"{arch} " if arch and arch != summary.get("architecture") else ""
+        refs.append(
+            f"its seed ceiling ({x}'s latents against a second {kind}SAE on {x}, another "
+            f"seed) is {with_ci('ceiling')}"
+        )
+    text += "; " + " and ".join(refs) + "." if refs else "."
+    raw, floor, ceiling = (_share(n, r) for r in ("raw", "floor", "ceiling"))
+    if _finite(floor) and _finite(ceiling) and floor < ceiling:
+        if floor < raw < ceiling:
+            text += " The trained share lies above its floor and below its ceiling."
+        elif raw <= floor:
+            text += " The trained share does not lie above its floor."
+        else:
+            text += " The trained share lies at or above its ceiling."
+    elif _finite(floor) and not _finite(ceiling):
+        above = "lies above" if raw > floor else "does not lie above"
+        text += f" The trained share {above} its floor."
+    if n.get("mode") == "crossfit":
+        text += (
+            f" All three are {CROSSFIT}; in-sample they are "
+            + ", ".join(percent(_share(e, r)) for r, _, _ in ROLES if r in e)
+            + "."
+        )
+    return text
+
+
+def finding(answers: dict[str, dict[str, Any]], a: str, b: str) -> str:
+    """The one sentence, for every direction at once, saying that a fixed-source floor lies
+    at or above its ceiling ("" where none does): a finding, not a failure."""
+    hits = []
+    for d, (x, y) in _names(a, b).items():
+        n = answers[d]
+        floor, ceiling = _share(n, "floor"), _share(n, "ceiling")
+        if _finite(floor) and _finite(ceiling) and floor >= ceiling:
+            hits.append((x, y, n, floor, ceiling))
+    if not hits:
+        return ""
+    where = "; ".join(
+        f"{x} → {y}: floor {percent(f)}, ceiling {percent(c)}" for x, y, _, f, c in hits
+    )
+    below = [f"{x} → {y}" for x, y, n, f, _ in hits if _share(n, "raw") <= f]
+    text = (
+        "A finding: the fixed-source floor is not below the seed ceiling ("
+        + where
+        + "). An untrained copy of the other model, reading the same text, supplies as many "
+        "of these latents as a second seed of their own model does, so no scale runs from "
+        "floor to ceiling and the normalised score is undefined."
+    )
+    if below:
+        text += f" The trained pair lies at or below its floor ({', '.join(below)})."
+    return text
+
+
+def split_sentence(e: dict[str, Any], x: str, y: str) -> str:
+    """The split of one direction's source latents into surface latents (a partner with
+    r >= the split's threshold in either untrained copy's SAE) and the rest."""
+    split = e.get("split")
+    if not split:
+        return ""
+    t = split.get("threshold", R)
+    parts = []
+    for part, what in (
+        ("surface", f"surface latents (a partner with r ≥ {t:g} in an untrained copy's SAE)"),
+        ("rest", "beyond the surface"),
+    ):
+        n = split.get(part, {})
+        judged = n.get("raw", {}).get("judged", 0)
+        if not judged:
+            parts.append(f"none {what}")
+            continue
+        c = scale_cells(n)
+        norm = c["normalised"] + (f", 95% CI {c['normalised_ci']}" if c["normalised_ci"] else "")
+        parts.append(
+            f"{judged:,} {what}: {c['raw']} with a {y} partner (floor {c['floor']}, "
+            f"ceiling {c['ceiling']}, normalised {norm})"
+        )
+    return f"Of {x}'s judged latents, " + "; ".join(parts) + "."
+
+
+def residual_sentence(summary: dict[str, Any], a: str, b: str) -> str:
+    """How much agreement survives once each latent's word-level part is removed."""
+    res = summary["headline"].get("residual", {})
+    parts = []
+    for d, (x, y) in _names(a, b).items():
+        e = res.get(d)
+        if not e or "raw" not in e:
+            continue
+        n = e.get("answer") or in_sample(e)
+        refs = [f"{label} {percent(_share(n, role))}" for role, label, _ in ROLES[1:] if role in n]
+        if "floor" in n and "ceiling" in n:
+            refs.append(f"normalised {normalised_text(n)}")
+        parts.append(
+            f"{x} → {y} {percent(_share(n, 'raw'))}" + (f" ({', '.join(refs)})" if refs else "")
+        )
+    if not parts:
+        return ""
+    return (
+        "Once each latent's word-level part is removed (its mean code over the units with the "
+        f"same text), the share with a partner of r ≥ {R:g} is "
+        + "; ".join(parts)
+        + " (in-sample)."
+    )
+
+
+def diagnostic_sentences(summary: dict[str, Any], a: str, b: str) -> list[str]:
+    """The untrained pair and the nulls: read beside the headline, never as its floor."""
+    raw = summary["headline"]["raw"]
+    out = []
+    pair = [
+        f"{x} → {y} {percent(_share(raw[d], 'untrained_pair'))}"
+        for d, (x, y) in _names(a, b).items()
+        if "untrained_pair" in raw[d]
+    ]
+    if pair:
+        out.append(
+            "Two untrained networks' dictionaries (the SAEs of both untrained copies matched "
+            f"to each other): {'; '.join(pair)} with a partner of r ≥ {R:g}; "
+            f"{UNTRAINED_PAIR} A diagnostic, not the floor."
+        )
+    nulls = []
+    for role, label, _ in DIAGNOSTICS[:2]:
+        got = [
+            f"{x} → {y} {percent(_share(raw[d], role))}"
+            for d, (x, y) in _names(a, b).items()
+            if role in raw[d]
+        ]
+        if got:
+            nulls.append(f"the {label} gives " + " and ".join(got))
+    if nulls:
+        out.append("Against chance: " + "; ".join(nulls) + ".")
+    return out
+
+
+def geometry_sentence(geometry: dict[str, Any]) -> str:
+    """The decoder geometry of the matched pairs in one sentence ("" where it was not measured)."""
     sv = geometry.get("svcca_0.9")
     if sv:
-        out.append(
+        return (
             f"The decoder directions of the {geometry['pairs']:,} matched pairs with r ≥ {R:g} "
             f"have an SVCCA of {sv['value']:.2f} at 90% of the variance, against "
             f"{sv['null_mean']:.3f} ± {sv['null_sd']:.3f} for {sv['pairings']} random pairings "
             f"(p = {sv['p']:.3g})."
         )
-    elif geometry.get("note"):
-        out.append(f"Geometry: {geometry['note']}.")
-    return out
+    if geometry.get("note"):
+        return f"Decoder geometry: {geometry['note']}."
+    return ""
 
 
-def headline_rows(summary: dict[str, Any], a: str, b: str) -> list[dict[str, Any]]:
-    """Rows of the headline table: per view and direction, every reference beside the raw
-    number, with the interval and the normalised score."""
-    rows = []
-    views = (
-        ("raw", "codes"),
-        ("residual", "beyond the unit's text"),
-        ("token", "what the unit's text predicts"),
-    )
-    for view, what in views:
-        for direction, (x, y) in (("a_to_b", (a, b)), ("b_to_a", (b, a))):
-            e = summary["headline"].get(view, {}).get(direction)
-            if not e:
+def number_groups(summary: dict[str, Any], a: str, b: str) -> list[dict[str, Any]]:
+    """The numbers table, direction by direction: each population (the headline, in-sample,
+    the surface latents and the rest, each view) with its normalised score, trained share,
+    floor and ceiling, and intervals."""
+    head = summary["headline"]
+    groups = []
+    for d, (x, y) in _names(a, b).items():
+        e = head["raw"][d]
+        n = e["answer"]
+        rows = [{"what": f"codes ({MODES.get(n.get('mode', ''), 'in-sample')})", **scale_cells(n)}]
+        if n.get("mode") == "crossfit":
+            rows.append({"what": "codes (in-sample)", **scale_cells(in_sample(e))})
+        split = e.get("split")
+        if split:
+            for part, what in (("surface", "surface latents"), ("rest", "beyond the surface")):
+                if part in split:
+                    rows.append({"what": f"{what} ({MODES.get(split[part].get('mode', ''), '')})",
+                                 **scale_cells(split[part])})  # fmt: skip
+        for view, what in VIEWS[1:]:
+            v = head.get(view, {}).get(d)
+            if v and "raw" in v:
+                rows.append({"what": f"{what} (in-sample)",
+                             **scale_cells(v.get("answer") or in_sample(v))})  # fmt: skip
+        groups.append({"direction": f"{x} → {y}", "rows": rows})
+    return groups
+
+
+def diagnostic_groups(summary: dict[str, Any], a: str, b: str) -> list[dict[str, Any]]:
+    """The diagnostics table, direction by direction and view by view: the nulls, the
+    untrained pair, the held-out units, the mean best r (all in-sample)."""
+    groups = []
+    for d, (x, y) in _names(a, b).items():
+        rows = []
+        for view, what in VIEWS:
+            e = summary["headline"].get(view, {}).get(d)
+            if not e or "raw" not in e:
                 continue
-            ci = e.get("intervals", {}).get(KEY, {})
-            row = {"what": what, "direction": f"{x} → {y}", "judged": e["raw"]["judged"]}
-            for role, _, _ in ROLES:
-                row[role] = percent(e[role][KEY]) if role in e else DASH
-            row["heldout"] = percent(e["heldout"][KEY]) if "heldout" in e else DASH
-            row["ci"] = (
-                f"{percent(ci['raw'][0])} to {percent(ci['raw'][1])}"
-                if "raw" in ci and all(_finite(v) for v in ci["raw"])
-                else DASH
-            )
-            norm = e.get("normalised", {}).get(KEY)
-            row["normalised"] = f"{norm:.2f}" if _finite(norm) else "undefined"
-            nci = ci.get("normalised")
-            row["normalised_ci"] = (
-                f"{nci[0]:.2f} to {nci[1]:.2f}" if nci and all(_finite(v) for v in nci) else ""
-            )
+            row = {"what": what}
+            for role in (*(r for r, _, _ in DIAGNOSTICS), "heldout"):
+                row[role] = percent(_share(e, role)) if role in e else DASH
             row["mean_r"] = number(e["raw"].get("mean_best_r"))
             rows.append(row)
-    return rows
+        groups.append({"direction": f"{x} → {y}", "rows": rows})
+    return groups
 
 
 def _pct_tip(name: str, x: float, y: float) -> str:
     return f"{name}: {percent(y)} of judged latents have a partner with r ≥ {x:.2f}"
 
 
-def curve_plot(e: dict[str, Any], title: str) -> Any:
+def curve_plot(n: dict[str, Any], title: str) -> Any:
+    """The floor, trained and ceiling curves of one population (a direction's answer); the
+    trained pair's tips also give the normalised score at each threshold."""
+    norm = {round(p[0], 2): p[1:] for p in n.get("normalised_curve", [])}
     series = []
     for role, label, dash in ROLES:
-        pts = e.get("curves", {}).get(role)
+        pts = n.get("curves", {}).get(role)
+        if not pts:
+            continue
+        xy = [(x, y) for x, y in pts]
+        tips = [_pct_tip(label, x, y) for x, y in xy]
+        if role == "raw" and norm:
+            for i, (x, _) in enumerate(xy):
+                v, lo, hi = norm.get(round(x, 2), (None, None, None))
+                ci = interval([lo, hi], share=False)
+                tips[i] += "; normalised " + (
+                    f"{v:.2f}" + (f" (95% CI {ci})" if ci else "") if _finite(v) else "undefined"
+                )
+        series.append(Series(label, COLORS[role], xy, dash, tips))
+    return line_plot(series, "best-partner correlation r", "share of judged latents ≥ r", title)
+
+
+def normalised_plot(n: dict[str, Any], title: str) -> Any | None:
+    """The normalised score at every threshold of the curve, with its 95% interval as a
+    band; None where it is nowhere defined."""
+    pts = [p for p in n.get("normalised_curve", []) if len(p) == 4]
+    if not any(_finite(p[1]) for p in pts):
+        return None
+    ys = [v for p in pts for v in p[1:] if _finite(v)]
+    lo, hi = max(min(min(ys), 0.0), -1.0), min(max(max(ys), 1.0), 2.0)
+    tips = []
+    for x, v, a, b in pts:
+        ci = interval([a, b], share=False)
+        text = f"{v:.2f}" + (f" (95% CI {ci})" if ci else "") if _finite(v) else "undefined"
+        tips.append(f"normalised score at r ≥ {x:.2f}: {text}")
+    series = [
+        Series("normalised score", COLORS["normalised"], [(p[0], p[1]) for p in pts], "", tips,
+               band=[(p[0], p[2], p[3]) for p in pts]),
+        Series("floor (0) and ceiling (1)", COLORS["null"], [(0.0, 0.0), (1.0, 0.0)], "2 3",
+               ["the floor: 0", "the floor: 0"]),
+        Series("", COLORS["null"], [(0.0, 1.0), (1.0, 1.0)], "2 3",
+               ["the ceiling: 1", "the ceiling: 1"]),
+    ]  # fmt: skip
+    return line_plot(
+        series, "best-partner correlation r", "normalised score", title,
+        y_range=(lo, hi), y_percent=False,
+    )  # fmt: skip
+
+
+def diagnostic_plot(e: dict[str, Any], title: str) -> Any | None:
+    """The trained pair's in-sample curve beside the nulls and the untrained pair."""
+    curves = e.get("curves", {})
+    series = []
+    for role, label, dash in (ROLES[0], *DIAGNOSTICS):
+        pts = curves.get(role)
         if pts:
             xy = [(x, y) for x, y in pts]
             series.append(
                 Series(label, COLORS[role], xy, dash, [_pct_tip(label, x, y) for x, y in xy])
             )
+    if len(series) < 2:
+        return None
     return line_plot(series, "best-partner correlation r", "share of judged latents ≥ r", title)
 
 
@@ -167,7 +440,7 @@ def histogram_plot(e: dict[str, Any], title: str) -> Any:
     series = []
     for role, label, dash in ROLES:
         counts = hists.get(role)
-        if not counts or role in ("null", "across"):
+        if not counts:
             continue
         total = max(sum(counts), 1)
         width = 1.0 / len(counts)
@@ -202,6 +475,7 @@ def decile_plot(e: dict[str, Any], title: str) -> Any:
 
 
 def topic_plot(topics: dict[str, Any], direction: str, title: str) -> Any | None:
+    """The trained pair's share by corpus topic, one bar per topic, its name beside it."""
     rows = topics.get(direction) or {}
     if not rows:
         return None
@@ -211,13 +485,11 @@ def topic_plot(topics: dict[str, Any], direction: str, title: str) -> Any | None
         f"{t}: {rows[t]['judged']:,} judged latents, {percent(rows[t][KEY])} with r ≥ {R:g}"
         for t in cats
     ]
-    return bar_plot(
+    return hbar_plot(
         cats,
-        [Series("trained pair", COLORS["raw"], xy, tips=tips)],
-        "",
+        [Series("trained pair (in-sample)", COLORS["raw"], xy, tips=tips)],
         f"share with r ≥ {R:g}",
         title,
-        rotate=True,
     )
 
 
@@ -227,25 +499,31 @@ def comparison_view(
     """Everything the overview shows of one comparison."""
     raw = summary["headline"]["raw"]
     plots = {}
-    for direction, (x, y) in (("a_to_b", (a, b)), ("b_to_a", (b, a))):
+    for direction, (x, y) in _names(a, b).items():
         e = raw[direction]
+        n = e["answer"]
+        mode = MODES.get(n.get("mode", ""), "in-sample")
         plots[direction] = {
-            "curve": curve_plot(e, f"{x} → {y}: share with a partner of at least r"),
+            "curve": curve_plot(n, f"{x} → {y}: floor, trained pair and ceiling ({mode})"),
+            "normalised": normalised_plot(n, f"{x} → {y}: normalised score at each r ({mode})"),
+            "diagnostics": diagnostic_plot(e, f"{x} → {y}: the trained pair beside diagnostics"),
             "histogram": histogram_plot(e, f"{x} → {y}: best-partner r"),
             "deciles": decile_plot(e, f"{x} → {y}: by firing frequency"),
             "topics": topic_plot(
                 summary.get("topics", {}), direction, f"{x} → {y}: by corpus topic"
             ),
             "title": f"{x} → {y}",
+            "mode": mode,
         }
-    mutual = summary["headline"]["raw"].get("mutual_pairs", {})
-    mutual_roles = summary["headline"]["raw"].get("mutual_pairs_by_role", {})
+    mutual = raw.get("mutual_pairs", {})
+    mutual_roles = raw.get("mutual_pairs_by_role", {})
     cov = summary.get("coverage", {})
     geometry = summary.get("geometry", {})
     return {
-        "answer": answer_sentences(summary, a, b),
-        "verdict": summary.get("verdict", []),
-        "rows": headline_rows(summary, a, b),
+        "lead": lead(summary, a, b),
+        "groups": number_groups(summary, a, b),
+        "diagnostics": diagnostic_groups(summary, a, b),
+        "surface_r": summary.get("surface_r", R),
         "plots": plots,
         "mutual": {k: v for k, v in mutual.items()},
         "mutual_roles": mutual_roles,
@@ -256,7 +534,7 @@ def comparison_view(
         "matched": summary.get("matched_pairs", {}),
         "meaning": summary.get("meaning", {}),
         "geometry": {k: v for k, v in geometry.items() if isinstance(v, dict)},
-        "by_share": {d: raw[d].get("by_share_of_documents", []) for d in ("a_to_b", "b_to_a")},
+        "by_share": {d: raw[d].get("by_share_of_documents", []) for d in DIRECTIONS},
         "seconds": summary.get("seconds"),
         "min_fires": summary.get("settings", {}).get("min_fires", 20),
     }
@@ -269,7 +547,7 @@ def run_info(cfg: Config, metrics: dict[str, dict[str, Any]], timings: dict | No
     quality = []
     for rel, m in metrics.items():
         role = (
-            "floor (random weights)"
+            "untrained copy (floor, surface score)"
             if m["source"].startswith("random:")
             else "ceiling (second seed)"
             if m["sae"] != "sae"

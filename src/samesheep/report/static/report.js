@@ -91,6 +91,24 @@
   }
   function featureLink(sae, latent) { return href('feature.html', { sae: sae, latent: latent }); }
 
+  /* Pair pages come in lists: "beyond" (both latents' surface r below the threshold, the
+     default) and "surface" where the run has a floor, else "all". */
+  const PAIR_LISTS = {
+    beyond: { name: 'beyond the surface', title: 'Matched pair {n} beyond the surface' },
+    surface: { name: 'surface pairs', title: 'Surface pair {n}' },
+    all: { name: 'matched pairs', title: 'Matched pair {n}' },
+  };
+  function defaultList(lists) { return Object.prototype.hasOwnProperty.call(lists, 'beyond') ? 'beyond' : 'all'; }
+  /* The list and rank of the page of pair `index` (into q.pairs), or null where it has none. */
+  function pairPlace(q, index) {
+    for (const name of Object.keys(q.lists)) {
+      const rank = q.lists[name].indexOf(index);
+      if (rank >= 0) return { list: name, rank: rank };
+    }
+    return null;
+  }
+  function pairLink(cmp, place) { return href('pair.html', { cmp: cmp, list: place.list, rank: place.rank }); }
+
   /* ---------------------------------------------------------------- highlighted text */
 
   const COLORS = { a: [31, 95, 191], b: [217, 130, 43] };
@@ -182,7 +200,21 @@
     }));
   }
 
-  function partnerSection(sae, latent) {
+  /* "llama0's untrained copy" for the source "random:<llama0's source>" */
+  function untrainedName(source) {
+    for (const key of Object.keys(S.site.saes)) {
+      if ('random:' + S.site.saes[key].model === source) return S.site.saes[key].name + '\u2019s untrained copy';
+    }
+    return source;
+  }
+
+  function surfaceTag(surface, t) {
+    return h('span', { class: 'tag ' + (surface ? 'surface' : 'beyond') },
+      surface ? 'a surface latent (r \u2265 ' + t + ')' : 'beyond the surface (r < ' + t + ')');
+  }
+
+  /* `top`: an element near the head of the page that gets the latent's surface score */
+  function partnerSection(sae, latent, top) {
     const box = h('div', { class: 'partners' }, h('h2', null, 'Partners in the other models'));
     const comps = Object.keys(S.site.comparisons).filter(function (k) {
       const c = S.site.comparisons[k];
@@ -207,21 +239,42 @@
               h('span', { class: 'r' }, r === undefined ? '' : 'r = ' + fmt(r)), ' ',
               h('span', { class: 'label' }, idx.label[j] || '')));
         }
-        let pairRank = -1;
-        for (let i = 0; i < q.shown; i++) {
-          if (q.pairs[i][side === 'a' ? 0 : 1] === latent) { pairRank = i; break; }
-        }
+        const col = side === 'a' ? 0 : 1;
+        const index = q.pairs.findIndex(function (pr) { return pr[col] === latent; });
+        const place = index >= 0 ? pairPlace(q, index) : null;
         const rows = [
           row('best partner' + (p.mutual[n] ? ' (mutual)' : ''), p.partner[n], p.r[n]),
-          row('runner-up', p.runner_up[n], p.r_runner_up[n]),
         ];
+        if (p.crossfit_r) rows.push(row('best partner, cross-fitted', p.crossfit_partner[n], p.crossfit_r[n]));
+        rows.push(row('runner-up', p.runner_up[n], p.r_runner_up[n]));
         if (p.partner_residual) rows.push(row('best beyond the unit\u2019s text', p.partner_residual[n], p.r_residual[n]));
         if (p.partner_by_meaning) rows.push(row('nearest by meaning', p.partner_by_meaning[n], undefined));
-        fill(sec, 
+        const mine = S.site.saes[sae].name;
+        function plain(what, j, r, where) {
+          return h('tr', null, h('th', null, what), h('td', null,
+            j === null || j === undefined || j < 0 ? '\u2013' : [h('span', { class: 'r' }, 'r = ' + fmt(r)), ' (#' + j + ' of ' + where + ')']));
+        }
+        const scale = [];
+        if (p.floor_r) scale.push(plain('fixed-source floor: against ' + name + '\u2019s untrained copy', p.floor_partner[n], p.floor_r[n], 'the SAE of ' + name + '\u2019s untrained copy'));
+        if (p.ceiling_r) scale.push(plain('seed ceiling: against a second SAE on ' + mine, p.ceiling_partner[n], p.ceiling_r[n], 'the second-seed SAE'));
+        if (p.surface_r) {
+          const r = p.surface_r[n], t = c.surface_r || 0.5, where = 'the SAE of ' + untrainedName(p.surface_model[n]);
+          scale.push(h('tr', { class: 'surface-row' }, h('th', null, 'surface score: best r in either untrained copy\u2019s SAE'),
+            h('td', null, h('span', { class: 'r' }, 'r = ' + fmt(r)), ' (#' + p.surface_partner[n] + ' of ' + where + ') ', surfaceTag(p.surface[n], t))));
+          if (top && !top.hasChildNodes() && p.fires[n] > 0) {
+            fill(top, h('span', { class: 'tag' }, 'surface score'), ' ', surfaceTag(p.surface[n], t),
+              ' best r = ' + fmt(r) + ' against #' + p.surface_partner[n] + ' of ' + where + '; partners and scale below.');
+          }
+        }
+        fill(sec,
           h('h3', null, 'in ' + name),
           p.too_rare[n] ? h('p', { class: 'note', text: 'Too rare to judge: fires on ' + fmt(p.fires[n]) + ' aligned units.' }) : null,
           h('table', { class: 'stats' }, rows),
-          pairRank >= 0 ? h('p', null, h('a', { href: href('pair.html', { cmp: k, rank: pairRank }) }, 'see this matched pair side by side')) : null);
+          scale.length ? h('h4', null, 'Against the floor, the ceiling and the surface') : null,
+          scale.length ? h('table', { class: 'stats scale' }, scale) : null,
+          p.crossfit_r ? h('p', { class: 'note', text: 'Cross-fitted: the partner chosen on one half of the documents and its r measured on the other.' }) : null,
+          place ? h('p', null, h('a', { href: pairLink(k, place) }, 'see this matched pair side by side'),
+            ' (' + PAIR_LISTS[place.list].name + ')') : null);
       }).catch(function (e) { fail(sec, e); });
     });
     return box;
@@ -233,9 +286,9 @@
       h('h3', null, 'Labels and their scores'),
       h('p', { class: 'note', text: 'Each label judged on windows the explainer never saw: detection (can a scorer tell windows where the latent fires from windows where it does not, given the label) and fuzzing (can it tell the truly firing tokens from as many others), as balanced accuracy: 0.5 is chance. Another latent’s label is the baseline; an explanation scored on the best partner in the other model should keep its score where the feature is shared.' }),
       h('div', { class: 'scroll' }, h('table', { class: 'numbers' },
-        h('thead', null, h('tr', null, ['label by', 'label', 'detection', 'fuzzing', 'scored on', 'windows'].map(function (t) { return h('th', null, t); }))),
+        h('thead', null, h('tr', null, ['label by', 'label', 'detection', 'fuzzing', 'scored on', 'windows'].map(function (t) { return h('th', t === 'label' ? { class: 'left' } : null, t); }))),
         h('tbody', null, rows.map(function (r) {
-          return h('tr', null, h('td', null, r.by), h('td', { class: 'label' }, r.label), h('td', null, fmt(r.detection)), h('td', null, fmt(r.fuzzing)),
+          return h('tr', null, h('td', null, r.by), h('td', { class: 'label left' }, r.label), h('td', null, fmt(r.detection)), h('td', null, fmt(r.fuzzing)),
             h('td', null, r.on ? r.on + ' (partner, r = ' + fmt(r.r) + ')' : 'this latent'), h('td', null, fmt(r.n)));
         })))));
   }
@@ -257,13 +310,15 @@
         latent + 1 < idx.d_sae ? h('a', { href: featureLink(sae, latent + 1) }, '#' + (latent + 1) + ' \u2192') : null);
       const head = h('h1', null, info.name + ' layer ' + info.layer + ' \u00b7 latent ' + latent);
       if (!rec) {
-        fill(root, nav, head, h('p', { class: 'note', text: 'A dead latent: it never fires on the stored tokens.' }), partnerSection(sae, latent));
+        fill(root, nav, head, h('p', { class: 'note', text: 'A dead latent: it never fires on the stored tokens.' }), partnerSection(sae, latent, null));
         return;
       }
       const ex = rec.exemplars;
+      const surfaceLine = h('p', { class: 'label-line surface-line' });
       const parts = [nav, head,
         h('p', { class: 'label-line' }, h('span', { class: 'tag' }, 'statistical label'), ' ', h('span', { class: 'label' }, rec.label || '(none)')),
         idx.llm && idx.llm[latent] ? h('p', { class: 'label-line' }, h('span', { class: 'tag' }, 'explanation'), ' ', h('span', { class: 'label explanation' }, idx.llm[latent])) : null,
+        surfaceLine,
         explanationTable(rec.explanations),
         h('div', { class: 'columns' },
           h('div', null, statsTable([
@@ -289,7 +344,7 @@
         exemplarList(ex.top, rec.max, false),
         ex.quantile.length ? h('h2', null, 'Across the activation range') : null,
         ex.quantile.length ? exemplarList(ex.quantile, rec.max, true) : null,
-        partnerSection(sae, latent)];
+        partnerSection(sae, latent, surfaceLine)];
       fill(root, parts);
     }).catch(function (e) { fail(root, e); });
   }
@@ -301,19 +356,43 @@
     const c = S.site.comparisons[q.cmp];
     if (!c) return fail(root, new Error('no such comparison'));
     Promise.all([S.load('q/' + q.cmp), S.load('i/' + c.a), S.load('i/' + c.b)]).then(function (got) {
-      const list = got[0], ia = got[1], ib = got[2];
+      const Q = got[0], ia = got[1], ib = got[2];
+      let list = Object.prototype.hasOwnProperty.call(Q.lists, q.list) ? q.list : defaultList(Q.lists);
+      /* no list named and none of the pairs lies beyond the surface: the surface pairs, said so */
+      const noneBeyond = !q.list && list === 'beyond' && !Q.lists.beyond.length && Q.lists.surface.length > 0;
+      if (noneBeyond) list = 'surface';
       let rank = parseInt(q.rank, 10);
-      if (!(rank >= 0) && q.a !== undefined) {
-        rank = list.pairs.findIndex(function (p) { return p[0] === +q.a && p[1] === +q.b; });
+      if (q.a !== undefined && q.b !== undefined && !(rank >= 0)) {
+        const index = Q.pairs.findIndex(function (p) { return p[0] === +q.a && p[1] === +q.b; });
+        const place = index >= 0 ? pairPlace(Q, index) : null;
+        if (!place) throw new Error('this pair has no page');
+        list = place.list; rank = place.rank;
       }
-      if (!(rank >= 0 && rank < list.shown)) throw new Error('this pair has no page (pairs with pages: ' + list.shown + ')');
-      return S.load('pp/' + q.cmp + '/' + Math.floor(rank / c.pair_block)).then(function (block) {
+      if (!(rank >= 0)) rank = 0;
+      const members = Q.lists[list];
+      const na = S.site.saes[c.a].name, nb = S.site.saes[c.b].name;
+      const t = c.surface_r || 0.5;
+      const tabs = Object.keys(Q.lists).length > 1 ? h('p', { class: 'tabs' }, Object.keys(Q.lists).map(function (name) {
+        return [h('a', { href: href('pair.html', { cmp: q.cmp, list: name, rank: 0 }), class: name === list ? 'here' : null },
+          PAIR_LISTS[name].name + ' (' + Q.lists[name].length.toLocaleString('en') + ')'), ' '];
+      })) : null;
+      const what = list === 'beyond'
+        ? h('p', { class: 'note list-note', text: 'Pairs beyond the surface: neither latent has a partner with r \u2265 ' + t + ' in the SAE of either model\u2019s untrained copy, so the surface text alone does not make them. Ranked by r.' })
+        : list === 'surface'
+          ? h('p', { class: 'note list-note surface', text: 'Surface pairs: at least one of the two latents has a partner with r \u2265 ' + t + ' in the SAE of an untrained copy, which reads the same text with no training. Ranked by r.' })
+          : null;
+      if (!members.length) {
+        fill(root, tabs, h('h1', null, 'No matched pair ' + PAIR_LISTS[list].name), what,
+          h('p', { text: list === 'beyond' ? 'Every matched pair with a page has at least one latent that an untrained copy\u2019s SAE already holds.' : 'No matched pair of this list has a page.' }));
+        return;
+      }
+      if (rank >= members.length) throw new Error('this pair has no page (pairs with pages in this list: ' + members.length + ')');
+      return S.load('pp/' + q.cmp + '/' + list + '/' + Math.floor(rank / c.pair_block)).then(function (block) {
         const p = block[String(rank)];
-        const na = S.site.saes[c.a].name, nb = S.site.saes[c.b].name;
         document.title = na + ' #' + p.a + ' / ' + nb + ' #' + p.b + ' \u00b7 samesheep';
         const nav = h('p', { class: 'nav' },
-          rank > 0 ? h('a', { href: href('pair.html', { cmp: q.cmp, rank: rank - 1 }) }, '\u2190 better pair') : null, ' ',
-          rank + 1 < list.shown ? h('a', { href: href('pair.html', { cmp: q.cmp, rank: rank + 1 }) }, 'next pair \u2192') : null);
+          rank > 0 ? h('a', { href: href('pair.html', { cmp: q.cmp, list: list, rank: rank - 1 }) }, '\u2190 better pair') : null, ' ',
+          rank + 1 < members.length ? h('a', { href: href('pair.html', { cmp: q.cmp, list: list, rank: rank + 1 }) }, 'next pair \u2192') : null);
         const windows = p.windows.map(function (w) {
           return h('li', null,
             h('div', { class: 'meta' }, h('span', { class: 'title' }, w.title), h('span', { class: 'split' }, w.split),
@@ -321,12 +400,18 @@
             h('div', { class: 'row' }, h('span', { class: 'who a' }, na), highlighted(w.text, w.a, ia.max[p.a], 'a', w.from === 'a' ? w.center : null, na + ' #' + p.a)),
             h('div', { class: 'row' }, h('span', { class: 'who b' }, nb), highlighted(w.text, w.b, ib.max[p.b], 'b', w.from === 'b' ? w.center : null, nb + ' #' + p.b)));
         });
-        fill(root, nav,
-          h('h1', null, 'Matched pair ' + (rank + 1) + ': r = ' + fmt(p.r) + (p.mutual ? ' (mutual best partners)' : '')),
+        function surfaceCell(r) {
+          if (r === null || r === undefined) return null;
+          return h('td', { class: 'surface-r' }, 'surface r = ' + fmt(r));
+        }
+        fill(root, tabs, nav,
+          h('h1', null, PAIR_LISTS[list].title.replace('{n}', rank + 1) + ': r = ' + fmt(p.r) + (p.mutual ? ' (mutual best partners)' : '')),
+          noneBeyond ? h('p', { class: 'note none-beyond', text: 'No matched pair with a page lies beyond the surface, so the surface pairs are shown.' }) : null,
+          what,
           h('table', { class: 'stats' },
-            h('tr', null, h('th', null, h('a', { href: featureLink(c.a, p.a) }, na + ' #' + p.a)), h('td', null, ia.label[p.a] || ''),
+            h('tr', null, h('th', null, h('a', { href: featureLink(c.a, p.a) }, na + ' #' + p.a)), surfaceCell(p.surface_a), h('td', null, ia.label[p.a] || ''),
               h('td', { class: 'explanation' }, ia.llm ? ia.llm[p.a] || '' : '')),
-            h('tr', null, h('th', null, h('a', { href: featureLink(c.b, p.b) }, nb + ' #' + p.b)), h('td', null, ib.label[p.b] || ''),
+            h('tr', null, h('th', null, h('a', { href: featureLink(c.b, p.b) }, nb + ' #' + p.b)), surfaceCell(p.surface_b), h('td', null, ib.label[p.b] || ''),
               h('td', { class: 'explanation' }, ib.llm ? ib.llm[p.b] || '' : ''))),
           h('p', { class: 'note', text: 'The same characters, each model\u2019s tokens shaded by its latent\u2019s activation (hover for the value): where both fire on the same words, the two rows light up together.' }),
           h('ol', { class: 'exemplars pair' }, windows));
@@ -353,6 +438,7 @@
             partner: p.partner[n], r: p.too_rare[n] ? null : p.r[n], rres: p.r_residual ? (p.too_rare[n] ? null : p.r_residual[n]) : null,
             mutual: p.mutual[n], topic: idx.topic[i] || '', dead: idx.dead[i], rare: p.too_rare[n],
             plabel: I[other].label[p.partner[n]] || '', token: idx.token[i] || '', llm: idx.llm ? idx.llm[i] || '' : '',
+            surface: p.surface ? p.surface[n] : null, sr: p.surface_r && !idx.dead[i] ? p.surface_r[n] : null,
           });
         }
       });
@@ -364,7 +450,9 @@
       };
       const which = lists[q.list] ? q.list : 'all';
       const tabs = h('p', { class: 'tabs' }, Object.keys(lists).map(function (k) {
-        return [h('a', { href: href('latents.html', { cmp: q.cmp, list: k }), class: k === which ? 'here' : null }, lists[k].name), ' '];
+        const query = { cmp: q.cmp, list: k };
+        if (q.surface === 'surface' || q.surface === 'beyond') query.surface = q.surface;
+        return [h('a', { href: href('latents.html', query), class: k === which ? 'here' : null }, lists[k].name), ' '];
       }));
       const search = h('input', { type: 'search', placeholder: 'search labels, tokens, topics\u2026', class: 'search', 'aria-label': 'search' });
       const count = h('span', { class: 'count' });
@@ -372,16 +460,40 @@
       const more = h('button', { type: 'button', class: 'more' }, 'show more');
       let shown = 200, sortKey = which === 'shared' ? 'r' : (which === 'all' ? 'latent' : 'freq'), sortDir = which === 'all' ? 1 : -1;
       let data;
+      const rowA = {};
+      P.a.latent.forEach(function (latent, n) { rowA[latent] = n; });
       if (which === 'shared') {
-        data = Q.pairs.filter(function (p) { return p[2] !== null && p[2] >= 0.5; }).map(function (p, rank) {
-          return { side: 'a', model: na, latent: p[0], label: I.a.label[p[0]] || '', freq: I.a.freq[p[0]], partner: p[1], r: p[2],
-            rres: null, mutual: p[3], topic: I.a.topic[p[0]] || '', plabel: I.b.label[p[1]] || '', token: I.a.token[p[0]] || '', rank: rank,
-            llm: I.a.llm ? I.a.llm[p[0]] || '' : '' };
+        data = [];
+        Q.pairs.forEach(function (p, index) {
+          if (p[2] === null || p[2] < 0.5) return;
+          const n = rowA[p[0]];
+          data.push({ side: 'a', model: na, latent: p[0], label: I.a.label[p[0]] || '', freq: I.a.freq[p[0]], partner: p[1], r: p[2],
+            rres: null, mutual: p[3], topic: I.a.topic[p[0]] || '', plabel: I.b.label[p[1]] || '', token: I.a.token[p[0]] || '', index: index,
+            llm: I.a.llm ? I.a.llm[p[0]] || '' : '', surface: p[4] === null ? null : !p[4],
+            sr: P.a.surface_r && n !== undefined ? P.a.surface_r[n] : null });
         });
       } else data = rows.filter(lists[which].filter);
+      /* the surface filter: latents an untrained copy's SAE already holds (surface r at or
+         above the threshold), or the rest; in the shared list, a pair is beyond the surface
+         where both its latents are */
+      const hasSurface = !!P.a.surface;
+      const t = c.surface_r || 0.5;
+      const surfaces = {
+        '': 'all',
+        surface: which === 'shared' ? 'surface pairs (either latent\u2019s surface r \u2265 ' + t + ')' : 'surface latents (surface r \u2265 ' + t + ')',
+        beyond: which === 'shared' ? 'pairs beyond the surface (both below ' + t + ')' : 'beyond the surface (surface r < ' + t + ')',
+      };
+      const surf = hasSurface && (q.surface === 'surface' || q.surface === 'beyond') ? q.surface : '';
+      if (surf) data = data.filter(function (r) { return r.sr !== null && r.surface === (surf === 'surface'); });
+      const surfaceTabs = hasSurface ? h('p', { class: 'tabs surface-filter' }, h('span', { class: 'filter-label' }, 'surface: '), Object.keys(surfaces).map(function (k) {
+        const query = { cmp: q.cmp, list: which };
+        if (k) query.surface = k;
+        return [h('a', { href: href('latents.html', query), class: k === surf ? 'here' : null }, surfaces[k]), ' '];
+      })) : null;
       const explained = !!(I.a.llm || I.b.llm);
       const cols = [['model', 'model'], ['latent', '#'], ['label', 'label']].concat(explained ? [['llm', 'explanation']] : []).concat([
-        ['freq', 'frequency'], ['partner', 'best partner'], ['r', 'r'], ['rres', 'r beyond text'], ['mutual', 'mutual'], ['topic', 'topic']]);
+        ['freq', 'frequency'], ['partner', 'best partner'], ['r', 'r'], ['rres', 'r beyond text']]).concat(
+        hasSurface ? [['sr', 'surface r']] : []).concat([['mutual', 'mutual'], ['topic', 'topic']]);
       const head = h('tr', null, cols.map(function (col) {
         return h('th', { class: 'sortable', onclick: function () {
           if (sortKey === col[0]) sortDir = -sortDir; else { sortKey = col[0]; sortDir = (col[0] === 'label' || col[0] === 'llm' || col[0] === 'model' || col[0] === 'topic') ? 1 : -1; }
@@ -404,17 +516,19 @@
         count.textContent = hits.length.toLocaleString('en') + ' latents';
         fill(body, hits.slice(0, shown).map(function (r) {
           const mine = r.side === 'a' ? c.a : c.b, other = r.side === 'a' ? c.b : c.a;
-          const pairLink = which === 'shared' && r.rank < Q.shown ? h('a', { href: href('pair.html', { cmp: q.cmp, rank: r.rank }), class: 'pairlink' }, 'side by side') : null;
+          const place = which === 'shared' ? pairPlace(Q, r.index) : null;
+          const pairA = place ? h('a', { href: pairLink(q.cmp, place), class: 'pairlink' }, 'side by side') : null;
           return h('tr', null, h('td', null, r.model), h('td', null, h('a', { href: featureLink(mine, r.latent) }, String(r.latent))),
             h('td', { class: 'label', title: r.label }, r.label), explained ? h('td', { class: 'label explanation', title: r.llm }, r.llm) : null, h('td', null, pct(r.freq)),
-            h('td', null, r.partner === null || r.partner < 0 ? '\u2013' : h('a', { href: featureLink(other, r.partner), title: r.plabel }, String(r.partner)), ' ', pairLink),
-            h('td', null, fmt(r.r)), h('td', null, fmt(r.rres)), h('td', null, r.mutual ? 'yes' : ''), h('td', null, r.topic));
+            h('td', null, r.partner === null || r.partner < 0 ? '\u2013' : h('a', { href: featureLink(other, r.partner), title: r.plabel }, String(r.partner)), ' ', pairA),
+            h('td', null, fmt(r.r)), h('td', null, fmt(r.rres)), hasSurface ? h('td', { class: r.surface ? 'surface' : null }, fmt(r.sr)) : null,
+            h('td', null, r.mutual ? 'yes' : ''), h('td', null, r.topic));
         }));
         more.hidden = hits.length <= shown;
       }
       search.addEventListener('input', function () { shown = 200; draw(); });
       more.addEventListener('click', function () { shown += 500; draw(); });
-      fill(root, h('h1', null, na + ' and ' + nb + ': ' + lists[which].name), tabs,
+      fill(root, h('h1', null, na + ' and ' + nb + ': ' + lists[which].name + (surf ? ', ' + surfaces[surf] : '')), tabs, surfaceTabs,
         h('p', null, search, ' ', count), h('div', { class: 'scroll' }, h('table', { class: 'latents' }, h('thead', null, head), body)), more);
       draw();
     }).catch(function (e) { fail(root, e); });
