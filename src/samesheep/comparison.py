@@ -395,7 +395,7 @@ class Scale:
             row = {}
             for role in self.runs:
                 lo, hi, _ = jackknife(out[role][key], [h[key] for h in dropped[role]])
-                row[role] = [lo, hi]
+                row[role] = _within(key, lo, hi)
             if set(SCALE) <= self.runs.keys():
                 groups = zip(*(dropped[r] for r in SCALE), strict=True)
                 lo, hi, _ = jackknife(out["normalised"][key], [_norm(*g, key) for g in groups])
@@ -407,6 +407,13 @@ class Scale:
                 self.s,
             )  # fmt: skip
         return out
+
+
+def _within(key: str, lo: float, hi: float) -> list[float]:
+    """A share's or a mean r's interval cut to the values it can take (a jackknife interval
+    is symmetric, so a share near 0 would reach below it)."""
+    bound = (0.0, 1.0) if key.startswith("share_") else (-1.0, 1.0)
+    return [max(lo, bound[0]), min(hi, bound[1])] if math.isfinite(lo) else [lo, hi]
 
 
 def _shares(best: np.ndarray, fires: np.ndarray, s: Settings) -> np.ndarray:
