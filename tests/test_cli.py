@@ -35,7 +35,9 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
         capture_output=True,
         text=True,
         env=full,
-        timeout=300,
+        # a guard against a hang, not a time limit: a whole tiny pipeline takes 3-5 min on
+        # a busy 2-core machine
+        timeout=900,
     )
 
 
