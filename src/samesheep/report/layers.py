@@ -73,9 +73,10 @@ def _tip(a: str, b: str, i: int, j: int, row: dict[str, float], survives: bool) 
         text += (
             f"; fixed-source floors {row['floor_a_to_b']:.3f} ({a}'s layer against untrained "
             f"{b}'s) and {row['floor_b_to_a']:.3f} ({b}'s against untrained {a}'s); less the "
-            f"higher: {row['corrected']:.3f}; untrained pair {row['random_pair']:.3f} "
-            "(a diagnostic)"
+            f"higher: {row['corrected']:.3f}"
         )
+    if math.isfinite(row["random_pair"]):
+        text += f"; untrained pair {row['random_pair']:.3f} (a diagnostic)"
     return text + ("" if survives else "; nothing survives")
 
 
