@@ -1,7 +1,7 @@
 """All four SAE architectures on both default models at the default settings, in one run.
 
 Each architecture (TopK, BatchTopK, JumpReLU, ReLU + L1) is trained by the pipeline's own
-train stage (`samesheep.pipeline.train_stage`: 1M training tokens, width 16x, k = 32 or the
+train stage (`samesheep.sae.stage.train_stage`: 1M training tokens, width 16x, k = 32 or the
 target L0 of 32, the default learning rate, AuxK on) on Gemma-3-270m layer 12 and
 SmolLM2-135M-Instruct layer 20 of the default corpus, and evaluated as the train stage
 evaluates every SAE: held-out FVU, L0, dead latents (never active on the held-out tokens),
@@ -25,8 +25,8 @@ import torch
 
 import samesheep
 from samesheep import pipeline
-from samesheep.device import machine_lines, set_threads
-from samesheep.sae import ARCHITECTURES
+from samesheep.core.device import machine_lines, set_threads
+from samesheep.core.constants import ARCHITECTURES
 
 TARGET_L0 = 32
 FVU_WITHIN = 0.15

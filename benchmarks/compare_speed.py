@@ -80,7 +80,7 @@ def run_dense(units: int, chunk: int = 10_000) -> dict:
 
 
 def run_sparse(units: int) -> dict:
-    from samesheep.correlation import TopPartners, correlation_blocks
+    from samesheep.compare.correlation import TopPartners, correlation_blocks
 
     a, b = codes(units)
     start = time.perf_counter()
@@ -92,7 +92,7 @@ def run_sparse(units: int) -> dict:
 
 def run_wide(units: int, m: int = 65_536) -> dict:
     """The sparse side on two 65,536-latent SAEs with the residual and token views."""
-    from samesheep.compare import Settings, measure
+    from samesheep.compare.measurement import Settings, measure
 
     a, b = codes(units, m_a=m, m_b=m)
     text = np.random.default_rng(1).integers(0, units // 4, units)
@@ -117,7 +117,7 @@ def main() -> None:
         return child(args.child, args.units)
     import torch
 
-    from samesheep.device import machine_lines, set_threads
+    from samesheep.core.device import machine_lines, set_threads
 
     lines, _ = machine_lines(torch.device("cpu"), set_threads(0))
     print("\n".join(lines))

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch
 
-from samesheep.config import ExtractConfig
-from samesheep.corpus import Document, iter_source, write_documents
-from samesheep.device import choose_device, choose_dtype, machine_lines, set_threads
-from samesheep.extraction import extract_model
-from samesheep.models import decoder_blocks, load_model, resolve_layer
+from samesheep.core.config import ExtractConfig
+from samesheep.core.device import choose_device, choose_dtype, machine_lines, set_threads
+from samesheep.data.corpus import Document, iter_source, write_documents
+from samesheep.lm.extraction import extract_model
+from samesheep.lm.models import decoder_blocks, load_model, resolve_layer
 
 LAYER = "2/3"
 

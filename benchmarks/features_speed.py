@@ -33,15 +33,15 @@ CHILD = r"""
 import json, resource, sys, time
 from pathlib import Path
 import torch
-from samesheep.config import FeaturesConfig, TrainConfig
-from samesheep.corpus import CorpusReader
-from samesheep.device import choose_device, choose_dtype, set_threads
-from samesheep.embedding import DocumentStates
-from samesheep.features import CorpusInfo, FeatureSource, compute_features
-from samesheep.models import load_model, load_tokenizer
-from samesheep.sae_files import load_sae
-from samesheep.store import open_store
-from samesheep.train import token_filter
+from samesheep.core.config import FeaturesConfig, TrainConfig
+from samesheep.data.corpus import CorpusReader
+from samesheep.core.device import choose_device, choose_dtype, set_threads
+from samesheep.features.embedding import DocumentStates
+from samesheep.features.compute import CorpusInfo, FeatureSource, compute_features
+from samesheep.lm.models import load_model, load_tokenizer
+from samesheep.sae.saelens import load_sae
+from samesheep.data.store import open_store
+from samesheep.sae.training import token_filter
 
 run, source, layer, store_dir, codes = sys.argv[1:6]
 set_threads(0)
@@ -53,10 +53,11 @@ tok = load_tokenizer(source)
 lm = load_model(source, dtype, device).model
 info = CorpusInfo.load(CorpusReader(Path(run) / "corpus"))
 states = DocumentStates.load(Path(run) / "corpus" / "embeddings.safetensors")
-src = FeatureSource(source, int(layer), "sae", sae, store, token_filter(store, TrainConfig()), tok)
+tokens = token_filter(store, TrainConfig())
+src = FeatureSource(source, int(layer), "sae", sae, store, tokens, tok, lm)
 t = time.perf_counter()
 table, ex, cent, summary = compute_features(
-    src, info, Path(codes), FeaturesConfig(), "bench", device, dtype, lm, states
+    src, info, FeaturesConfig(), CodesPlace(Path(codes), "bench"), Encoding(device, dtype), states
 )
 summary["wall_s"] = time.perf_counter() - t
 summary["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -94,7 +95,7 @@ def main() -> None:
     ap.add_argument("--run", default="runs/default")
     args = ap.parse_args()
     run = Path(args.run)
-    from samesheep.device import choose_device, machine_lines, set_threads
+    from samesheep.core.device import choose_device, machine_lines, set_threads
 
     device = choose_device("auto")
     lines, rates = machine_lines(device, set_threads(0))
@@ -103,8 +104,8 @@ def main() -> None:
         sys.exit(f"no run at {run}: run `make demo` first")
 
     # The corpus embedding, once per run (what every SAE's embedding view pools from).
-    from samesheep.embedding import TextEmbedder
-    from samesheep.features import corpus_states
+    from samesheep.features.compute import corpus_states
+    from samesheep.features.embedding import TextEmbedder
 
     cache = run / "corpus" / "embeddings.safetensors"
     cache.unlink(missing_ok=True)

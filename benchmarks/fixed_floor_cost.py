@@ -25,10 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from samesheep import config as config_mod
-from samesheep.alignment import unit_texts
-from samesheep.compare import across_documents, document_groups, measure, shifted_within_documents
-from samesheep.comparison import (
+from samesheep.compare.measurement import (
+    across_documents,
+    document_groups,
+    measure,
+    shifted_within_documents,
+)
+from samesheep.compare.pair import (
     PairInputs,
     _side_matrix,
     common_units,
@@ -36,15 +39,12 @@ from samesheep.comparison import (
     run_pair,
     settings_of,
 )
-from samesheep.device import choose_device, choose_dtype, machine_lines, set_threads
-from samesheep.models import model_depth, resolve_layer
-from samesheep.pipeline import (
-    _load_side,
-    ceiling_name,
-    compare_corpus,
-    compare_pairs,
-    random_copy,
-)
+from samesheep.compare.stage import SideReader, compare_corpus
+from samesheep.core import config as config_mod
+from samesheep.core.device import choose_device, choose_dtype, machine_lines, set_threads
+from samesheep.core.plan import ceiling_name, compare_pairs, random_copy
+from samesheep.data.alignment import unit_texts
+from samesheep.lm.models import model_depth, resolve_layer
 
 
 def load_inputs(run: Path) -> tuple[PairInputs, object]:
@@ -53,13 +53,13 @@ def load_inputs(run: Path) -> tuple[PairInputs, object]:
     a, b = compare_pairs(cfg)[0]
     info, texts, n_train = compare_corpus(run)
     device = choose_device(cfg.features.device)
-    dtype = choose_dtype(cfg.features.dtype, device)
+    reader = SideReader(cfg, device, choose_dtype(cfg.features.dtype, device), n_train, info)
     spec = cfg.layers[0]
     la = resolve_layer(spec, model_depth(a, cfg.trust_remote_code))
     lb = resolve_layer(spec, model_depth(b, cfg.trust_remote_code))
 
     def side(source: str, layer: int, name: str = "sae"):
-        return _load_side(cfg, source, layer, name, device, dtype, n_train, info)[0]
+        return reader.load(source, layer, name)[0]
 
     floor = (side(random_copy(a), la), side(random_copy(b), lb))
     ceiling = (side(a, la, ceiling_name(cfg)), side(b, lb, ceiling_name(cfg)))

@@ -33,10 +33,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from samesheep import similarity as S
-from samesheep.config import RepresentationsConfig
-from samesheep.device import machine_lines, set_threads
-from samesheep.representations import compare_layers
+from samesheep.core.config import RepresentationsConfig
+from samesheep.core.device import machine_lines, set_threads
+from samesheep.layers import similarity as S
+from samesheep.layers.stage import compare_layers
 
 LAYERS_A, D_A = 18, 640
 LAYERS_B, D_B = 30, 576
@@ -59,10 +59,10 @@ def states(n: int, layers: int, d: int, shared: np.ndarray, seed: int) -> list[n
 def real_states(run_dir: str):
     """(xa, xb, docs, floor, source) from a run's layer samples, on the units the layers
     stage compares, or None where the run has none."""
-    from samesheep import config as config_mod
-    from samesheep.errors import SamesheepError
-    from samesheep.pipeline import random_copy
-    from samesheep.representations import _open_sample, _sides, _states
+    from samesheep.core import config as config_mod
+    from samesheep.core.errors import SamesheepError
+    from samesheep.core.plan import random_copy
+    from samesheep.layers.stage import _open_sample, _sides, _states
 
     try:
         cfg = config_mod.load(Path(run_dir) / "config.toml")

@@ -17,7 +17,7 @@ import torch
 
 
 def child(source: str) -> None:
-    from samesheep.models import load_model
+    from samesheep.lm.models import load_model
 
     t = time.perf_counter()
     load_model(source, torch.bfloat16)
@@ -31,7 +31,7 @@ def main() -> None:
     args = p.parse_args()
     if args.child:
         return child(args.child)
-    from samesheep.device import cpu_model
+    from samesheep.core.device import cpu_model
 
     print(f"CPU: {cpu_model()}  torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as cache:

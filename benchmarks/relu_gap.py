@@ -35,11 +35,11 @@ import scipy.sparse as sp
 import torch
 from seed_ceiling import CACHE, trained
 
-from samesheep.config import TrainConfig
-from samesheep.device import machine_lines, set_threads
-from samesheep.sae import Sae, gather_decode
-from samesheep.store import Store, open_store
-from samesheep.train import shard_rows, token_filter
+from samesheep.core.config import TrainConfig
+from samesheep.core.device import machine_lines, set_threads
+from samesheep.data.store import Store, open_store
+from samesheep.sae.model import Sae, gather_decode
+from samesheep.sae.training import shard_rows, token_filter
 
 MODELS = {"gemma-3-270m": 12, "smollm2-135m-instruct": 20}
 RIDGE = 1e-2

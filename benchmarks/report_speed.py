@@ -35,7 +35,7 @@ def main() -> None:
     import torch
 
     from samesheep import load_config
-    from samesheep.device import machine_lines, set_threads
+    from samesheep.core.device import machine_lines, set_threads
     from samesheep.report.build import report_stage
     from samesheep.report.site import site_size
 

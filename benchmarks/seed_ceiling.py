@@ -33,14 +33,14 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from samesheep.config import TrainConfig, settings_hash
-from samesheep.correlation import correlation_blocks
-from samesheep.device import machine_lines, set_threads
-from samesheep.evaluate import reconstruction_metrics
-from samesheep.sae import Sae, concat_codes
-from samesheep.sae_files import load_sae, save_sae
-from samesheep.store import Store, open_store
-from samesheep.train import token_filter, train_sae
+from samesheep.compare.correlation import correlation_blocks
+from samesheep.core.config import TrainConfig, settings_hash
+from samesheep.core.device import machine_lines, set_threads
+from samesheep.data.store import Store, open_store
+from samesheep.sae.evaluation import reconstruction_metrics
+from samesheep.sae.model import Sae, concat_codes
+from samesheep.sae.saelens import load_sae, save_sae
+from samesheep.sae.training import token_filter, train_sae
 
 CACHE = Path("benchmarks/.cache/seed_ceiling")
 MODELS = {"gemma-3-270m": 12, "smollm2-135m-instruct": 20}

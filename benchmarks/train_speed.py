@@ -40,10 +40,10 @@ import time
 import torch
 
 import samesheep
-from samesheep.config import TrainConfig
-from samesheep.device import fast_bf16, machine_lines, set_threads
-from samesheep.store import open_store
-from samesheep.train import (
+from samesheep.core.config import TrainConfig
+from samesheep.core.device import fast_bf16, machine_lines, set_threads
+from samesheep.data.store import open_store
+from samesheep.sae.training import (
     batch_stream,
     filter_counts,
     input_statistics,
@@ -148,9 +148,9 @@ def run_samesheep(batches, x_eval, store, cfg: TrainConfig, dtype) -> tuple[floa
 MEMORY_SCRIPT = """
 import resource, sys, tempfile
 from pathlib import Path
-from samesheep.config import TrainConfig
-from samesheep.store import open_store
-from samesheep.train import train_sae
+from samesheep.core.config import TrainConfig
+from samesheep.data.store import open_store
+from samesheep.sae.training import train_sae
 cfg = TrainConfig(train_tokens=int(sys.argv[2]), splice_tokens=0)
 with tempfile.TemporaryDirectory() as tmp:
     _, summary = train_sae(open_store(sys.argv[1]), cfg, Path(tmp), "memory")

@@ -57,7 +57,7 @@ def write_store(folder: Path, splits: dict, shard_tokens: int = 1000, context: i
     import pyarrow as pa
     import torch
 
-    from samesheep.store import TOKEN_SCHEMA, StoreWriter
+    from samesheep.data.store import TOKEN_SCHEMA, StoreWriter
 
     d = next(iter(splits.values())).shape[1]
     header = {

@@ -10,8 +10,9 @@ import scipy.sparse as sp
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from samesheep.alignment import TokenRows, align, unit_texts
-from samesheep.compare import (
+from samesheep.compare.correlation import TopPartners, correlation_blocks, unit_codes
+from samesheep.compare.matching import assignment, candidate_pairs, families, mutual_pairs
+from samesheep.compare.measurement import (
     Settings,
     across_documents,
     by_decile,
@@ -24,11 +25,10 @@ from samesheep.compare import (
     measure,
     shifted_within_documents,
 )
-from samesheep.correlation import TopPartners, correlation_blocks, unit_codes
-from samesheep.errors import SamesheepError
-from samesheep.geometry import keep_for_variance, rsa_test, svcca, svcca_test
-from samesheep.matching import assignment, candidate_pairs, families, mutual_pairs
-from samesheep.sae import SparseCodes, sparse_from_dense
+from samesheep.core.errors import SamesheepError
+from samesheep.data.alignment import TokenRows, align, unit_texts
+from samesheep.layers.geometry import keep_for_variance, rsa_test, svcca, svcca_test
+from samesheep.sae.model import SparseCodes, sparse_from_dense
 
 
 def sparse_codes(rng, n, m, density=0.1):

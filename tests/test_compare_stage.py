@@ -104,9 +104,9 @@ def test_later_stages_leave_out_tokens_by_their_norm(run, env, tmp_path):
     tight limit its units hold exactly the tokens the rule keeps, fewer than by default."""
     from helpers import copy_run
 
-    from samesheep.config import TrainConfig
-    from samesheep.store import open_store
-    from samesheep.train import filter_counts, token_filter
+    from samesheep.core.config import TrainConfig
+    from samesheep.data.store import open_store
+    from samesheep.sae.training import filter_counts, token_filter
 
     _, run_dir, args, _ = run
     copy, cargs = copy_run(run_dir, args, tmp_path / "copy")

@@ -13,9 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from samesheep import corpus
-from samesheep.config import CorpusConfig
-from samesheep.corpus import (
+from samesheep.core.config import CorpusConfig
+from samesheep.core.errors import SamesheepError
+from samesheep.data import corpus
+from samesheep.data.corpus import (
     Document,
     build_corpus,
     iter_source,
@@ -24,7 +25,6 @@ from samesheep.corpus import (
     sample,
     write_documents,
 )
-from samesheep.errors import SamesheepError
 
 
 def words(texts: list[str]) -> list[int]:

@@ -13,15 +13,15 @@ import torch
 from torch.nn.functional import normalize
 from transformers import AutoModel, AutoTokenizer
 
-from samesheep import embedding
-from samesheep.embedding import (
+from samesheep.core.errors import SamesheepError
+from samesheep.features import embedding
+from samesheep.features.compute import latent_centroids
+from samesheep.features.embedding import (
     EMBEDDING_PIP,
     TextEmbedder,
     mean_pairwise_cosine,
     minilm_folder,
 )
-from samesheep.errors import SamesheepError
-from samesheep.features import latent_centroids
 
 TEXTS = [
     "The black cat sat on the mat.",
@@ -201,7 +201,7 @@ def test_missing_package_names_the_pip_command(monkeypatch, tmp_path):
 def test_document_states_pool_as_embed_spans_does(embedder, tmp_path):
     """The cache several SAEs share (every wordpiece's state, float16, saved and loaded)
     pools each span as embed_spans does."""
-    from samesheep.embedding import DocumentStates
+    from samesheep.features.embedding import DocumentStates
 
     texts = [*TEXTS, LONG, "   "]
     spans = [(0, 4, 13), (2, 0, len(TEXTS[2])), (4, 300, 520), (4, 10, 40), (5, 0, 3), (3, 0, 5)]

@@ -11,9 +11,12 @@ import pytest
 import torch
 from helpers import write_corpus
 
-from samesheep.corpus import Document, read_documents
-from samesheep.errors import SamesheepError
-from samesheep.evaluate import (
+from samesheep.core.errors import SamesheepError
+from samesheep.data.corpus import Document, read_documents
+from samesheep.data.store import TOKEN_SCHEMA, Store, StoreWriter, TokenFilter
+from samesheep.lm.extraction import Window, bos_prefix, windows_of
+from samesheep.lm.models import capture, decoder_blocks, load_model
+from samesheep.sae.evaluation import (
     ReconstructionStats,
     _with_hidden,
     batch_tensors,
@@ -21,10 +24,7 @@ from samesheep.evaluate import (
     scored_positions,
     spliced_metrics,
 )
-from samesheep.extraction import Window, bos_prefix, windows_of
-from samesheep.models import capture, decoder_blocks, load_model
-from samesheep.sae import Sae, SaeConfig
-from samesheep.store import TOKEN_SCHEMA, Store, StoreWriter, TokenFilter
+from samesheep.sae.model import Sae, SaeConfig
 
 
 def stats_of(x, x_hat, acts=None, batches=(None,)) -> dict:
@@ -415,7 +415,7 @@ def test_spliced_metrics_equal_an_independent_computation(tiny_models, documents
     architecture the tool supports."""
     import torch.nn.functional as F
 
-    from samesheep.models import decoder_blocks
+    from samesheep.lm.models import decoder_blocks
 
     lm = load_model(str(tiny_models[arch]))
     sae = random_sae(seed=2)

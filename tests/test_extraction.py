@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import samesheep
-from samesheep.corpus import read_documents
-from samesheep.errors import SamesheepError
-from samesheep.extraction import Window, bos_prefix, length_batches, windows_of
-from samesheep.models import capture, load_model
-from samesheep.store import to_store_dtype
+from samesheep.core.errors import SamesheepError
+from samesheep.data.corpus import read_documents
+from samesheep.data.store import to_store_dtype
+from samesheep.lm.extraction import Window, bos_prefix, length_batches, windows_of
+from samesheep.lm.models import capture, load_model
 
 
 def run_extract(tmp_path, model, corpus_file, **over):
@@ -75,7 +75,7 @@ def test_store_holds_the_model_activations(tmp_path, tiny_models, corpus_file, a
 def test_long_documents_are_windowed(tiny_models):
     lm = load_model(str(tiny_models["llama"]))
     text = "The cat sat on the mat. " * 30
-    (doc,) = [d for d in [samesheep.corpus.Document("d", text)]]
+    (doc,) = [d for d in [samesheep.data.corpus.Document("d", text)]]
     wins = windows_of([(0, doc)], lm.tokenizer, [295], context_length=16)
     total = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
     assert all(len(w.ids) <= 16 and w.ids[0] == 295 and w.special[0] for w in wins)
@@ -159,7 +159,7 @@ def test_never_writes_non_finite_or_overflowing_values():
 
 
 def test_auto_dtype_follows_hardware(monkeypatch):
-    from samesheep import device
+    from samesheep.core import device
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(device, "cpu_bf16_measured", lambda: True)
@@ -180,7 +180,7 @@ def test_auto_dtype_follows_hardware(monkeypatch):
 
 
 def test_bf16_speed_is_measured_once_and_remembered(monkeypatch, tmp_path):
-    from samesheep import device
+    from samesheep.core import device
 
     monkeypatch.setenv("SAMESHEEP_CACHE", str(tmp_path))
     rates = {torch.float32: 259.0, torch.bfloat16: 144.0}
@@ -223,7 +223,7 @@ def test_a_slow_spell_of_the_machine_does_not_decide_the_dtype(monkeypatch, tmp_
     """The failure seen in CI: float32 measured during a slow spell (86 GFLOP/s against its
     usual 259) made bfloat16 (144) look 1.7x faster. Measured in turn, each dtype's best
     round counts, and one slow round changes nothing."""
-    from samesheep import device
+    from samesheep.core import device
 
     monkeypatch.setenv("SAMESHEEP_CACHE", str(tmp_path))
     f32 = iter([86.0] + [259.0] * (device.RATE_ROUNDS - 1))
@@ -243,7 +243,7 @@ def test_a_slow_spell_of_the_machine_does_not_decide_the_dtype(monkeypatch, tmp_
 def test_matmul_rate_lowers_the_size_of_a_slow_dtype(monkeypatch):
     """Where a dtype runs slowly (bfloat16 without hardware support: minutes for 2048^2), the
     measurement lowers the product's size to stay within its time budget, and says so."""
-    from samesheep import device
+    from samesheep.core import device
 
     clock = {"t": 0.0}
 
@@ -268,7 +268,7 @@ def test_matmul_rate_lowers_the_size_of_a_slow_dtype(monkeypatch):
 
 
 def test_writer_clears_what_a_killed_writer_left(tmp_path):
-    from samesheep.store import StoreWriter
+    from samesheep.data.store import StoreWriter
 
     folder = tmp_path / "acts"
     folder.mkdir()
@@ -311,8 +311,8 @@ def test_adding_a_layer_keeps_the_stores_already_made(tmp_path, tiny_models, cor
 
 
 def test_a_long_document_spreads_over_shards(tiny_models):
-    from samesheep.corpus import Document
-    from samesheep.extraction import shard_groups
+    from samesheep.data.corpus import Document
+    from samesheep.lm.extraction import shard_groups
 
     lm = load_model(str(tiny_models["llama"]))
     docs = [Document("short", "A cat."), Document("long", "The sea is never full. " * 200)]
@@ -328,7 +328,7 @@ def test_a_long_document_spreads_over_shards(tiny_models):
 def test_non_ascii_offsets(tiny_models):
     """Byte-level pieces of one character share its span; every window's tokens decode to
     exactly the text its spans cover."""
-    from samesheep.corpus import Document
+    from samesheep.data.corpus import Document
 
     lm = load_model(str(tiny_models["llama"]))
     text = "Zürich und 北京 sind Städte; \U0001d518 ist ein Zeichen. " * 3
@@ -356,7 +356,7 @@ def test_bad_input_leaves_the_recorded_config_alone(tmp_path, tiny_models, corpu
 
 
 def test_config_overrides_and_errors(tmp_path):
-    from samesheep import config
+    from samesheep.core import config
 
     path = tmp_path / "c.toml"
     path.write_text(config.to_toml(config.Config()))

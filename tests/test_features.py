@@ -15,23 +15,25 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from samesheep.config import FeaturesConfig
-from samesheep.corpus import CorpusReader, Document, write_documents
-from samesheep.embedding import TextEmbedder
-from samesheep.extraction import token_table, windows_of
-from samesheep.features import (
+from samesheep.core.config import FeaturesConfig
+from samesheep.data.corpus import CorpusReader, Document, write_documents
+from samesheep.data.store import SPLITS, StoreWriter, TokenFilter, open_store
+from samesheep.features.compute import (
     DOC_KEEP,
+    CodesPlace,
     CorpusInfo,
     FeatureSource,
     Rows,
     Statistics,
     compute_features,
 )
-from samesheep.labels import MIN_Z, log_odds_z, term_text
-from samesheep.logit_lens import excluded_token_ids
-from samesheep.sae import Sae, SaeConfig
-from samesheep.selection import PairCounter, TopList, best_per_group, best_per_group_capped
-from samesheep.store import SPLITS, StoreWriter, TokenFilter, open_store
+from samesheep.features.embedding import TextEmbedder
+from samesheep.features.labels import MIN_Z, log_odds_z, term_text
+from samesheep.features.logit_lens import excluded_token_ids
+from samesheep.features.selection import PairCounter, TopList, best_per_group, best_per_group_capped
+from samesheep.lm.extraction import token_table, windows_of
+from samesheep.sae.codes import Encoding
+from samesheep.sae.model import Sae, SaeConfig
 
 D = 32
 WINDOW = 8
@@ -181,10 +183,11 @@ def result(planted, lens, embedder):
     )
     info = CorpusInfo.load(CorpusReader(run / "corpus"))
     states = embedder.embed_documents(corpus_texts(run))
+    src.lens_model = lens[0]
+    codes = CodesPlace(run / "codes", "key")
     out = compute_features(
-        src, info, run / "codes", cfg, "key", torch.device("cpu"), torch.float32,
-        lens_model=lens[0], doc_states=states,
-    )  # fmt: skip
+        src, info, cfg, codes, Encoding(torch.device("cpu"), torch.float32), doc_states=states
+    )
     return (*out, cfg)
 
 
@@ -375,7 +378,7 @@ def test_codes_are_written_once_and_reused(planted, result, tmp_path):
 
 
 def test_written_tables_open_with_pyarrow(tmp_path, result):
-    from samesheep.features import write_features
+    from samesheep.features.compute import write_features
 
     table, exemplars, centroids, summary, _ = result
     write_features(tmp_path, table, exemplars, centroids, {**summary, "key": "k"})
@@ -602,8 +605,8 @@ def test_latent_centroids_equal_one_latent_at_a_time():
     """All latents at once equal the per-latent definitions: normalised mean, and
     mean_pairwise_cosine minus the baseline, with zero rows (spans without a wordpiece) left
     out, nan below two rows, and zero centroids for latents with none."""
-    from samesheep.embedding import mean_pairwise_cosine
-    from samesheep.features import latent_centroids
+    from samesheep.features.compute import latent_centroids
+    from samesheep.features.embedding import mean_pairwise_cosine
 
     gen = torch.Generator().manual_seed(3)
     emb = torch.nn.functional.normalize(torch.randn(60, 16, generator=gen), dim=1)

@@ -136,7 +136,7 @@ def test_run_writes_the_features_folder(run):
 def test_every_exemplar_token_span_is_its_token_text(run, tiny_models):
     from transformers import AutoTokenizer
 
-    from samesheep.store import open_store
+    from samesheep.data.store import open_store
 
     _, run_dir, layer_dir, _ = run
     ex = pq.read_table(layer_dir / "features" / "exemplars.parquet").to_pandas()
@@ -238,8 +238,8 @@ def test_an_sae_that_does_not_fit_fails_before_any_work(run, env, tmp_path):
 
     import torch
 
-    from samesheep.sae import Sae, SaeConfig
-    from samesheep.sae_files import save_sae
+    from samesheep.sae.model import Sae, SaeConfig
+    from samesheep.sae.saelens import save_sae
 
     _, run_dir, layer_dir, args = run
     copy, args = copy_run(run_dir, args, tmp_path / "run")

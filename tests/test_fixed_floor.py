@@ -9,8 +9,14 @@ import math
 import numpy as np
 import scipy.sparse as sp
 
-from samesheep.compare import Settings, crossfit_best, document_groups, group_halves, measure
-from samesheep.comparison import SURFACE_R, answer, headline_table, surface_scores, verdict
+from samesheep.compare.measurement import (
+    Settings,
+    crossfit_best,
+    document_groups,
+    group_halves,
+    measure,
+)
+from samesheep.compare.pair import SURFACE_R, answer, headline_table, surface_scores, verdict
 
 
 class FakeUnits:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from fake_llm import FakeLLM, rule_answer
 
-from samesheep.errors import SamesheepError
+from samesheep.core.errors import SamesheepError
 from samesheep.interpret.backends import Calls, LocalChat, OpenAIChat, Request, parse_judgement
 from samesheep.interpret.prompts import Example, clean_explanation, explain_messages
 from samesheep.interpret.scoring import ScoreSet, balanced_accuracy, detection, fuzzing
@@ -342,7 +342,7 @@ def test_without_usable_explanations_the_baseline_is_another_latents_statistical
     lead-in) still leaves every latent a baseline: another latent's statistical label."""
     from types import SimpleNamespace
 
-    from samesheep.config import InterpretConfig
+    from samesheep.core.config import InterpretConfig
     from samesheep.interpret.stage import _label_jobs
 
     k = ("m", 3)

@@ -13,8 +13,8 @@ import pytest
 from helpers import copy_run, flat, sets, write_corpus
 from test_cli import assert_one_line_error, cli
 
-from samesheep.layer_sample import LayerSample
-from samesheep.store import open_store
+from samesheep.data.store import open_store
+from samesheep.lm.layer_sample import LayerSample
 
 FAST = {"compare.min_fires": "5", "compare.groups": "5", "compare.geometry_pairings": "10",
         "representations.permutations": "4", "representations.subsets": "20"}  # fmt: skip

@@ -8,15 +8,15 @@ import torch
 from tokenizers import AddedToken
 from transformers import AutoModelForCausalLM, OPTConfig
 
-from samesheep.errors import SamesheepError
-from samesheep.logit_lens import (
+from samesheep.core.errors import SamesheepError
+from samesheep.features.logit_lens import (
     excluded_token_ids,
     lens_directions,
     logit_lens,
     output_head,
     token_strings,
 )
-from samesheep.models import decoder_blocks, hidden_state, load_model
+from samesheep.lm.models import decoder_blocks, hidden_state, load_model
 
 ARCHS = ["llama", "qwen2", "gemma3_text", "gpt2", "opt", "gpt_neox"]
 LAYER_NORM = {"gpt2", "opt", "gpt_neox"}
@@ -245,7 +245,7 @@ def test_token_strings(tiny_models):
 def test_grouped_block_ends_equal_a_plain_top_k():
     """Both ends found in one grouped pass hold the same values as torch's top-k, ties
     included (bfloat16 logits tie often), and a block too small to group."""
-    from samesheep.logit_lens import _block_ends
+    from samesheep.features.logit_lens import _block_ends
 
     g = torch.Generator().manual_seed(0)
     for cols in (64 * 8 * 10, 300):
@@ -260,7 +260,7 @@ def test_grouped_block_ends_equal_a_plain_top_k():
 
 
 def test_vocab_blocks_cover_the_allowed_ids_once():
-    from samesheep.logit_lens import vocab_blocks
+    from samesheep.features.logit_lens import vocab_blocks
 
     exclude = torch.zeros(1000, dtype=torch.bool)
     exclude[[0, 1, 2, 500, 998, 999]] = True

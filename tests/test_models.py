@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from samesheep import models
-from samesheep.errors import SamesheepError
-from samesheep.models import capture, decoder_blocks, load_model, resolve_layer
+from samesheep.core.errors import SamesheepError
+from samesheep.lm import models
+from samesheep.lm.models import capture, decoder_blocks, load_model, resolve_layer
 
 ARCHS = ["llama", "qwen2", "gemma3_text", "gpt2", "opt", "gpt_neox"]
 

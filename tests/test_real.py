@@ -9,8 +9,8 @@ import pytest
 import torch
 from test_features_stage import assert_token_spans
 
-from samesheep.extraction import bos_prefix
-from samesheep.models import capture, load_model, load_tokenizer
+from samesheep.lm.extraction import bos_prefix
+from samesheep.lm.models import capture, load_model, load_tokenizer
 
 pytestmark = pytest.mark.real
 
@@ -65,8 +65,8 @@ def test_offsets_cover_the_text(real):
 def test_windows_keep_characters_whole(real):
     """Byte-fallback and byte-level pieces of one character stay in one window, so each
     window's tokens decode to exactly the text their spans cover."""
-    from samesheep.corpus import Document
-    from samesheep.extraction import windows_of
+    from samesheep.data.corpus import Document
+    from samesheep.lm.extraction import windows_of
 
     text = "Z\u00fcrich, \u5317\u4eac and \U0001d518: " * 4
     wins = windows_of([(0, Document("d", text))], real.tokenizer, [], context_length=5)

@@ -9,8 +9,9 @@ import math
 import numpy as np
 import pytest
 
-from samesheep.config import RepresentationsConfig
-from samesheep.representations import (
+from samesheep.core.config import RepresentationsConfig
+from samesheep.layers.similarity import Groups, half_subsets, linear_cka, standardized, subset_cka
+from samesheep.layers.stage import (
     best_layers,
     bonferroni_z,
     compare_layers,
@@ -19,7 +20,6 @@ from samesheep.representations import (
     layers_answer,
     layers_table,
 )
-from samesheep.similarity import Groups, half_subsets, linear_cka, standardized, subset_cka
 
 
 def orthogonal(d, seed=1):
@@ -206,8 +206,8 @@ def test_metric_matrices_and_intervals_are_the_same_in_gram_form_and_pair_by_pai
     scores come from them; without (they would not fit in memory), pair by pair in feature
     space: both ways give the same matrices, for the true pairing, the null and every union
     of groups, and the union of every group gives the whole sample's values."""
-    from samesheep import representations
-    from samesheep.similarity import PackedGrams, prepare, within_group_permutation
+    from samesheep.layers import stage as representations
+    from samesheep.layers.similarity import PackedGrams, prepare, within_group_permutation
 
     xa, xb, docs = planted(n_docs=12, per_doc=15)
     xa[1][:, 4] *= 80.0  # a massive dimension, so the trimmed view differs from the raw
@@ -258,8 +258,8 @@ def test_metric_matrices_and_intervals_are_the_same_in_gram_form_and_pair_by_pai
 
 
 def test_gram_form_pays_with_a_null_or_the_floors():
-    from samesheep import representations
-    from samesheep.similarity import prepare
+    from samesheep.layers import stage as representations
+    from samesheep.layers.similarity import prepare
 
     xa, xb, _ = planted(n_docs=4, per_doc=10)
     pa, pb = [prepare(x) for x in xa], [prepare(y) for y in xb]
@@ -300,7 +300,7 @@ def test_layers_table_is_long_and_complete():
 
 
 def test_selected_dimensions_and_given_products_give_the_same_cka():
-    from samesheep.similarity import group_products
+    from samesheep.layers.similarity import group_products
 
     rng = np.random.default_rng(2)
     x, y, groups = rng.standard_normal((90, 6)), rng.standard_normal((90, 5)), np.arange(90) % 3

@@ -13,9 +13,10 @@ import sae_lens  # in the test extra: these checks fail, never skip, where it is
 import torch
 from safetensors.torch import load_file, save_file
 
-from samesheep.errors import SamesheepError
-from samesheep.sae import ARCHITECTURES, Sae, SaeConfig
-from samesheep.sae_files import load_sae, save_sae
+from samesheep.core.errors import SamesheepError
+from samesheep.core.constants import ARCHITECTURES
+from samesheep.sae.model import Sae, SaeConfig
+from samesheep.sae.saelens import load_sae, save_sae
 
 D_IN, D_SAE, K, SCALE = 16, 64, 5, 0.37
 META = {"model_name": "tiny", "hook_name": "blocks.12.hook_resid_post", "context_size": 128}

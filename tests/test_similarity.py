@@ -8,8 +8,8 @@ import itertools
 import numpy as np
 import pytest
 
-from samesheep.geometry import svcca
-from samesheep.similarity import (
+from samesheep.layers.geometry import svcca
+from samesheep.layers.similarity import (
     CKA_METRICS,
     INPUT_DEBIASED,
     PackedGrams,
@@ -409,7 +409,7 @@ def test_leading_basis_spans_the_leading_singular_directions(rank_deficient):
     """The covariance route gives the SVD's leading subspace and kept counts: orthonormal
     columns, the same span; a rank-deficient matrix (kept directions with no variance)
     falls back to the SVD itself."""
-    from samesheep.geometry import leading_basis
+    from samesheep.layers.geometry import leading_basis
 
     rng = np.random.default_rng(4)
     x = rng.standard_normal((400, 30)) @ rng.standard_normal((30, 30))

@@ -11,7 +11,7 @@ import torch
 from helpers import flat, sets, write_corpus, write_store
 from test_cli import assert_one_line_error, cli
 
-from samesheep.text_units import text_store
+from samesheep.data.text_units import text_store
 
 
 @pytest.fixture()
@@ -25,7 +25,7 @@ def token_store(tmp_path):
 
 def test_text_last_is_each_documents_last_real_token(token_store):
     folder, acts = token_store
-    from samesheep.store import open_store
+    from samesheep.data.store import open_store
 
     store = text_store(open_store(folder), "text-last", {"train": [50] * 10, "heldout": [50] * 3})
     assert store.folder.name == "acts-text-last" and store.complete
@@ -40,7 +40,7 @@ def test_text_last_is_each_documents_last_real_token(token_store):
 
 def test_text_mean_is_the_mean_over_real_tokens(token_store):
     folder, acts = token_store
-    from samesheep.store import open_store
+    from samesheep.data.store import open_store
 
     store = text_store(open_store(folder), "text-mean", {"train": [50] * 10, "heldout": [50] * 3})
     want = torch.stack([acts[10 * d + 1 : 10 * d + 10].mean(0) for d in range(10)])
@@ -99,7 +99,7 @@ def test_an_unknown_unit_is_a_one_line_error(tiny_models, tmp_path, env):
 
 
 def test_init_writes_the_original_study_preset(tmp_path):
-    from samesheep import config as config_mod
+    from samesheep.core import config as config_mod
 
     res = cli("init", str(tmp_path / "o.toml"), "--preset", "original-study",
               "--set", "train.k=32")  # fmt: skip

@@ -19,9 +19,10 @@ from helpers import sparse_data, write_store
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from samesheep.config import TrainConfig, settings_hash
-from samesheep.errors import SamesheepError
-from samesheep.sae import (
+from samesheep.core.config import TrainConfig, settings_hash
+from samesheep.core.errors import SamesheepError
+from samesheep.data.store import TokenFilter, open_store
+from samesheep.sae.model import (
     AUXK_K,
     AUXK_SHARE,
     BATCHTOPK_CAP,
@@ -33,8 +34,7 @@ from samesheep.sae import (
     sparse_from_dense,
     train_forward,
 )
-from samesheep.store import TokenFilter, open_store
-from samesheep.train import (
+from samesheep.sae.training import (
     CHECKPOINT,
     STEER_GAIN,
     STEER_LIMIT,
@@ -401,7 +401,7 @@ def test_checkpoint_resume_in_process_gives_the_same_weights(synthetic, tmp_path
     short = cfg
     # A run stopped after 12 steps (a checkpoint on every step), then resumed:
     work = tmp_path / "b"
-    import samesheep.train as train_mod
+    import samesheep.sae.training as train_mod
 
     real_step = train_mod.train_step
     calls = {"n": 0}
@@ -427,9 +427,9 @@ def test_checkpoint_resume_in_process_gives_the_same_weights(synthetic, tmp_path
 KILL_SCRIPT = """
 import sys, torch
 from pathlib import Path
-from samesheep.config import TrainConfig
-from samesheep.store import open_store
-from samesheep.train import train_sae
+from samesheep.core.config import TrainConfig
+from samesheep.data.store import open_store
+from samesheep.sae.training import train_sae
 from safetensors.torch import save_file
 cfg = TrainConfig(expansion_factor=4, k=4, batch_tokens=256, buffer_tokens=1024, threads=1,
                   dtype="float32", device="cpu", train_tokens=256 * 600, checkpoint_seconds=0)

@@ -15,9 +15,9 @@ from helpers import copy_run, flat, sets, write_corpus
 from safetensors.torch import load_file, save_file
 from test_cli import assert_one_line_error, cli
 
-from samesheep.config import TrainConfig
-from samesheep.sae_files import load_sae
-from samesheep.store import open_store
+from samesheep.core.config import TrainConfig
+from samesheep.data.store import open_store
+from samesheep.sae.saelens import load_sae
 
 METRICS = [
     "fvu", "explained_variance", "mse", "l0", "dead_latents", "dead_fraction", "dense_latents",

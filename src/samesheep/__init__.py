@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from .config import Config, CorpusConfig, ExtractConfig
-from .config import load as load_config
-from .errors import SamesheepError
-from .models import LoadedModel, capture, load_model, resolve_layer
-from .store import Shard, Store, open_store
+from . import pipeline
+from .compare.pair import Comparison
+from .core.config import Config, CorpusConfig, ExtractConfig, from_dict, set_dotted
+from .core.config import load as load_config
+from .core.errors import SamesheepError
+from .core.rundir import compare_folder
+from .data.store import Shard, Store, open_store
+from .lm.models import LoadedModel, capture, load_model, resolve_layer
 
 __all__ = [
     "Config",
@@ -34,37 +38,26 @@ def extract(config: Config | str | None = None, **overrides: Any) -> dict[str, A
 
     `config` is a Config, a TOML path or None (defaults); keyword overrides use the
     CLI's dotted names with "__" for the dot, e.g. corpus__max_tokens=10_000."""
-    from .pipeline import extract_stage
-
-    return extract_stage(_config(config, overrides))
+    return pipeline.extract_stage(_config(config, overrides))
 
 
 def run(config: Config | str | None = None, **overrides: Any) -> dict[str, Any]:
     """Run every stage, as `samesheep run` does."""
-    from .pipeline import run as run_all
-
-    return run_all(_config(config, overrides))
+    return pipeline.run(_config(config, overrides))
 
 
 def compare_models(config: Config | str | None = None, **overrides: Any) -> dict[tuple, Any]:
     """Compare every pair of models, as `samesheep compare` does; returns a Comparison
     (summary, partners, pairs, families) per (A, B, index of the layer setting). (Not named
-    `compare`: that is the module samesheep.compare.)"""
-    from .comparison import Comparison
-    from .pipeline import compare_folder, compare_stage
-
+    `compare`: that is the package samesheep.compare.)"""
     cfg = _config(config, overrides)
     return {
         (a, b, i): Comparison.load(compare_folder(cfg, a, b, s["layer_a"], s["layer_b"]))
-        for (a, b, i), s in compare_stage(cfg).items()
+        for (a, b, i), s in pipeline.compare_stage(cfg).items()
     }
 
 
 def _config(config: Config | str | None, overrides: dict[str, Any]) -> Config:
-    import dataclasses
-
-    from .config import from_dict, set_dotted
-
     base = config if isinstance(config, Config) else load_config(config)
     data = dataclasses.asdict(base)
     for key, value in overrides.items():

@@ -7,8 +7,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import config as config_mod
-from .errors import SamesheepError
+from . import pipeline
+from .core import config as config_mod
+from .core.errors import SamesheepError
+from .core.files import write_text
+from .data.store import open_store
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -77,15 +80,11 @@ def _init(args: argparse.Namespace) -> None:
     path = Path(args.path)
     if path.exists() and not args.force:
         raise SamesheepError(f"{path} exists; pass --force to overwrite it")
-    from .files import write_text
-
     write_text(path, config_mod.to_toml(config_mod.load(args.config, args.set, args.preset)))
     print(f"wrote {path}; run it with: samesheep run --config {path}")
 
 
 def _info(args: argparse.Namespace) -> None:
-    from .store import open_store
-
     store = open_store(args.store)
     m = store.manifest
     print(f"model {m['model']}  layer {m['layer']} of {m['n_layers']}  d_model {m['d_model']}")
@@ -105,8 +104,6 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "info":
             _info(args)
         else:
-            from . import pipeline
-
             cfg = config_mod.load(args.config, args.set, args.preset)
             stage = {
                 "run": pipeline.run,

@@ -21,6 +21,7 @@ import socket
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..errors import SamesheepError
+import torch
+
+from ..core.device import choose_device, choose_dtype
+from ..core.errors import SamesheepError
+from ..lm.models import fingerprint, load_model
 
 Message = dict[str, str]
 YES = re.compile(r"\b(yes|true|1)\b", re.IGNORECASE)
@@ -74,8 +79,6 @@ class OpenAIChat:
 
     def check(self) -> None:
         """Fail in one line, before any work, where nothing listens at the endpoint."""
-        import urllib.parse
-
         url = urllib.parse.urlsplit(self.url)
         port = url.port or (443 if url.scheme == "https" else 80)
         try:
@@ -171,11 +174,6 @@ class LocalChat:
     parallel = False
 
     def __init__(self, source: str, trust_remote_code: bool = False) -> None:
-        import torch
-
-        from ..device import choose_device, choose_dtype
-        from ..models import fingerprint, load_model
-
         device = choose_device("auto")
         self.lm = load_model(source, choose_dtype("auto", device), device, trust_remote_code)
         self.device = device

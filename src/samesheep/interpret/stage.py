@@ -21,15 +21,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..config import Config, InterpretConfig, settings_hash
-from ..errors import SamesheepError
-from ..files import atomic_path, read_json, write_json
-from ..models import model_depth, resolve_layer, safe_name
-from ..progress import say, step
+from ..core.cache import load_done, mark_done, unmark
+from ..core.config import Config, InterpretConfig, settings_hash
+from ..core.errors import SamesheepError
+from ..core.files import atomic_path, read_json
+from ..core.plan import compare_pairs
+from ..core.progress import say, step
+from ..core.rundir import compare_folder, prepare_run_dir, record_config, safe_name
+from ..lm.models import model_depth, resolve_layer
 from .backends import Calls, Request, make_backend
 from .prompts import Example, clean_explanation, explain_messages
 from .scoring import Questions, ScoreSet, detection, fuzzing
 
+EXPLANATIONS = "explanations.json"
+"""A features folder's explanations summary, written last: the done marker of
+explanations.parquet."""
 INTERPRET_VERSION = 2
 """Bump when the stage changes what it writes for the same inputs."""
 NOT_IN_KEY = ("enabled", "concurrency", "timeout", "retries", "api_key_env")
@@ -187,8 +193,6 @@ def _cache_path(run: Path, name: str) -> Path:
 def interpret_stage(cfg: Config) -> dict[str, dict[int, dict[str, Any]]]:
     """Explain and score the chosen latents of every SAE of the run (skipped when unchanged;
     an interrupted run keeps every answer it got)."""
-    from ..pipeline import compare_folder, compare_pairs, prepare_run_dir, record_config
-
     run = prepare_run_dir(cfg)
     ic = cfg.interpret
     if ic.score_examples < 1 or ic.explain_examples < 1:
@@ -210,11 +214,7 @@ def interpret_stage(cfg: Config) -> dict[str, dict[int, dict[str, Any]]]:
         sorted(f"{k[0]}:{k[1]}:{v}" for k, v in user.items()),
         sorted(partners.get("keys", [])),
     )
-    done = {
-        k: read_json(i.folder / "explanations.json", corrupt_is_missing=True)
-        for k, i in infos.items()
-    }
-    if all(d and d.get("key") == key for d in done.values()):
+    if all(load_done(i.folder / EXPLANATIONS, key) for i in infos.values()):
         say("interpret: unchanged, skipped")
         return {}
     explainer = make_backend(ic.explainer, ic, cfg.trust_remote_code)
@@ -254,12 +254,13 @@ def interpret_stage(cfg: Config) -> dict[str, dict[int, dict[str, Any]]]:
             if rows
             else {name: [] for name in ROW_FIELDS}
         )
+        unmark(info.folder / EXPLANATIONS)
         with atomic_path(info.folder / "explanations.parquet") as tmp:
             pq.write_table(table, tmp, compression="zstd")
-        summary = {"key": key, "explainer": explainer.name, "scorer": scorer.name,
-                   "latents": len(chosen[k]), **_means(rows)}  # fmt: skip
-        (info.folder / "explanations.json").unlink(missing_ok=True)
-        write_json(info.folder / "explanations.json", summary)  # last: marks it done
+        summary = {"key": key, "explainer": explainer.name, "scorer": scorer.name}
+        summary.update(latents=len(chosen[k]), **_means(rows))
+        files = [info.folder / "explanations.parquet"]
+        summary = mark_done(info.folder / EXPLANATIONS, summary, files)  # last: marks it done
         say(_summary_line(info, summary))
         out[k] = summary
     say(

@@ -8,12 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .. import config as config_mod
-from ..config import Config
-from ..errors import SamesheepError
-from ..files import read_json
-from ..models import safe_name
-from ..progress import say
+from ..core import config as config_mod
+from ..core.config import Config
+from ..core.errors import SamesheepError
+from ..core.files import read_json
+from ..core.progress import say
+from ..core.rundir import safe_name
 from .overview import DIRECTIONS, MODES, has_answer, scale_cells
 
 RERUN = "needs a rerun"

@@ -11,6 +11,7 @@ report/data/             data files loaded as scripts, one per page or block of 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import shutil
 import time
@@ -22,12 +23,31 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from safetensors.numpy import load_file
 
-from ..config import Config, settings_hash
-from ..errors import SamesheepError
-from ..files import read_json, write_json
-from ..models import model_depth, resolve_layer, safe_name
-from ..progress import say, step
+from ..core.cache import load_done, mark_done
+from ..core.config import Config, settings_hash
+from ..core.errors import SamesheepError
+from ..core.files import read_json
+from ..core.plan import compare_pairs, sae_runs
+from ..core.progress import say, step
+from ..core.rundir import (
+    codes_dir,
+    compare_folder,
+    pair_folder,
+    prepare_run_dir,
+    record_config,
+    report_dir,
+    safe_name,
+)
+from ..data.alignment import TokenRows
+from ..data.corpus import CorpusReader
+from ..lm.models import model_depth, resolve_layer
+from ..sae.codes import read_codes
+from ..sae.model import concat_codes
+from ..sae.saelens import read_sae_config
+from ..sae.stage import layer_store
+from ..sae.training import token_filter
 from . import overview
 from .beside import beside_keys, beside_runs, beside_view
 from .data import FeatureData, TokenIndex, latent_map, pair_window, read_features, sig
@@ -66,8 +86,6 @@ def short_name(source: str) -> str:
 def report_stage(cfg: Config) -> Path:
     """Write run_dir/report (skipped when the run's files have not changed); returns the
     index page."""
-    from ..pipeline import compare_folder, compare_pairs, pair_folder, prepare_run_dir
-
     run = prepare_run_dir(cfg)
     rc = cfg.report
     saes: dict[tuple[str, int], SaePage] = {}
@@ -130,10 +148,10 @@ def report_stage(cfg: Config) -> Path:
         {k: m.get("key") for k, m in saes_metrics(cfg).items()},
         beside_keys(others),
     )
-    root = run / "report"
-    old = read_json(root / "manifest.json", corrupt_is_missing=True)
-    if old and old.get("key") == key and (root / "index.html").is_file():
+    root = report_dir(run)
+    if load_done(root / "manifest.json", key):
         say(f"report unchanged, skipped: {root / 'index.html'}")
+        record_config(cfg)
         return root / "index.html"
 
     start = time.perf_counter()
@@ -147,7 +165,8 @@ def report_stage(cfg: Config) -> Path:
     stage.mkdir(parents=True)
     try:
         sizes = build_site(cfg, stage, list(saes.values()), comparisons, layer_views, others)
-        write_json(stage / "manifest.json", {"key": key, **sizes})
+        site = [p for p in sorted(stage.rglob("*")) if p.is_file()]
+        mark_done(stage / "manifest.json", {"key": key, **sizes}, site)
         _swap_in(stage, root)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -157,6 +176,7 @@ def report_stage(cfg: Config) -> Path:
         f"report: {files:,} files, {total / 1e6:,.1f} MB (largest {largest / 1e6:,.2f} MB) "
         f"in {seconds:,.0f} s: {root / 'index.html'}"
     )
+    record_config(cfg)
     return root / "index.html"
 
 
@@ -175,8 +195,6 @@ def _check_tables(folder: Path, names: tuple[str, ...], stage: str) -> None:
 def _code_hash() -> str:
     """A hash of the report's own code, templates and assets: a site built by other code is
     built again."""
-    import hashlib
-
     h = hashlib.sha256()
     for path in sorted(Path(__file__).parent.rglob("*")):
         if path.suffix in (".py", ".html", ".css", ".js"):
@@ -196,8 +214,6 @@ def _swap_in(stage: Path, root: Path) -> None:
 def saes_metrics(cfg: Config) -> dict[str, dict[str, Any]]:
     """metrics.json of every SAE the run trained (the models', the floors', the ceilings'),
     keyed "<model folder>/layer_<L>/<sae>"."""
-    from ..pipeline import sae_runs
-
     run = Path(cfg.run_dir).expanduser()
     out = {}
     for sr in sae_runs(cfg):
@@ -221,8 +237,6 @@ def build_site(
 ) -> dict[str, Any]:
     """Every page and data file of the site, into root; `others`: beside_runs, the runs
     whose answers the overview shows beside this run's."""
-    from ..corpus import CorpusReader
-
     rc = cfg.report
     run = Path(cfg.run_dir).expanduser()
     n_train = CorpusReader(run / "corpus").count("train")
@@ -419,23 +433,13 @@ def pair_lists(matched: list[list[Any]], min_r: float, most: int) -> dict[str, l
 
 
 def _centroids(layer_dir: Path) -> np.ndarray | None:
-    from safetensors.numpy import load_file
-
     path = layer_dir / "features" / "centroids.safetensors"
     return load_file(str(path))["centroids"] if path.is_file() else None
 
 
 def token_index(cfg: Config, sae: SaePage) -> TokenIndex:
     """The model's tokens and its SAE's codes, for windows of any text (the pair pages)."""
-    from ..alignment import TokenRows
-    from ..codes import read_codes
-    from ..corpus import CorpusReader
-    from ..pipeline import codes_dir, layer_store
-    from ..sae import concat_codes
-    from ..sae_files import read_sae_config
-    from ..train import token_filter
-
-    store = layer_store(cfg, sae.folder.parent, sae.model, sae.layer)  # per token or per text
+    store = layer_store(cfg, sae.model, sae.layer)  # per token or per text
     tokens = token_filter(store, cfg.train)
     n_train = CorpusReader(Path(cfg.run_dir).expanduser() / "corpus").count("train")
     rows = TokenRows.of(store, tokens, n_train)

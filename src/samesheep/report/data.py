@@ -17,8 +17,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
-from ..errors import SamesheepError
-from ..files import read_json
+from ..core.errors import SamesheepError
+from ..core.files import read_json
 
 FEATURE_COLUMNS = (
     "latent",

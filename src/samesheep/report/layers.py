@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from ..files import read_json
-from ..representations import FLOOR_OF
+from ..core.files import read_json
+from ..layers.stage import FLOOR_OF
 from .plots import COLORS, Grid, Series, heatmap, line_plot
 
 NAMES = {

@@ -7,9 +7,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..config import Config, to_toml
-from ..files import read_json
-from ..models import safe_name
+from ..core.config import Config, to_toml
+from ..core.files import read_json
+from ..core.rundir import safe_name
 from .plots import COLORS, Series, bar_plot, hbar_plot, line_plot
 from .site import DASH, number, percent
 

@@ -10,9 +10,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import numpy as np
+from markupsafe import Markup
 
-from ..files import atomic_path
+from ..core.files import atomic_path
 
 UNSAFE_IN_SCRIPT = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028",
                     "\u2029": "\\u2029"}  # fmt: skip
@@ -71,9 +73,6 @@ def write_data(root: Path, key: str, value: Any) -> int:
 
 def templates() -> Any:
     """The Jinja environment of the page templates, escaping every value it inserts."""
-    import jinja2
-    from markupsafe import Markup
-
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("samesheep.report", "templates"),
         autoescape=True,

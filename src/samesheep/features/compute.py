@@ -11,26 +11,33 @@ with each token's activation. Memory is flat in the number of tokens.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
+from safetensors.torch import save_file
 
-from .codes import CodedShard, read_codes, stream_codes
-from .config import FeaturesConfig
-from .corpus import CorpusReader, Document
-from .errors import SamesheepError
-from .labels import MIN_TOPIC_LIFT, format_label, lift, term_text, top_terms
-from .progress import step
-from .sae import Sae
-from .selection import PairCounter, TopList
-from .store import SPLITS, Store, TokenFilter
-from .windows import (
+from ..core.cache import mark_done
+from ..core.config import FeaturesConfig
+from ..core.constants import SUMMARY
+from ..core.errors import SamesheepError
+from ..core.files import atomic_path, read_json, write_json
+from ..core.progress import step
+from ..data.corpus import CorpusReader, Document
+from ..data.store import SPLITS, Store, TokenFilter
+from ..sae.codes import CodedShard, Encoding, read_codes, stream_codes
+from ..sae.model import Sae
+from .embedding import DocumentStates, mean_pairwise_cosine
+from .exemplar_windows import (
     KINDS,
     ExemplarRefs,
     cut_windows,
@@ -38,6 +45,9 @@ from .windows import (
     window_bounds,
     window_rows,
 )
+from .labels import MIN_TOPIC_LIFT, format_label, lift, term_text, top_terms
+from .logit_lens import excluded_token_ids, logit_lens
+from .selection import PairCounter, TopList
 
 RANDOM_POOL = 1024
 """Random windows drawn once; each latent's non-firing negatives are picked among them."""
@@ -361,6 +371,16 @@ class FeatureSource:
     store: Store
     token_filter: TokenFilter
     tokenizer: Any
+    lens_model: Any = None
+    """The causal LM whose unembedding the logit lens reads; None leaves the lens out."""
+
+
+@dataclass(frozen=True)
+class CodesPlace:
+    """Where an SAE's codes of its store are kept, and the key they are valid under."""
+
+    folder: Path
+    key: str
 
 
 def stream_pass(src: FeatureSource, info: CorpusInfo, shards, vocab: int, visit) -> int:
@@ -525,29 +545,26 @@ def feature_table(
 def compute_features(
     src: FeatureSource,
     info: CorpusInfo,
-    codes_dir: Any,
     cfg: FeaturesConfig,
-    key: str,
-    device: torch.device,
-    dtype: torch.dtype,
-    lens_model: Any | None = None,
+    codes: CodesPlace,
+    encoding: Encoding,
     doc_states: Any | None = None,
 ) -> tuple[pa.Table, pa.Table, torch.Tensor | None, dict[str, Any]]:
     """(feature table, exemplar table, centroids [d_sae, dim] or None, summary) of one SAE.
-    `lens_model` (the causal LM, for the logit lens) and `doc_states` (the corpus embedded
-    by TextEmbedder.embed_documents, train documents then held-out ones) are optional:
-    without them those columns are left out (or nan)."""
+    `src.lens_model` (the causal LM, for the logit lens) and `doc_states` (the corpus
+    embedded by TextEmbedder.embed_documents, train documents then held-out ones) are
+    optional: without them those columns are left out (or nan)."""
     timings: dict[str, float] = {}
     label = f"{src.model} layer {src.layer} features"
+    encoding = dataclasses.replace(encoding, batch_tokens=cfg.batch_tokens, label=label)
+    codes_dir = codes.folder
+    lens_model = src.lens_model
     clock = time.perf_counter()
     info.check(src.store)
     vocab = vocab_size(src.tokenizer)
     m = src.sae.cfg.d_sae
     stats = Statistics(m, vocab, len(info.topics), cfg)
-    shards = stream_codes(
-        src.sae, src.store, src.token_filter, codes_dir, key, device, dtype, cfg.batch_tokens,
-        label=label,
-    )  # fmt: skip
+    shards = stream_codes(src.sae, src.store, src.token_filter, codes_dir, codes.key, encoding)
     n_kept = stream_pass(src, info, shards, vocab, lambda r, _: stats.add(r))
     if n_kept == 0:
         raise SamesheepError(f"{src.store.folder} holds no tokens the SAE stages use")
@@ -587,14 +604,14 @@ def compute_features(
             )
     lens = None
     if lens_model is not None:
-        from .logit_lens import excluded_token_ids, logit_lens
-
         with step(f"{label}: logit lens", timings, "logit_lens"):
             live = torch.from_numpy(stats.fires.sum(0) > 0)  # dead latents have nothing to show
             directions = src.sae.W_dec.detach().float().cpu()[live]
             vocab_rows = lens_model.get_output_embeddings().weight.shape[0]
             exclude = excluded_token_ids(src.tokenizer, vocab_rows)
-            part = logit_lens(lens_model, directions.to(device), exclude, cfg.top_tokens, dtype)
+            part = logit_lens(
+                lens_model, directions.to(encoding.device), exclude, cfg.top_tokens, encoding.dtype
+            )
             lens = {}
             for name, t in zip(part._fields, part, strict=True):
                 fill = -1 if "ids" in name else math.nan
@@ -632,8 +649,6 @@ def embed_exemplars(
     leaks into every window through attention. Two windows of one text in different
     documents therefore differ somewhat, and windows of one document are more alike than
     their text alone would make them (the random windows of the baseline share this)."""
-    from .embedding import mean_pairwise_cosine
-
     kind = exemplars.column("kind").to_numpy(zero_copy_only=False)
     rank = exemplars.column("rank").to_numpy()
     sub = exemplars.filter(pa.array(((kind == "top") & (rank < n_top)) | (kind == "random")))
@@ -676,11 +691,6 @@ def latent_centroids(
 def corpus_states(corpus_dir: Any, corpus_hash: str, make_embedder: Any) -> Any:
     """Every corpus document (train, then held-out) embedded once per run and kept beside
     the corpus (corpus/embeddings.safetensors), so every SAE's exemplars pool from it."""
-    from pathlib import Path
-
-    from .embedding import DocumentStates
-    from .files import read_json, write_json
-
     corpus_dir = Path(corpus_dir)
     path, meta_path = corpus_dir / "embeddings.safetensors", corpus_dir / "embeddings.json"
     embedder = None
@@ -709,15 +719,8 @@ def write_features(
     centroids: torch.Tensor | None,
     summary: dict[str, Any],
 ) -> None:
-    """The features folder: each file written whole or not at all, summary.json last."""
-    import json
-    from pathlib import Path
-
-    import pyarrow.parquet as pq
-    from safetensors.torch import save_file
-
-    from .files import atomic_path, write_json
-
+    """The features folder: each file written whole or not at all, summary.json last (the
+    done marker, with every file's digest)."""
     out = Path(out)
     edges = json.dumps(summary["histogram_edges"])
     table = table.replace_schema_metadata({"samesheep.histogram_edges": edges})
@@ -729,4 +732,6 @@ def write_features(
             save_file({"centroids": centroids.float().contiguous()}, str(tmp))
     else:
         (out / "centroids.safetensors").unlink(missing_ok=True)
-    write_json(out / "summary.json", summary)
+    written = [out / "feature_table.parquet", out / "exemplars.parquet"]
+    written += [out / "centroids.safetensors"] if centroids is not None else []
+    mark_done(out / SUMMARY, summary, written)

@@ -19,9 +19,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .errors import SamesheepError
-from .files import atomic_path, write_json
-from .sae import ARCHITECTURES, Sae, SaeConfig
+from ..core.errors import SamesheepError
+from ..core.files import atomic_path, write_json
+from .model import ARCHITECTURES, Sae, SaeConfig
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"

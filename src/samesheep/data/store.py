@@ -27,14 +27,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .device import DTYPES
-from .errors import SamesheepError
-from .files import atomic_path, read_json, remove_stale_temporaries, write_json
+from ..core.cache import FILES, damaged, digests
+from ..core.constants import SPLITS
+from ..core.device import DTYPES
+from ..core.errors import SamesheepError
+from ..core.files import atomic_path, read_json, remove_stale_temporaries, write_json
 
 MANIFEST = "manifest.json"
 SHARD_FILES = (".safetensors", ".tokens.parquet")
-SPLITS = ("train", "heldout")
-"""The corpus splits, in the order extraction writes (and the manifest lists) them."""
 FLOAT16_MAX = 65504.0
 MEDIAN_SAMPLE = 2_000_000
 """At most this many norms (an evenly spaced subset) give a store's median token norm."""
@@ -124,6 +124,23 @@ def to_store_dtype(acts: torch.Tensor, dtype: str, where: str) -> torch.Tensor:
     return acts.to(DTYPES[dtype]).contiguous()
 
 
+def shard_intact(folder: Path, entry: dict[str, Any]) -> bool:
+    """Whether a listed shard's files are on disk and, where the manifest recorded their
+    digests, still what was written."""
+    names = [f"{entry['name']}{ext}" for ext in SHARD_FILES]
+    if not all((folder / n).is_file() for n in names):
+        return False
+    return not damaged(folder, entry.get(FILES, {}))
+
+
+def store_intact(folder: Path) -> bool:
+    """Whether a store is complete and every shard it lists is still on disk, intact."""
+    manifest = read_json(folder / MANIFEST, corrupt_is_missing=True)
+    if not manifest or not manifest.get("complete"):
+        return False
+    return all(shard_intact(folder, s) for s in manifest["shards"])
+
+
 class StoreWriter:
     """Writes shards atomically and records each in the manifest once it is whole."""
 
@@ -137,8 +154,9 @@ class StoreWriter:
         old = read_json(self.folder / MANIFEST, corrupt_is_missing=True)
         if old is not None and old.get("key") == header["key"]:
             self.manifest = old
-            # A shard listed but gone from disk (deleted by hand) is written again.
-            present = [s for s in old["shards"] if self._on_disk(s["name"])]
+            # A shard listed but gone from disk (deleted by hand), or damaged since (its
+            # files differ from their recorded digests), is written again.
+            present = [s for s in old["shards"] if shard_intact(self.folder, s)]
             if len(present) != len(old["shards"]):
                 self.manifest = {**old, "shards": present, "complete": False}
                 write_json(self.folder / MANIFEST, self.manifest)
@@ -152,9 +170,6 @@ class StoreWriter:
     @property
     def complete(self) -> bool:
         return bool(self.manifest.get("complete"))
-
-    def _on_disk(self, name: str) -> bool:
-        return all((self.folder / f"{name}{ext}").is_file() for ext in SHARD_FILES)
 
     def has(self, name: str) -> bool:
         """Whether shard `name` is complete on disk."""
@@ -170,6 +185,7 @@ class StoreWriter:
         with atomic_path(self.folder / f"{name}.tokens.parquet") as tmp:
             pq.write_table(tokens, tmp, compression="zstd")
         entry = {"name": name, "split": split, "tokens": int(acts.shape[0]), **info}
+        entry[FILES] = digests(self.folder, [self.folder / f"{name}{ext}" for ext in SHARD_FILES])
         shards = [s for s in self.manifest["shards"] if s["name"] != name] + [entry]
         # Extraction order, whatever order shards were (re)written in: a shard rewritten
         # after being deleted keeps its place, so batch order and the input scale stay put.

@@ -8,9 +8,9 @@ import importlib
 import importlib.util
 import json
 import os
-import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -19,11 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import SamesheepError
-from .files import read_json, write_json
-from .progress import say
-
-RANDOM_PREFIX = "random:"
+from ..core.constants import RANDOM_PREFIX
+from ..core.errors import SamesheepError
+from ..core.files import cache_dir, read_json, write_json
+from ..core.progress import say
 
 
 @dataclass(frozen=True)
@@ -63,24 +62,6 @@ class LoadedModel:
     tokenizer: Any
     n_layers: int
     d_model: int
-
-
-def cache_dir() -> Path:
-    """Where converted models live ($SAMESHEEP_CACHE, else the user cache directory)."""
-    if os.environ.get("SAMESHEEP_CACHE"):
-        return Path(os.environ["SAMESHEEP_CACHE"])
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("samesheep"))
-
-
-def safe_name(source: str) -> str:
-    """A folder name for a model source: "google/gemma-3-270m-it" -> "google--gemma-3-270m-it"."""
-    if source.startswith(RANDOM_PREFIX):
-        return "random-" + safe_name(source[len(RANDOM_PREFIX) :])
-    if source.endswith(".gguf") or Path(source).expanduser().is_dir():
-        source = Path(source).stem if source.endswith(".gguf") else Path(source).name
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", source.replace("/", "--")).strip("-") or "model"
 
 
 def sha256_files(paths: list[Path]) -> str:
@@ -159,8 +140,6 @@ def _convert_gguf(path: Path, out: Path) -> None:
 def _clear_stale_temporaries(max_age_s: float = 3600) -> None:
     """Remove what a killed conversion left in the cache (joined GGUF copies, half-written
     folders): temporaries older than an hour, so a conversion running elsewhere is spared."""
-    import time
-
     for folder in (cache_dir(), cache_dir() / "models"):
         if not folder.is_dir():
             continue

@@ -12,6 +12,7 @@ from functools import cache
 import torch
 
 from .errors import SamesheepError
+from .files import cache_dir, read_json, write_json
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -106,9 +107,6 @@ def cpu_bf16_measured() -> bool:
     with avx512_bf16: 393 against 159). Remembered, not measured each run, because the
     resolved dtype keys checkpoints and SAEs: a noisy measurement must not flip it and start
     training over. Delete machine.json to measure again."""
-    from .files import read_json, write_json
-    from .models import cache_dir
-
     path = cache_dir() / "machine.json"
     key = _machine_key()
     try:

@@ -11,9 +11,18 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from .alignment import TokenRows, Units, align, same_tokens, unit_texts
-from .compare import (
+from ..core.config import CompareConfig
+from ..core.errors import SamesheepError
+from ..core.files import read_json
+from ..core.progress import step
+from ..data.alignment import TokenRows, Units, align, same_tokens, unit_texts
+from ..layers.geometry import rsa_test, svcca_test
+from ..sae.model import SparseCodes
+from .correlation import HALVES, unit_codes
+from .matching import assignment, families
+from .measurement import (
     DIRECTIONS,
     Measurement,
     Settings,
@@ -32,13 +41,6 @@ from .compare import (
     share_curve,
     shifted_within_documents,
 )
-from .config import CompareConfig
-from .correlation import HALVES, unit_codes
-from .errors import SamesheepError
-from .geometry import rsa_test, svcca_test
-from .matching import assignment, families
-from .progress import step
-from .sae import SparseCodes
 
 HEADLINE_R = 0.5
 """The threshold of the printed answer and of the per-decile and per-topic tables."""
@@ -84,10 +86,6 @@ class Comparison:
     @classmethod
     def load(cls, folder: str | Path) -> Comparison:
         """Read a compare/<A>__<B> folder (a clear error where it is incomplete)."""
-        import pyarrow.parquet as pq
-
-        from .files import read_json
-
         folder = Path(folder)
         summary = read_json(folder / "summary.json", corrupt_is_missing=True)
         if not summary:

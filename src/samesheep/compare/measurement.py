@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
-from .alignment import Units
+from ..data.alignment import Units
 from .correlation import HALVES, VIEWS, TopPartners, correlation_blocks
 from .matching import candidate_pairs
 

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .codes import CodedShard
+from ..sae.codes import CodedShard
 
 KINDS = ("top", "quantile", "random")
 

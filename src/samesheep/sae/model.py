@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import SamesheepError
+from ..core.constants import ARCHITECTURES
+from ..core.errors import SamesheepError
 
-ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "relu")
 AUXK_SHARE = 0.25
 """Share of each (shuffled) batch's tokens on which the AuxK loss is computed."""
 AUXK_K = 128

@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .corpus import Document
-from .errors import SamesheepError
-from .extraction import Window, length_batches, pad_id, windows_of
-from .models import LoadedModel, decoder_blocks, hidden_state
-from .sae import Sae, SparseCodes
-from .store import Store, TokenFilter
+from ..core.errors import SamesheepError
+from ..data.corpus import Document
+from ..data.store import Store, TokenFilter
+from ..lm.extraction import Window, length_batches, pad_id, windows_of
+from ..lm.models import LoadedModel, decoder_blocks, hidden_state
+from .model import Sae, SparseCodes
 
 DENSE_FRACTION = 0.1
 """A latent active on more than this fraction of tokens counts as dense."""

@@ -17,13 +17,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import TrainConfig, settings_hash
-from .device import choose_device, choose_dtype, dtype_name
-from .errors import SamesheepError
-from .files import atomic_path, remove_stale_temporaries
-from .progress import progress, say
-from .sae import ForwardOutput, Sae, SaeConfig, StepSettings, train_forward
-from .store import Store, TokenFilter
+from ..core.config import TrainConfig, settings_hash
+from ..core.device import choose_device, choose_dtype, dtype_name
+from ..core.errors import SamesheepError
+from ..core.files import atomic_path, remove_stale_temporaries
+from ..core.progress import progress, say
+from ..data.store import Store, TokenFilter
+from .model import ForwardOutput, Sae, SaeConfig, StepSettings, train_forward
 
 CHECKPOINT = "checkpoint.safetensors"
 SCALE_SAMPLE_TOKENS = 65_536

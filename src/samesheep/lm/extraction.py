@@ -14,14 +14,20 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .config import ExtractConfig, settings_hash
-from .corpus import Document, read_documents
-from .device import choose_device, choose_dtype, dtype_name, set_threads
-from .errors import SamesheepError
-from .files import read_json, write_json
+from ..core.config import ExtractConfig, settings_hash
+from ..core.device import choose_device, choose_dtype, dtype_name, set_threads
+from ..core.errors import SamesheepError
+from ..core.files import read_json, write_json
+from ..core.progress import progress
+from ..data.corpus import Document, read_documents
+from ..data.store import (
+    SPLITS,
+    TOKEN_SCHEMA,
+    StoreWriter,
+    store_intact,
+    to_store_dtype,
+)
 from .models import LoadedModel, capture, fingerprint, load_model, resolve_layer
-from .progress import progress
-from .store import MANIFEST, SHARD_FILES, SPLITS, TOKEN_SCHEMA, StoreWriter, to_store_dtype
 
 STORE_VERSION = 3
 """Bump when what a store holds changes for the same settings, so old stores are rebuilt."""
@@ -237,7 +243,7 @@ def extract_model(
         state
         and state.get("key") == keys()[0]
         and state.get("complete")
-        and all(_store_intact(model_dir / f"layer_{L}" / "acts") for L in state["layers"])
+        and all(store_intact(model_dir / f"layer_{L}" / "acts") for L in state["layers"])
     ):
         return {**state, "skipped": True}
 
@@ -316,15 +322,6 @@ def _extract_split(
                 clock.add(n)
             bar.update(task, completed=end, rate=clock.rate())
     return tokens
-
-
-def _store_intact(folder: Path) -> bool:
-    """Whether a store is complete and every shard it lists is still on disk."""
-    manifest = read_json(folder / MANIFEST, corrupt_is_missing=True)
-    if not manifest or not manifest.get("complete"):
-        return False
-    names = [s["name"] for s in manifest["shards"]]
-    return all((folder / f"{n}{ext}").is_file() for n in names for ext in SHARD_FILES)
 
 
 def count_lines(path: Path) -> int:

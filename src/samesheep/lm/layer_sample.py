@@ -21,14 +21,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import ExtractConfig, settings_hash
-from .corpus import Document, read_documents
-from .device import choose_device, choose_dtype, dtype_name, set_threads
-from .errors import SamesheepError
+from ..core.cache import load_done, mark_done, unmark
+from ..core.config import ExtractConfig, settings_hash
+from ..core.device import choose_device, choose_dtype, dtype_name, set_threads
+from ..core.errors import SamesheepError
+from ..core.files import atomic_path, read_json
+from ..data.corpus import Document, read_documents
+from ..data.store import TokenFilter, to_store_dtype
 from .extraction import bos_prefix, forward_windows, token_table, windows_of
-from .files import atomic_path, read_json, write_json
 from .models import LoadedModel, fingerprint, load_model
-from .store import TokenFilter, to_store_dtype
 
 SAMPLE_VERSION = 1
 """Bump when what a layer sample holds changes for the same settings."""
@@ -36,6 +37,7 @@ CHARS_PER_UNIT = 8
 """Characters of held-out text read per aligned unit asked for: the shipped corpus has about
 4.8 characters per unit, and some units are left out (special tokens, sinks, massive norms)."""
 FOLDER = "layer_sample"
+MANIFEST = "manifest.json"
 
 
 def sample_documents(corpus_dir: Path, units: int) -> list[tuple[int, Document]]:
@@ -66,13 +68,7 @@ def sample_key(source: str, cfg: ExtractConfig, units: int, corpus_hash: str, se
 
 def sample_current(model_dir: Path, key: str) -> bool:
     """Whether the model's layer sample is complete and was made with this key."""
-    folder = Path(model_dir) / FOLDER
-    manifest = read_json(folder / "manifest.json", corrupt_is_missing=True)
-    return bool(
-        manifest
-        and manifest.get("key") == key
-        and all((folder / f).is_file() for f in ("states.safetensors", "tokens.parquet"))
-    )
+    return load_done(Path(model_dir) / FOLDER / MANIFEST, key) is not None
 
 
 def extract_layer_sample(
@@ -91,7 +87,7 @@ def extract_layer_sample(
     key = sample_key(source, cfg, units, corpus_hash, seed)
     folder = Path(model_dir) / FOLDER
     if sample_current(model_dir, key):
-        return {**read_json(folder / "manifest.json"), "skipped": True}, None
+        return {**read_json(folder / MANIFEST), "skipped": True}, None
     docs = sample_documents(corpus_dir, units)
     if not docs:
         raise SamesheepError(
@@ -113,7 +109,7 @@ def extract_layer_sample(
     }
     norms = torch.stack([tensors[f"layer_{L}"].float().norm(dim=1) for L in layers])
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "manifest.json").unlink(missing_ok=True)  # incomplete until written again
+    unmark(folder / MANIFEST)  # incomplete until written again
     with atomic_path(folder / "states.safetensors") as tmp:
         save_file({**tensors, "norms": norms.contiguous()}, str(tmp))
     with atomic_path(folder / "tokens.parquet") as tmp:
@@ -127,7 +123,8 @@ def extract_layer_sample(
         "tokens": int(norms.shape[1]),
         "corpus": corpus_hash,
     }
-    write_json(folder / "manifest.json", manifest)
+    files = [folder / "states.safetensors", folder / "tokens.parquet"]
+    manifest = mark_done(folder / MANIFEST, manifest, files)
     return {**manifest, "skipped": False}, lm
 
 
@@ -143,7 +140,7 @@ class LayerSample:
     @classmethod
     def open(cls, model_dir: Path, source: str) -> LayerSample:
         folder = Path(model_dir) / FOLDER
-        manifest = read_json(folder / "manifest.json", corrupt_is_missing=True)
+        manifest = read_json(folder / MANIFEST, corrupt_is_missing=True)
         if not manifest:
             raise SamesheepError(
                 f"no layer sample for {source}: run `samesheep extract` (or `samesheep run`)"

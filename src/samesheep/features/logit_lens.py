@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .errors import SamesheepError
-from .models import decoder_blocks
+from ..core.errors import SamesheepError
+from ..lm.models import decoder_blocks
 
 # Where architectures keep the norm applied after the last block, relative to base_model.
 # An attribute that exists but is None (OPT with do_layer_norm_before=False) means "none".

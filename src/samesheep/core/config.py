@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import hashlib
+import inspect
 import itertools
 import json
 import tomllib
@@ -10,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .constants import UNITS
 from .errors import SamesheepError
 
 
@@ -463,9 +467,6 @@ def _toml_value(value: Any) -> str:
 
 def _field_docs(cls: type) -> dict[str, str]:
     """Each field's docstring, read from the source, to comment the written TOML."""
-    import ast
-    import inspect
-
     tree = ast.parse(inspect.getsource(cls))
     docs: dict[str, str] = {}
     body = tree.body[0].body
@@ -505,7 +506,11 @@ def to_toml(cfg: Config, comments: bool = True) -> str:
 
 def settings_hash(*parts: Any) -> str:
     """A stable short hash of settings and input hashes, for stage manifests."""
-    import hashlib
-
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def check_unit(unit: str) -> None:
+    """Fail clearly where `unit` is not one of UNITS."""
+    if unit not in UNITS:
+        raise SamesheepError(f"unit must be one of {', '.join(UNITS)}, not {unit!r}")

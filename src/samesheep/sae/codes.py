@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -25,11 +26,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import SamesheepError
-from .files import atomic_path, read_json, remove_stale_temporaries, write_json
-from .progress import progress
-from .sae import Sae, SparseCodes, concat_codes
-from .store import Store, TokenFilter
+from ..core.cache import FILES, damaged, digest
+from ..core.errors import SamesheepError
+from ..core.files import atomic_path, read_json, remove_stale_temporaries, write_json
+from ..core.progress import progress
+from ..data.store import Store, TokenFilter
+from .model import Sae, SparseCodes, concat_codes
 
 MANIFEST = "manifest.json"
 
@@ -69,6 +71,17 @@ def _load(path: Path, rows: int) -> SparseCodes:
     return SparseCodes(values, latents, offsets)
 
 
+@dataclass(frozen=True)
+class Encoding:
+    """How an SAE encodes a store: on which device, the encoder product's dtype, tokens
+    per batch, and the progress bar's label."""
+
+    device: torch.device
+    dtype: torch.dtype | None = None
+    batch_tokens: int = 4096
+    label: str = "encode"
+
+
 @torch.inference_mode()
 def stream_codes(
     sae: Sae,
@@ -76,15 +89,13 @@ def stream_codes(
     token_filter: TokenFilter,
     folder: Path,
     key: str,
-    device: torch.device,
-    dtype: torch.dtype | None = None,
-    batch_tokens: int = 4096,
-    label: str = "encode",
+    encoding: Encoding,
 ) -> Iterator[CodedShard]:
     """The codes of every shard of the store (train split, then held-out), in order: read
     from `folder` where a shard's codes were written under the same key, else encoded (the
-    encoder product in `dtype`) and written there. A killed run resumes from the shards
-    already written. The SAE must be on `device`."""
+    encoder product in `encoding.dtype`) and written there. A killed run resumes from the
+    shards already written. The SAE must be on `encoding.device`."""
+    device, dtype, batch_tokens = encoding.device, encoding.dtype, encoding.batch_tokens
     if store.d_model != sae.cfg.d_in:
         raise SamesheepError(
             f"the SAE reads {sae.cfg.d_in} dimensions but {store.folder} holds {store.d_model}"
@@ -100,14 +111,14 @@ def stream_codes(
     names = store.shard_names(None)
     total = store.num_tokens(None)
     with progress() as bar:
-        task = bar.add_task(label, total=total, rate="")
+        task = bar.add_task(encoding.label, total=total, rate="")
         start, done = time.perf_counter(), 0
         for name in names:
             shard = store.read(name)
             keep = token_filter.keep(shard.tokens)
             tokens = shard.tokens.filter(pa.array(keep))
             path = folder / f"{name}.safetensors"
-            if name in manifest["shards"] and path.is_file():
+            if name in manifest["shards"] and _intact(manifest, folder, path):
                 codes, encoded = _load(path, tokens.num_rows), False
             else:
                 acts = shard.acts[torch.from_numpy(keep)]
@@ -115,7 +126,8 @@ def stream_codes(
                     [_cpu(sae.encode_sparse(x.to(device), dtype)) for x in acts.split(batch_tokens)]
                 )
                 _save(path, codes)
-                manifest["shards"].append(name)
+                manifest.setdefault(FILES, {})[path.name] = digest(path)
+                manifest["shards"] = [*(s for s in manifest["shards"] if s != name), name]
                 write_json(folder / MANIFEST, manifest)
                 encoded = True
                 done += tokens.num_rows
@@ -140,8 +152,20 @@ def read_codes(folder: Path, store: Store, token_filter: TokenFilter) -> Iterato
         all_tokens = store.read_tokens(name)
         keep = token_filter.keep(all_tokens)
         tokens = all_tokens.filter(pa.array(keep))
-        codes = _load(folder / f"{name}.safetensors", tokens.num_rows)
+        path = folder / f"{name}.safetensors"
+        if not _intact(manifest, folder, path):
+            raise SamesheepError(
+                f"the codes {path} are damaged or gone: run `samesheep features` to encode again"
+            )
+        codes = _load(path, tokens.num_rows)
         yield CodedShard(name, entry["split"], tokens, codes, all_tokens, keep, False)
+
+
+def _intact(manifest: dict[str, Any], folder: Path, path: Path) -> bool:
+    """Whether a shard's codes are on disk and still what was written (where the manifest
+    recorded their digest)."""
+    recorded = manifest.get(FILES, {}).get(path.name)
+    return path.is_file() and not (recorded and damaged(folder, {path.name: recorded}))
 
 
 def _cpu(codes: SparseCodes) -> SparseCodes:

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
+import torch
 
-from .errors import SamesheepError
-from .sae import SparseCodes
+from ..core.errors import SamesheepError
+from ..sae.model import SparseCodes
 
 VIEWS = ("raw", "residual", "token")
 """raw codes; residuals after the unit text's mean code; the text-predicted means."""
@@ -203,8 +204,6 @@ class TopPartners:
     def add(self, rows: slice, r: np.ndarray) -> None:
         """Merge one block of correlations [rows of a, latents of b] (torch's top-k: about
         25 times numpy's argpartition on a 1,024 x 9,216 block)."""
-        import torch
-
         x = torch.from_numpy(r)
         k = min(self.k, r.shape[1])
         vals, top = x.topk(k, dim=1, sorted=False)

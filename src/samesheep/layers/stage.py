@@ -28,13 +28,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .alignment import TokenRows, Units, align
-from .config import Config, RepresentationsConfig, settings_hash
-from .errors import SamesheepError
-from .files import atomic_path, read_json, write_json
-from .layer_sample import LayerSample
-from .models import safe_name
-from .progress import say
+from ..core.cache import load_done, mark_done, unmark
+from ..core.config import Config, RepresentationsConfig, settings_hash
+from ..core.errors import SamesheepError
+from ..core.files import atomic_path
+from ..core.plan import compare_pairs, comparing, random_copy
+from ..core.progress import say
+from ..core.rundir import pair_folder, prepare_run_dir, record_config, safe_name
+from ..data.alignment import TokenRows, Units, align
+from ..lm.layer_sample import LayerSample
+from ..sae.stage import document_lengths
 from .similarity import (
     GRAM_BYTES,
     Groups,
@@ -86,8 +89,6 @@ class SampleSides:
 
 def heldout_lengths(cfg: Config, n: int) -> np.ndarray:
     """Characters of the first n held-out documents (the layer samples' documents)."""
-    from .pipeline import document_lengths
-
     lengths = document_lengths(cfg)["heldout"]
     if len(lengths) < n:
         raise SamesheepError(
@@ -487,15 +488,6 @@ def _sides(
 def layers_stage(cfg: Config) -> dict[tuple[str, str], dict[str, Any]]:
     """Compare every layer of every pair of models on the layer samples (skipped when
     unchanged). Returns {(A, B): the contents of layers.json}."""
-    from .pipeline import (
-        compare_pairs,
-        comparing,
-        pair_folder,
-        prepare_run_dir,
-        random_copy,
-        record_config,
-    )
-
     rep = cfg.representations
     if not rep.enabled:
         say("layers: representations.enabled is false, skipped")
@@ -522,8 +514,8 @@ def layers_stage(cfg: Config) -> dict[tuple[str, str], dict[str, Any]]:
             cfg.compare.after_break,
         )
         out = pair_folder(cfg, a, b)
-        old = read_json(out / "layers.json", corrupt_is_missing=True)
-        if old and old.get("key") == key and (out / "layers.parquet").is_file():
+        old = load_done(out / LAYERS_DONE, key)
+        if old:
             say(f"layers {a} / {b}: unchanged, skipped")
             results[(a, b)] = old
             continue
@@ -532,6 +524,8 @@ def layers_stage(cfg: Config) -> dict[tuple[str, str], dict[str, Any]]:
     return results
 
 
+LAYERS_DONE = "layers.json"
+"""A pair's layer-by-layer summary, written last: the done marker of layers.parquet."""
 MIN_UNITS = 20
 """Fewer aligned units than this leave every layer metric meaningless (CKNNA needs more
 units than neighbours, the unbiased HSIC at least four)."""
@@ -581,10 +575,10 @@ def _layers_pair(
         "seconds": {"read": round(read_s, 2), **result["seconds"]},
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "layers.json").unlink(missing_ok=True)
+    unmark(out / LAYERS_DONE)
     with atomic_path(out / "layers.parquet") as tmp:
         pq.write_table(table, tmp, compression="zstd")
-    write_json(out / "layers.json", summary)  # last: marks the pair done
+    summary = mark_done(out / LAYERS_DONE, summary, [out / "layers.parquet"])
     say(layers_answer(summary, table))
     return summary
 
