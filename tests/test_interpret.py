@@ -343,7 +343,7 @@ def test_without_usable_explanations_the_baseline_is_another_latents_statistical
     from types import SimpleNamespace
 
     from samesheep.core.config import InterpretConfig
-    from samesheep.interpret.stage import _label_jobs
+    from samesheep.interpret.stage import Gathered, _label_jobs
 
     k = ("m", 3)
     info = SimpleNamespace(labels={0: "rivers", 1: "numbers", 2: "names", 3: ""})
@@ -351,8 +351,8 @@ def test_without_usable_explanations_the_baseline_is_another_latents_statistical
     chosen = np.array([0, 1, 2, 3])
 
     def baselines(explained: dict[int, str]) -> list:
-        jobs = _label_jobs(k, info, chosen, {k: explained}, {}, InterpretConfig(), {}, {},
-                           examples)  # fmt: skip
+        gathered = Gathered({k: explained}, {}, examples, {}, {})
+        jobs = _label_jobs(k, info, chosen, InterpretConfig(), gathered)
         return [j for j in jobs if j.source == "random"]
 
     empty = baselines({i: "" for i in range(4)})

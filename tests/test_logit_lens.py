@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, OPTConfig
 
 from samesheep.core.errors import SamesheepError
 from samesheep.features.logit_lens import (
+    LensBlocks,
     excluded_token_ids,
     lens_directions,
     logit_lens,
@@ -90,7 +91,7 @@ def test_opt_without_final_norm_applies_project_out():
     lensed = lens_directions(model, dirs)
     assert lensed.shape == (5, 16)
     torch.testing.assert_close(lensed @ w_u.T, dense_lens(model, dirs), rtol=1e-4, atol=1e-4)
-    res = logit_lens(model, dirs, k=3, block_vocab=7)
+    res = logit_lens(model, dirs, k=3, blocks=LensBlocks(vocab=7))
     assert res.promoted_ids.shape == (5, 3)
 
 
@@ -128,7 +129,7 @@ def test_own_unembedding_row_ranks_first(tiny_models, arch):
     rows = w_u - w_u.mean(1, keepdim=True) if arch in LAYER_NORM else w_u
     t = int(rows.norm(dim=1).masked_fill(exclude, -1).argmax())
     dirs = torch.stack([w_u[t], -w_u[t]])
-    res = logit_lens(lm.model, dirs, exclude, k=3, block_latents=1, block_vocab=50)
+    res = logit_lens(lm.model, dirs, exclude, k=3, blocks=LensBlocks(latents=1, vocab=50))
     assert res.promoted_ids[0, 0] == t and res.suppressed_ids[1, 0] == t
     assert res.promoted_logits[0, 0] > res.promoted_logits[0, 1]
     assert res.suppressed_logits[1, 0] < res.suppressed_logits[1, 1] < 0
@@ -149,15 +150,15 @@ def test_blocked_equals_dense_reference(tiny_models, arch):
     top = dense.masked_fill(exclude, -torch.inf).topk(5, dim=1)
     bottom = dense.masked_fill(exclude, torch.inf).topk(5, dim=1, largest=False)
     block_vocab = next(b for b in (7, 11, 13) if vocab % b)  # a ragged last block
-    for blocks in [dict(block_latents=4, block_vocab=block_vocab), {}]:  # small, and one block
-        res = logit_lens(model, dirs, exclude, k=5, **blocks)
+    for blocks in [LensBlocks(4, block_vocab), LensBlocks()]:  # small, and one block
+        res = logit_lens(model, dirs, exclude, k=5, blocks=blocks)
         assert res.promoted_ids.dtype == torch.int64 and res.promoted_logits.dtype == torch.float32
         torch.testing.assert_close(res.promoted_ids, top.indices, rtol=0, atol=0)
         torch.testing.assert_close(res.suppressed_ids, bottom.indices, rtol=0, atol=0)
         torch.testing.assert_close(res.promoted_logits, top.values, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(res.suppressed_logits, bottom.values, rtol=1e-4, atol=1e-4)
     # bfloat16 products: ids may swap among near ties, the k best values stay close.
-    half = logit_lens(model, dirs, exclude, k=5, dtype=torch.bfloat16, block_latents=4)
+    half = logit_lens(model, dirs, exclude, k=5, dtype=torch.bfloat16, blocks=LensBlocks(4))
     torch.testing.assert_close(half.promoted_logits, top.values, rtol=0.02, atol=0.05)
     torch.testing.assert_close(half.suppressed_logits, bottom.values, rtol=0.02, atol=0.05)
     assert not exclude[half.promoted_ids].any() and not exclude[half.suppressed_ids].any()
@@ -184,9 +185,9 @@ def test_excluded_ids_never_appear(tiny_models):
     with torch.no_grad():
         w_u[bad] = torch.randn(len(bad), w_u.shape[1], generator=g) * 10
     dirs = torch.randn(20, 32, generator=g)
-    loud = logit_lens(model, dirs, k=5, block_latents=8, block_vocab=64)
+    loud = logit_lens(model, dirs, k=5, blocks=LensBlocks(8, 64))
     assert torch.isin(loud.promoted_ids, torch.tensor(bad)).any()
-    res = logit_lens(model, dirs, exclude, k=5, block_latents=8, block_vocab=64)
+    res = logit_lens(model, dirs, exclude, k=5, blocks=LensBlocks(8, 64))
     for ids in (res.promoted_ids, res.suppressed_ids):
         assert not exclude[ids].any()
         assert not torch.isin(ids, torch.tensor(bad)).any()

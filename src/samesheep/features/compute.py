@@ -445,14 +445,41 @@ def latent_terms(
     return [(term_text(decode(*ids_)), z) for z, ids_ in chosen[:5]]
 
 
+@dataclass(frozen=True)
+class LatentViews:
+    """What the optional views found per latent: the logit lens's promoted and suppressed
+    tokens ({name: [d_sae, k] tensor}, ids -1 for dead latents; None without the lens) and
+    the coherence of its exemplars' embeddings (nan without the embedding view)."""
+
+    lens: dict[str, torch.Tensor] | None
+    coherence: np.ndarray
+
+
+GATHERED_COLUMNS = (
+    "top_tokens",
+    "top_token_ids",
+    "top_token_shares",
+    "token_concentration",
+    "doc_concentration",
+    "topic",
+    "topic_share",
+    "topic_lift",
+    "top_titles",
+    "top_title_shares",
+    "label",
+    "label_terms",
+    "label_z",
+)
+"""The feature table's columns gathered latent by latent."""
+
+
 def feature_table(
     src: FeatureSource,
     stats: Statistics,
     samples: Samples,
     info: CorpusInfo,
     n_top: int,
-    lens: dict[str, torch.Tensor] | None,
-    coherence: np.ndarray,
+    views: LatentViews,
 ) -> pa.Table:
     """One row per latent: frequencies, activation statistics, top tokens, logit lens, topic,
     titles, statistical label, coherence, token and document concentration."""
@@ -465,11 +492,7 @@ def feature_table(
     big_off = stats.bigrams.by_group(m)
     doc_off = stats.docs.by_group(m)
     corpus_topic_share = stats.corpus_topics / max(stats.corpus_topics.sum(), 1)
-    cols: dict[str, list] = {k: [] for k in (
-        "top_tokens", "top_token_ids", "top_token_shares", "token_concentration",
-        "doc_concentration", "topic", "topic_share", "topic_lift", "top_titles",
-        "top_title_shares", "label", "label_terms", "label_z",
-    )}  # fmt: skip
+    cols: dict[str, list] = {k: [] for k in GATHERED_COLUMNS}
     for j in range(m):
         total = mass[j] if mass[j] > 0 else math.nan
         a, b = tok_off[j], tok_off[j + 1]
@@ -529,8 +552,9 @@ def feature_table(
         "label": cols["label"],
         "label_terms": cols["label_terms"],
         "label_z": cols["label_z"],
-        "coherence": coherence.astype(np.float32),
+        "coherence": views.coherence.astype(np.float32),
     }
+    lens = views.lens
     if lens is not None:  # dead latents get empty lists
         for name in ("promoted", "suppressed"):
             ids = lens[f"{name}_ids"].numpy()
@@ -574,10 +598,8 @@ def compute_features(
         rng = np.random.default_rng([cfg.seed, 0])
         pool = np.sort(rng.choice(n_kept, size=min(RANDOM_POOL, n_kept), replace=False))
         samples = Samples(stats, cfg, pool, histogram_edges(stats, cfg.histogram_bins))
-        stream_pass(
-            src, info, read_codes(codes_dir, src.store, src.token_filter), vocab,
-            lambda r, shard: samples.add(r, shard),
-        )  # fmt: skip
+        coded = read_codes(codes_dir, src.store, src.token_filter)
+        stream_pass(src, info, coded, vocab, samples.add)
         refs = exemplar_refs(stats, samples, cfg)
 
     with step(f"{label}: exemplar windows", timings, "windows"):
@@ -620,7 +642,8 @@ def compute_features(
                 lens[name] = full
 
     with step(f"{label}: feature table", timings, "table"):
-        table = feature_table(src, stats, samples, info, cfg.top_tokens, lens, coherence)
+        views = LatentViews(lens, coherence)
+        table = feature_table(src, stats, samples, info, cfg.top_tokens, views)
     summary = {
         "latents": m,
         "dead": int(table.column("dead").to_numpy().sum()),

@@ -152,8 +152,8 @@ def window_rows(
 
 
 def take_lists(lists: pa.ListArray, order: np.ndarray) -> pa.ListArray:
-    """lists.take(order), gathered with numpy (pyarrow's take spent 3 s on the exemplar
-    table's three list columns of 700k windows)."""
+    """lists.take(order), gathered with numpy (pyarrow's take is slow on the exemplar
+    table's list columns)."""
     offsets = lists.offsets.to_numpy()
     values = lists.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]]
     offsets = offsets - offsets[0]

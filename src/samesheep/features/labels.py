@@ -5,6 +5,7 @@ Words"), with its dominant topic and titles."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -45,24 +46,32 @@ def log_odds_z(
     return np.where(np.isfinite(z), z, 0.0)
 
 
+@dataclass(frozen=True)
+class TermLimits:
+    """Which of a latent's terms a label may use: at most `n`, each seen at least
+    `min_count` times where the latent fires, with a z-score of at least `min_z`."""
+
+    n: int = 5
+    min_count: int = MIN_COUNT
+    min_z: float = MIN_Z
+
+
 def top_terms(
     keys: np.ndarray,
     fore: np.ndarray,
     corpus: np.ndarray,
     fore_total: float,
     corpus_total: float,
-    n: int = 5,
-    min_count: int = MIN_COUNT,
-    min_z: float = MIN_Z,
+    limits: TermLimits = TermLimits(),
 ) -> list[tuple[int, float]]:
-    """The n most distinctive (key, z) of a latent's terms, most distinctive first: keys
-    [terms] with the latent's counts `fore` and the corpus counts `corpus` of the same terms
-    (the corpus includes the foreground; it is subtracted here)."""
+    """The limits.n most distinctive (key, z) of a latent's terms, most distinctive first:
+    keys [terms] with the latent's counts `fore` and the corpus counts `corpus` of the same
+    terms (the corpus includes the foreground; it is subtracted here)."""
     fore = np.asarray(fore, dtype=np.float64)
     back = np.maximum(np.asarray(corpus, dtype=np.float64) - fore, 0.0)
     z = log_odds_z(fore, back, fore_total, max(corpus_total - fore_total, 0.0))
-    ok = (fore >= min_count) & (z >= min_z)
-    order = np.argsort(-z[ok], kind="stable")[:n]
+    ok = (fore >= limits.min_count) & (z >= limits.min_z)
+    order = np.argsort(-z[ok], kind="stable")[: limits.n]
     return [(int(k), float(v)) for k, v in zip(keys[ok][order], z[ok][order], strict=True)]
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -150,7 +151,7 @@ def lens_directions(model: nn.Module, directions: Tensor) -> Tensor:
 def _decode_each(tokenizer: Any, ids: list[int]) -> list[str]:
     """Each id decoded alone, special tokens shown, no clean-up of spaces; "" for ids the
     tokenizer does not know. One batched call into the Rust tokenizer where there is one
-    (3x faster than batch_decode on Gemma's 262k ids)."""
+    (faster than batch_decode on Gemma's 262k ids)."""
     n = len(tokenizer)
     known = [i for i in ids if 0 <= i < n]
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -176,7 +177,7 @@ def excluded_token_ids(tokenizer: Any, vocab_size: int) -> Tensor:
     ids = set(tokenizer.all_special_ids)
     added = getattr(tokenizer, "added_tokens_decoder", {})
     ids.update(i for i, t in added.items() if getattr(t, "special", False))
-    # One pass over all ids: 0.25 s for Gemma's vocabulary, decoding 0.75 s.
+    # One pass over all ids as token strings, then one decoding them.
     tokens = tokenizer.convert_ids_to_tokens(list(range(n)))
     ids.update(i for i, t in enumerate(tokens) if t is None or _UNUSED.fullmatch(t))
     ids.update(i for i, s in enumerate(_decode_each(tokenizer, list(range(n)))) if s == "")
@@ -201,15 +202,15 @@ def _top_in_groups(grouped: Tensor, best: Tensor, k: int, largest: bool) -> tupl
 def _block_ends(logits: Tensor, k: int) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
     """((values, columns) of the k largest, (values, columns) of the k smallest) logits of
     each row of a block [b, v]. Each group of TOP_GROUP columns' maximum and minimum, then a
-    search of the k best groups only: 20 ms against 90 for two plain top-k's on a 1,024 x
-    32,768 block, whose product takes 210 ms. Equal values may be picked in another order
+    search of the k best groups only, faster than two plain top-k's (measured: see
+    benchmarks/RESULTS.md, 'Features stage'). Equal values may be picked in another order
     than by a plain top-k."""
     b, v = logits.shape
     g = TOP_GROUP
     if v % g or v < 8 * g * k:
         return logits.topk(k, dim=1), logits.topk(k, dim=1, largest=False)
     grouped = logits.view(b, v // g, g)
-    # amax and amin: torch.aminmax takes 4.5x the time of amax here (45 against 10 ms)
+    # amax and amin: torch.aminmax is slower than the two here
     hi, lo = grouped.amax(-1), grouped.amin(-1)
     return _top_in_groups(grouped, hi, k, True), _top_in_groups(grouped, lo, k, False)
 
@@ -237,19 +238,27 @@ def vocab_blocks(exclude: Tensor, block_vocab: int) -> list[tuple[int, int, Tens
     return out
 
 
+@dataclass(frozen=True)
+class LensBlocks:
+    """How the logit lens tiles its [latents, vocabulary] logits: `latents` directions
+    against `vocab` rows of the unembedding at a time."""
+
+    latents: int = 1024
+    vocab: int = 32768
+
+
 def logit_lens(
     model: nn.Module,
     directions: Tensor,
     exclude: Tensor | None = None,
     k: int = 10,
     dtype: torch.dtype = torch.float32,
-    block_latents: int = 1024,
-    block_vocab: int = 32768,
+    blocks: LensBlocks = LensBlocks(),
 ) -> LensResult:
     """The k tokens whose logits each direction [m, d_model] raises and lowers most, through
     the final norm and unembedding (lens_directions @ W_U.T; the head's bias, if any, is left
     out: it is the same for every latent). Matrix products run in `dtype` on the head's device
-    in blocks of block_latents x block_vocab logits; top-k values are kept in float32. Ids
+    in blocks of blocks.latents x blocks.vocab logits; top-k values are kept in float32. Ids
     where `exclude` [vocab] is True never appear."""
     _, w_u = output_head(model)
     vocab, device = w_u.shape[0], w_u.device
@@ -263,8 +272,9 @@ def logit_lens(
     allowed = vocab - int(exclude.sum())
     if not 1 <= k <= allowed:
         raise SamesheepError(f"k={k} must lie between 1 and the {allowed} tokens not excluded")
+    block_latents, block_vocab = blocks.latents, blocks.vocab
     if block_latents < 1 or block_vocab < 1:
-        raise SamesheepError("block_latents and block_vocab must be at least 1")
+        raise SamesheepError("the logit lens's blocks must hold at least 1 latent and 1 token")
     _check_directions(model, directions)
     m = directions.shape[0]
     if m == 0:
@@ -272,7 +282,7 @@ def logit_lens(
         return LensResult(ids, logits, ids.clone(), logits.clone())
     with torch.inference_mode():
         # Asked once on the CPU, so that a GPU is not synchronised per block.
-        blocks = [
+        vocab_parts = [
             (v, end, None if ids is None else ids.to(device))
             for v, end, ids in vocab_blocks(exclude.cpu(), block_vocab)
         ]
@@ -282,8 +292,8 @@ def logit_lens(
         top_ids = torch.full((m, k), -1, dtype=torch.int64, device=device)
         bottom_ids = top_ids.clone()
         # The vocabulary outside, so that each block of W_U is cast (or gathered) once, not
-        # once per block of latents (those casts took about 1 s of Gemma's 8 on an AMX Xeon).
-        for v, end, ids in blocks:
+        # once per block of latents.
+        for v, end, ids in vocab_parts:
             rows = (w_u[v:end] if ids is None else w_u[ids]).to(dtype)
             for a in range(0, m, block_latents):
                 s = slice(a, a + block_latents)

@@ -96,8 +96,12 @@ class OpenAIChat:
         return parse_judgement(self._complete(messages, 3))
 
     def _complete(self, messages: list[Message], max_tokens: int) -> str:
-        payload = {"model": self.model, "messages": messages, "max_tokens": max_tokens,
-                   "temperature": 0}  # fmt: skip
+        payload = {
+            "model": self.model,
+            "messages": messages,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+        }
         data = json.dumps(payload).encode("utf-8")
         headers = {"Content-Type": "application/json"}
         key = os.environ.get(self.api_key_env, "")

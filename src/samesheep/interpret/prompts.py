@@ -44,8 +44,8 @@ class Example:
         lo = max(0, min(mid - max_chars // 2, len(self.text) - max_chars))
         hi = lo + max_chars
         inside = (self.starts >= lo) & (self.ends <= hi)
-        return Example(self.text[lo:hi], self.starts[inside] - lo, self.ends[inside] - lo,
-                       self.acts[inside], self.value)  # fmt: skip
+        starts, ends = self.starts[inside] - lo, self.ends[inside] - lo
+        return Example(self.text[lo:hi], starts, ends, self.acts[inside], self.value)
 
     def marked(self, which: np.ndarray, scale: float | None = None) -> str:
         """The text with the tokens `which` marked (and, given `scale`, each marked token's
@@ -109,19 +109,21 @@ FUZZ_SYSTEM = (
 def detection_messages(label: str, example: Example) -> list[Message]:
     """Does the label apply to this (unmarked) window? (detection)"""
     text = " ".join(example.text.split())
+    question = "Does the description apply to the excerpt? Answer yes or no."
     return [
         {"role": "system", "content": DETECT_SYSTEM},
-        {"role": "user", "content": f"Description: {label}\nExcerpt: {text}\n"
-                                    "Does the description apply to the excerpt? Answer yes or no."},
-    ]  # fmt: skip
+        {"role": "user", "content": f"Description: {label}\nExcerpt: {text}\n{question}"},
+    ]
 
 
 def fuzzing_messages(label: str, marked_text: str) -> list[Message]:
     """Are the marked tokens what the label is about? (fuzzing)"""
     text = " ".join(marked_text.split())
+    question = (
+        f"Are the tokens marked {MARK_OPEN}like this{MARK_CLOSE} what the description is "
+        "about? Answer yes or no."
+    )
     return [
         {"role": "system", "content": FUZZ_SYSTEM},
-        {"role": "user", "content": f"Description: {label}\nExcerpt: {text}\n"
-                                    f"Are the tokens marked {MARK_OPEN}like this{MARK_CLOSE} what "
-                                    "the description is about? Answer yes or no."},
-    ]  # fmt: skip
+        {"role": "user", "content": f"Description: {label}\nExcerpt: {text}\n{question}"},
+    ]

@@ -205,7 +205,7 @@ def interpret_stage(cfg: Config) -> dict[str, dict[int, dict[str, Any]]]:
             infos[(source, layer)] = _sae_info(cfg, source, layer)
     user = read_user_labels(ic.user_labels, cfg.models)
     chosen = {k: chosen_latents(info, ic) for k, info in infos.items()}
-    partners = _partners(cfg, infos, compare_pairs, compare_folder)
+    partners = _partners(cfg, infos)
     settings = {k: v for k, v in dataclasses.asdict(ic).items() if k not in NOT_IN_KEY}
     key = settings_hash(
         INTERPRET_VERSION,
@@ -235,18 +235,20 @@ def interpret_stage(cfg: Config) -> dict[str, dict[int, dict[str, Any]]]:
         examples[k] = {
             int(i): split_examples(info.rows(int(i)), ic.explain_examples, ic.score_examples)
             for i in chosen[k]
-        }  # fmt: skip
+        }
         with step(f"interpret: {info.model} layer {info.layer}: {len(chosen[k])} explanations"):
             asked = [i for i in chosen[k] if examples[k][int(i)].explain]
-            replies = explain_calls.ask(
-                [Request.of(explain_messages(examples[k][int(i)].explain), ic.max_tokens)
-                 for i in asked]
-            )  # fmt: skip
+            requests = [
+                Request.of(explain_messages(examples[k][int(i)].explain), ic.max_tokens)
+                for i in asked
+            ]
+            replies = explain_calls.ask(requests)
         explained[k] = {int(i): clean_explanation(r) for i, r in zip(asked, replies, strict=True)}
 
+    gathered = Gathered(explained, user, examples, partners, infos)
     out = {}
     for k, info in infos.items():
-        jobs = _label_jobs(k, info, chosen[k], explained, user, ic, partners, infos, examples)
+        jobs = _label_jobs(k, info, chosen[k], ic, gathered)
         with step(f"interpret: {info.model} layer {info.layer}: scoring {len(jobs)} labels"):
             rows = _score(jobs, score_calls, ic)
         table = pa.table(
@@ -272,9 +274,19 @@ def interpret_stage(cfg: Config) -> dict[str, dict[int, dict[str, Any]]]:
 
 
 ROW_FIELDS = (
-    "latent", "source", "label", "from_latent", "scored_model", "scored_layer", "scored_latent",
-    "partner_r", "detection", "fuzzing", "n_active", "n_inactive",
-)  # fmt: skip
+    "latent",
+    "source",
+    "label",
+    "from_latent",
+    "scored_model",
+    "scored_layer",
+    "scored_latent",
+    "partner_r",
+    "detection",
+    "fuzzing",
+    "n_active",
+    "n_inactive",
+)
 
 
 @dataclasses.dataclass
@@ -290,23 +302,30 @@ class LabelJob:
     windows: ScoreSet
 
 
+@dataclasses.dataclass(frozen=True)
+class Gathered:
+    """What the stage has gathered for every SAE, which each SAE's labels draw on: the
+    explainer's explanations {(model, layer): {latent: text}}, the user's labels
+    {(model, latent): label}, each chosen latent's windows, the best partners in the compared
+    models (from _partners) and every SAE, whose windows a partner is scored on."""
+
+    explained: dict[tuple[str, int], dict[int, str]]
+    user: dict[tuple[str, int], str]
+    examples: dict[tuple[str, int], dict[int, LatentExamples]]
+    partners: dict[Any, Any]
+    infos: dict[tuple[str, int], SaeInfo]
+
+
 def _label_jobs(
-    k: tuple[str, int],
-    info: SaeInfo,
-    chosen: np.ndarray,
-    explained: dict[tuple[str, int], dict[int, str]],
-    user: dict[tuple[str, int], str],
-    ic: InterpretConfig,
-    partners: dict[str, Any],
-    infos: dict[tuple[str, int], SaeInfo],
-    examples: dict[tuple[str, int], dict[int, LatentExamples]],
+    k: tuple[str, int], info: SaeInfo, chosen: np.ndarray, ic: InterpretConfig, gathered: Gathered
 ) -> list[LabelJob]:
     """Every label of every chosen latent, on its own windows, and its explanation on the
     best partner's windows in each compared model. The baseline ("random") is another
     latent's explanation, or where no other latent has a usable one, another chosen latent's
     statistical label, so that no SAE is left without a baseline."""
     model, layer = k
-    mine = explained[k]
+    user, infos, examples = gathered.user, gathered.infos, gathered.examples
+    mine = gathered.explained[k]
     rng = np.random.default_rng([ic.seed, layer, 1])
     others = [i for i in mine if mine[i]]
     statistical = [int(j) for j in chosen if info.labels.get(int(j))]
@@ -328,7 +347,7 @@ def _label_jobs(
         for source, label, from_latent in labels:
             if label:
                 jobs.append(LabelJob(i, source, label, from_latent, here, np.nan, own))
-        for (pm, pl), best in partners.get(k, {}).items():
+        for (pm, pl), best in gathered.partners.get(k, {}).items():
             if i in best and mine.get(i):
                 j, r = best[i]
                 windows = split_examples(
@@ -338,7 +357,7 @@ def _label_jobs(
     return jobs
 
 
-def _partners(cfg: Config, infos: dict, compare_pairs: Any, compare_folder: Any) -> dict:
+def _partners(cfg: Config, infos: dict) -> dict:
     """{(model, layer): {(other model, layer): {latent: (best partner, r)}}} from the
     comparisons the run has made (none before the compare stage), and their keys."""
     out: dict[Any, Any] = {"keys": []}
@@ -351,15 +370,15 @@ def _partners(cfg: Config, infos: dict, compare_pairs: Any, compare_folder: Any)
             if not summary or not (folder / "partners.parquet").is_file():
                 continue
             out["keys"].append(summary.get("key", ""))
-            t = pq.read_table(folder / "partners.parquet",
-                              columns=["side", "latent", "partner", "r"]).to_pydict()  # fmt: skip
+            columns = ["side", "latent", "partner", "r"]
+            t = pq.read_table(folder / "partners.parquet", columns=columns).to_pydict()
             for side, me, other in (("a", (a, la), (b, lb)), ("b", (b, lb), (a, la))):
+                rows = zip(t["side"], t["latent"], t["partner"], t["r"], strict=True)
                 best = {
                     int(i): (int(p), float(r))
-                    for s, i, p, r in zip(t["side"], t["latent"], t["partner"], t["r"],
-                                          strict=True)
+                    for s, i, p, r in rows
                     if s == side and p is not None and p >= 0 and r is not None
-                }  # fmt: skip
+                }
                 out.setdefault(me, {})[other] = best
     return out
 
@@ -369,8 +388,8 @@ def _score(jobs: list[LabelJob], calls: Calls, ic: InterpretConfig) -> list[dict
     questions: list[tuple[Questions, Questions]] = []
     for job in jobs:
         # the same wrong marks for a label's windows on every run (so the cache answers)
-        rng = np.random.default_rng([ic.seed, *job.scored[1:], job.from_latent,
-                                     SOURCES.index(job.source)])  # fmt: skip
+        seed = [ic.seed, *job.scored[1:], job.from_latent, SOURCES.index(job.source)]
+        rng = np.random.default_rng(seed)
         questions.append((detection(job.label, job.windows), fuzzing(job.label, job.windows, rng)))
     flat = [r for d, f in questions for r in (*d.requests, *f.requests)]
     answers = iter(calls.ask(flat))
@@ -378,13 +397,22 @@ def _score(jobs: list[LabelJob], calls: Calls, ic: InterpretConfig) -> list[dict
     for job, (d, f) in zip(jobs, questions, strict=True):
         det = d.score([next(answers) for _ in d.requests])
         fuz = f.score([next(answers) for _ in f.requests])
-        rows.append({
-            "latent": job.latent, "source": job.source, "label": job.label,
-            "from_latent": job.from_latent, "scored_model": job.scored[0],
-            "scored_layer": job.scored[1], "scored_latent": job.scored[2],
-            "partner_r": job.partner_r, "detection": det, "fuzzing": fuz,
-            "n_active": len(job.windows.active), "n_inactive": len(job.windows.inactive),
-        })  # fmt: skip
+        rows.append(
+            {
+                "latent": job.latent,
+                "source": job.source,
+                "label": job.label,
+                "from_latent": job.from_latent,
+                "scored_model": job.scored[0],
+                "scored_layer": job.scored[1],
+                "scored_latent": job.scored[2],
+                "partner_r": job.partner_r,
+                "detection": det,
+                "fuzzing": fuz,
+                "n_active": len(job.windows.active),
+                "n_inactive": len(job.windows.inactive),
+            }
+        )
     return rows
 
 
