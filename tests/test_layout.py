@@ -44,9 +44,11 @@ def imported(node: ast.AST, name: str, is_package: bool) -> list[str]:
     if not isinstance(node, ast.ImportFrom):
         return []
     package = name if is_package else name.rpartition(".")[0]
-    base = importlib.util.resolve_name("." * node.level + (node.module or ""), package) if (
-        node.level
-    ) else (node.module or "")
+    base = (
+        importlib.util.resolve_name("." * node.level + (node.module or ""), package)
+        if (node.level)
+        else (node.module or "")
+    )
     if base.split(".")[0] != "samesheep":
         return []
     out = []
@@ -105,7 +107,9 @@ def test_no_module_imports_inside_a_function():
                 if isinstance(node, ast.Import | ast.ImportFrom):
                     top = (node.module or "") if isinstance(node, ast.ImportFrom) else ""
                     names = [top] if top else [a.name for a in node.names]
-                    if getattr(node, "level", 0) or any(n.split(".")[0] not in HEAVY_OPTIONAL for n in names):
+                    if getattr(node, "level", 0) or any(
+                        n.split(".")[0] not in HEAVY_OPTIONAL for n in names
+                    ):
                         hidden.append(f"{path.relative_to(PACKAGE)}:{node.lineno} in {fn.name}")
     assert not hidden, "imports inside functions:\n" + "\n".join(hidden)
 

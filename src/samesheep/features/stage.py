@@ -4,6 +4,7 @@ every main SAE in the run."""
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,7 @@ def features_stage(cfg: Config) -> dict[str, dict[int, dict[str, Any]]]:
     settings = {
         k: v for k, v in dataclasses.asdict(cfg.features).items() if k not in NOT_IN_FEATURES_KEY
     }
-    doc_states = None
+    ctx = Describing(device, dtype, info)
     results: dict[str, dict[int, dict[str, Any]]] = {}
     for (source, layer), (sae_key, store) in saes.items():
         out = features_dir(layer_dir(run, source, layer))
@@ -82,13 +83,12 @@ def features_stage(cfg: Config) -> dict[str, dict[int, dict[str, Any]]]:
             say(f"{source} layer {layer}: features unchanged, skipped")
             results.setdefault(source, {})[layer] = old
             continue
-        if cfg.features.embed and doc_states is None:
-            doc_states = corpus_states(
+        if cfg.features.embed and ctx.doc_states is None:
+            ctx.doc_states = corpus_states(
                 corpus_dir(run), corpus["hash"], lambda: TextEmbedder(device, dtype)
             )
-        results.setdefault(source, {})[layer] = _features_of(
-            cfg, source, layer, store, out, key, sae_key, device, dtype, doc_states, info
-        )
+        job = FeatureJob(source, layer, store, sae_key, key, out)
+        results.setdefault(source, {})[layer] = _features_of(cfg, job, ctx)
     record_config(cfg)
     return results
 
@@ -122,36 +122,52 @@ def codes_key(cfg: Config, sae_key: str, store: Store, dtype: Any) -> str:
     )
 
 
-def _features_of(
-    cfg: Config,
-    source: str,
-    layer: int,
-    store: Store,
-    out: Path,
-    key: str,
-    sae_key: str,
-    device: Any,
-    dtype: Any,
-    doc_states: Any,
-    info: Any,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class FeatureJob:
+    """One main SAE to describe: its model and layer, its store, the key it was trained
+    under, the key of its features and the folder they go to."""
+
+    source: str
+    layer: int
+    store: Store
+    sae_key: str
+    key: str
+    out: Path
+
+
+@dataclass
+class Describing:
+    """What every SAE's description shares: the device and dtype of the encoder and the
+    logit lens, the run's corpus, and its documents embedded (None without the embedding
+    view)."""
+
+    device: Any
+    dtype: Any
+    info: CorpusInfo
+    doc_states: Any = None
+
+
+def _features_of(cfg: Config, job: FeatureJob, ctx: Describing) -> dict[str, Any]:
     """Compute and write one SAE's features folder; summary.json, written last, marks it
     complete."""
     set_threads(cfg.features.threads)
-    sae = load_sae(sae_dir(out.parent, MAIN_SAE), device=device, d_in=store.d_model)
+    source, layer, store, out = job.source, job.layer, job.store, job.out
+    sae = load_sae(sae_dir(out.parent, MAIN_SAE), device=ctx.device, d_in=store.d_model)
     tokenizer = load_tokenizer(source, cfg.trust_remote_code)
     lens_model = None
     if cfg.features.logit_lens:
-        lens_model = load_model(source, dtype, device, cfg.trust_remote_code).model
+        lens_model = load_model(source, ctx.dtype, ctx.device, cfg.trust_remote_code).model
     tokens = token_filter(store, cfg.train)
     src = FeatureSource(source, layer, MAIN_SAE, sae, store, tokens, tokenizer, lens_model)
     unmark(out / SUMMARY)  # incomplete until rewritten
-    codes = CodesPlace(codes_dir(out.parent, MAIN_SAE), codes_key(cfg, sae_key, store, dtype))
+    codes_key_ = codes_key(cfg, job.sae_key, store, ctx.dtype)
+    codes = CodesPlace(codes_dir(out.parent, MAIN_SAE), codes_key_)
+    encoding = Encoding(ctx.device, ctx.dtype)
     table, exemplars, centroids, summary = compute_features(
-        src, info, cfg.features, codes, Encoding(device, dtype), doc_states
+        src, ctx.info, cfg.features, codes, encoding, ctx.doc_states
     )
     summary = {
-        "key": key,
+        "key": job.key,
         "model": source,
         "layer": layer,
         "settings": dataclasses.asdict(cfg.features),
@@ -166,4 +182,3 @@ def _features_of(
         f"{sum(summary['exemplars'].values()):,} exemplars, in {sum(t.values()):,.0f} s"
     )
     return summary
-
