@@ -5,6 +5,7 @@ directory (config.toml and compare/<A>__<B>/summary.json); nothing is computed h
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -92,24 +93,30 @@ def beside_keys(runs: list[dict[str, Any]]) -> list[Any]:
     ]
 
 
+@dataclass(frozen=True)
+class ModelPair:
+    """The two models of a comparison: their sources (what the other runs' summaries are
+    filed under) and their short names (what the page calls them)."""
+
+    a: str
+    b: str
+    name_a: str
+    name_b: str
+
+
 def beside_view(
-    cfg: Config,
-    this: dict[str, Any],
-    runs: list[dict[str, Any]],
-    a: str,
-    b: str,
-    name_a: str,
-    name_b: str,
+    cfg: Config, this: dict[str, Any], runs: list[dict[str, Any]], pair: ModelPair
 ) -> dict[str, Any] | None:
     """Rows of one pair's table: this run's headline (codes view) and each other run's,
     direction by direction, each with the setting it rests on; and the sentences comparing
     them. None where report.beside names no run."""
     if not runs:
         return None
+    name_a, name_b = pair.name_a, pair.name_b
     entries = [("this run", run_setting(cfg), [this])]
     notes = []
     for r in runs:
-        found = r["summaries"].get((a, b))
+        found = r["summaries"].get((pair.a, pair.b))
         if found:
             entries.append((r["run"], r["setting"], found))
         else:
@@ -124,12 +131,11 @@ def beside_view(
                     "ceiling (its floor matched the two untrained copies to each other): only "
                     "its trained share is shown; run `samesheep compare` there again"
                 )
+            where = {"run": label, **setting, "layers": layers, "units": s.get("units", 0)}
             for d, (x, y) in zip(DIRECTIONS, ((name_a, name_b), (name_b, name_a)), strict=True):
                 row = _row(s, d)
                 if row is not None:
-                    rows.append({"run": label, **setting, "layers": layers,
-                                 "units": s.get("units", 0), "direction": f"{x} → {y}",
-                                 **row})  # fmt: skip
+                    rows.append({**where, "direction": f"{x} → {y}", **row})
     for direction in (f"{name_a} → {name_b}", f"{name_b} → {name_a}"):
         parts = [
             f"{r['run']} ({r['unit']}, layers {r['layers']}): {r['raw']} "

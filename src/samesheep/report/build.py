@@ -10,12 +10,11 @@ report/data/             data files loaded as scripts, one per page or block of 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +48,16 @@ from ..sae.saelens import read_sae_config
 from ..sae.stage import layer_store
 from ..sae.training import token_filter
 from . import overview
-from .beside import beside_keys, beside_runs, beside_view
-from .data import FeatureData, TokenIndex, latent_map, pair_window, read_features, sig
+from .beside import ModelPair, beside_keys, beside_runs, beside_view
+from .data import (
+    FeatureData,
+    PairLatents,
+    TokenIndex,
+    latent_map,
+    pair_window,
+    read_features,
+    sig,
+)
 from .layers import layers_view
 from .site import copy_assets, site_size, write_data, write_page
 
@@ -143,7 +150,7 @@ def report_stage(cfg: Config) -> Path:
     key = settings_hash(
         REPORT_VERSION,
         _code_hash(),
-        dataclasses.asdict(rc),
+        asdict(rc),
         inputs,
         {k: m.get("key") for k, m in saes_metrics(cfg).items()},
         beside_keys(others),
@@ -277,9 +284,8 @@ def build_site(
     for c in comparisons:
         with step(f"report: {c.key} pairs and latent table"):
             page = comparison_data(cfg, root, c, features, n_train, add)
-        page["beside"] = beside_view(
-            cfg, c.summary, others or [], c.a.model, c.b.model, c.a.name, c.b.name
-        )
+        models = ModelPair(c.a.model, c.b.model, c.a.name, c.b.name)
+        page["beside"] = beside_view(cfg, c.summary, others or [], models)
         pages.append(page)
     run_info = overview.run_info(
         cfg, saes_metrics(cfg), read_json(run / "timings.json", corrupt_is_missing=True)
@@ -301,15 +307,24 @@ def build_site(
         p["layers"] = None
         if layer_views and pair in layer_views and pair not in shown:
             shown.add(pair)
-            p["layers"] = {**layer_views[pair], "headline": layer_views[pair]["metrics"][0]}
-            layer_pairs.append({"key": p["key"], "name_a": c.a.name, "name_b": c.b.name,
-                                "layers": layer_views[pair]})  # fmt: skip
+            view = layer_views[pair]
+            p["layers"] = {**view, "headline": view["metrics"][0]}
+            layer_pairs.append(
+                {"key": p["key"], "name_a": c.a.name, "name_b": c.b.name, "layers": view}
+            )
     if layer_pairs:
         add(
             "pages",
-            write_page(root, "layers.html", "layers.html", site=site, run=run_info,
-                       pairs=layer_pairs, page="layers.html"),
-        )  # fmt: skip
+            write_page(
+                root,
+                "layers.html",
+                "layers.html",
+                site=site,
+                run=run_info,
+                pairs=layer_pairs,
+                page="layers.html",
+            ),
+        )
     for name, template in (
         ("feature.html", "feature.html"),
         ("pair.html", "pair.html"),
@@ -376,18 +391,23 @@ def comparison_data(
             for rank in range(lo, min(lo + rc.pair_block, len(members))):
                 i = members[rank]
                 la, lb, r, mutual, _ = matched[i]
+                latents = PairLatents(la, lb, ta, tb)
                 windows = [
-                    pair_window(row, w, "a", la, lb, ta, tb)
-                    for row, w in fa.top_windows.get(la, [])
+                    pair_window(row, w, "a", latents) for row, w in fa.top_windows.get(la, [])
                 ]
                 windows += [
-                    pair_window(row, w, "b", la, lb, ta, tb)
-                    for row, w in fb.top_windows.get(lb, [])
+                    pair_window(row, w, "b", latents) for row, w in fb.top_windows.get(lb, [])
                 ]
-                block[rank] = {"a": la, "b": lb, "r": r, "mutual": mutual, "index": i,
-                               "surface_a": surface["a"] and surface["a"][i],
-                               "surface_b": surface["b"] and surface["b"][i],
-                               "windows": windows}  # fmt: skip
+                block[rank] = {
+                    "a": la,
+                    "b": lb,
+                    "r": r,
+                    "mutual": mutual,
+                    "index": i,
+                    "surface_a": surface["a"] and surface["a"][i],
+                    "surface_b": surface["b"] and surface["b"][i],
+                    "windows": windows,
+                }
             add("pairs", write_data(root, f"pp/{c.key}/{name}/{lo // rc.pair_block}", block))
     shown = [matched[i] for members in lists.values() for i in members]
     centroids = [_centroids(s.folder) for s in (c.a, c.b)]
@@ -406,7 +426,7 @@ def comparison_data(
         "surface": beyond is not None,
         "pair_block": rc.pair_block,
         "map": coords is not None,
-        **overview.comparison_view(c.summary, c.a.name, c.b.name, c.a.key, c.b.key, fa, fb),
+        **overview.comparison_view(c.summary, c.a.name, c.b.name),
     }
 
 

@@ -235,8 +235,9 @@ def cut_windows(ex: pa.Table, context: int, n_train_docs: int) -> list[Window]:
         a, b = bounds[i], bounds[i + 1]
         text = texts[i][s0[i] : e0[i]]
         seg = [[e, x] for e, x in zip(e_list[a:b], v_list[a:b], strict=True)]
-        out.append(Window(int(doc[i]), int(char_start[i]), int(char_start[i]) + len(text),
-                          text, seg, (int(c_start[i]), int(c_end[i]))))  # fmt: skip
+        start = int(char_start[i])
+        token_chars = (int(c_start[i]), int(c_end[i]))
+        out.append(Window(int(doc[i]), start, start + len(text), text, seg, token_chars))
     return out
 
 
@@ -355,12 +356,16 @@ def explanations(folder: Path, index: dict[str, list], records: dict[int, dict[s
         if r["source"] == "random":
             by += f" #{r['from_latent']}"
         on = "" if own else f"{short(r['scored_model'], 60)} #{r['scored_latent']}"
-        rec.setdefault("explanations", []).append({
-            "by": by, "label": short(r["label"], 400), "detection": sig(r["detection"]),
-            "fuzzing": sig(r["fuzzing"]), "on": on,
+        explanation = {
+            "by": by,
+            "label": short(r["label"], 400),
+            "detection": sig(r["detection"]),
+            "fuzzing": sig(r["fuzzing"]),
+            "on": on,
             "r": sig(r["partner_r"]) if not own else None,
             "n": int(r["n_active"]) + int(r["n_inactive"]),
-        })  # fmt: skip
+        }
+        rec.setdefault("explanations", []).append(explanation)
     index["llm"] = llm
 
 
@@ -449,12 +454,22 @@ class TokenIndex:
         ]
 
 
-def pair_window(
-    row: dict[str, Any], w: Window, side: str, la: int, lb: int, ta: TokenIndex, tb: TokenIndex
-) -> dict[str, Any]:
-    """One window of a matched pair with both models' activations on its characters."""
-    a = ta.spans(w.doc, w.start, w.end, la)
-    b = tb.spans(w.doc, w.start, w.end, lb)
+@dataclass(frozen=True)
+class PairLatents:
+    """A matched pair's two latents, each with its model's TokenIndex: what a window of any
+    text shows of the pair."""
+
+    a: int
+    b: int
+    tokens_a: TokenIndex
+    tokens_b: TokenIndex
+
+
+def pair_window(row: dict[str, Any], w: Window, side: str, pair: PairLatents) -> dict[str, Any]:
+    """One window of a matched pair (an exemplar of its `side`'s latent) with both models'
+    activations on its characters."""
+    a = pair.tokens_a.spans(w.doc, w.start, w.end, pair.a)
+    b = pair.tokens_b.spans(w.doc, w.start, w.end, pair.b)
     return {
         "from": side,
         "title": short(row["title"]),

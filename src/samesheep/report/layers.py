@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from ..core.files import read_json
 from ..layers.stage import FLOOR_OF
-from .plots import COLORS, Grid, Series, heatmap, line_plot
+from .plots import COLORS, Grid, LineAxes, Series, heatmap, line_plot
 
 NAMES = {
     "cka_trimmed_input_debiased": "linear CKA, outlier dimensions removed, input-debiased",
@@ -29,8 +29,16 @@ NAMES = {
     "cknna": "CKNNA",
 }
 """Each metric's name on the page, the headline first; SVCCA settings follow."""
-CELLS = ("value", "corrected", "threshold", "null_mean", "null_sd", "floor_a_to_b",
-         "floor_b_to_a", "random_pair")  # fmt: skip
+CELLS = (
+    "value",
+    "corrected",
+    "threshold",
+    "null_mean",
+    "null_sd",
+    "floor_a_to_b",
+    "floor_b_to_a",
+    "random_pair",
+)
 """The per-cell numbers a cell's tip shows."""
 
 
@@ -92,17 +100,18 @@ def metric_view(summary: dict[str, Any], df: Any, metric: str, a: str, b: str) -
     scale = (0.0, float(kept.max()) if kept.size and kept.max() > 0 else 1.0)
     best = summary["best"].get(metric, {}).get("a_to_b", [])
     tips = [
-        [_tip(a, b, i, j, {c: float(cols[c][i, j]) for c in cols}, bool(survives[i, j]))
-         for j in range(n_b)]
+        [
+            _tip(a, b, i, j, {c: float(cols[c][i, j]) for c in cols}, bool(survives[i, j]))
+            for j in range(n_b)
+        ]
         for i in range(n_a)
-    ]  # fmt: skip
+    ]
     x_label, y_label = f"{b} layer", f"{a} layer"
     debiased = metric in FLOOR_OF
     what = "input-debiased" if debiased else "less its higher fixed-source floor"
-    trained = heatmap(
-        Grid(cols["corrected"].tolist(), survives.tolist(), [r["best"] for r in best], tips),
-        x_label, y_label, f"{metric_name(metric)}: {a} against {b} ({what})", scale,
-    )  # fmt: skip
+    grid = Grid(cols["corrected"].tolist(), survives.tolist(), [r["best"] for r in best], tips)
+    title = f"{metric_name(metric)}: {a} against {b} ({what})"
+    trained = heatmap(grid, x_label, y_label, title, scale)
     plain = FLOOR_OF.get(metric, metric)
     floor_of = {c: _matrix(df[df.metric == plain], c, n_a, n_b) for c in ("value", "floor_a_to_b")}
     floor = None
@@ -111,10 +120,11 @@ def metric_view(summary: dict[str, Any], df: Any, metric: str, a: str, b: str) -
         finite = both[np.isfinite(both)]
         floor = heatmap(
             Grid(floor_of["floor_a_to_b"].tolist()),
-            f"untrained {b} layer", y_label,
+            f"untrained {b} layer",
+            y_label,
             f"{metric_name(plain)}: {a}'s layer against untrained {b}'s (the fixed-source floor)",
             (float(finite.min()), float(finite.max())),
-        )  # fmt: skip
+        )
     return {
         "metric": metric,
         "name": metric_name(metric),
@@ -144,12 +154,11 @@ def best_plot(best: list[dict[str, Any]], n_a: int, n_b: int, a: str, b: str, me
             lo, hi = r["interval"]
             where = f" (95% range {lo}-{hi}, {100 * r['agree']:.0f}% of document halves agree)"
         tips.append(f"{a} layer {r['layer']} best matches {b} layer {r['best']}{where}")
+    best_depth = [(xi, (r["best"] + 1) / n_b) for xi, r in zip(x, found, strict=True)]
     series = [
-        Series("best match", COLORS["raw"],
-               [(xi, (r["best"] + 1) / n_b) for xi, r in zip(x, found, strict=True)], tips=tips),
-        Series("equal depth", COLORS["null"], [(0.0, 0.0), (1.0, 1.0)], dash="3 3",
-               tips=["", ""]),
-    ]  # fmt: skip
+        Series("best match", COLORS["raw"], best_depth, tips=tips),
+        Series("equal depth", COLORS["null"], [(0.0, 0.0), (1.0, 1.0)], dash="3 3", tips=["", ""]),
+    ]
     if all("interval" in r for r in found):
         for k, name in ((0, "95% range"), (1, "")):  # one legend entry for both bounds
             pts = [(xi, (r["interval"][k] + 1) / n_b) for xi, r in zip(x, found, strict=True)]
@@ -159,9 +168,7 @@ def best_plot(best: list[dict[str, Any]], n_a: int, n_b: int, a: str, b: str, me
         f"{a}: depth of the layer",
         f"{b}: depth of its best match",
         f"{metric_name(metric)}: best-matching layer",
-        x_range=(0.0, 1.0),
-        y_range=(0.0, 1.0),
-        x_percent=True,
+        LineAxes(x_range=(0.0, 1.0), y_range=(0.0, 1.0), x_percent=True),
     )
 
 

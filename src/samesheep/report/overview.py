@@ -10,7 +10,7 @@ from typing import Any
 from ..core.config import Config, to_toml
 from ..core.files import read_json
 from ..core.rundir import safe_name
-from .plots import COLORS, Series, bar_plot, hbar_plot, line_plot
+from .plots import COLORS, LineAxes, Series, bar_plot, hbar_plot, line_plot
 from .site import DASH, number, percent
 
 R = 0.5  # the headline threshold (comparison.HEADLINE_R)
@@ -131,12 +131,13 @@ def lead(summary: dict[str, Any], a: str, b: str) -> dict[str, Any]:
     for d, (x, y) in _names(a, b).items():
         n = answers[d]
         ci = interval(n.get("intervals", {}).get(KEY, {}).get("normalised"), share=False)
-        scores.append({
+        score = {
             "direction": f"{x} → {y}",
             "value": normalised_text(n),
             "ci": f"95% CI {ci}" if ci else "",
             "why": undefined_because(n),
-        })  # fmt: skip
+        }
+        scores.append(score)
     return {
         "mode": mode,
         "scores": scores,
@@ -336,13 +337,13 @@ def number_groups(summary: dict[str, Any], a: str, b: str) -> list[dict[str, Any
         if split:
             for part, what in (("surface", "surface latents"), ("rest", "beyond the surface")):
                 if part in split:
-                    rows.append({"what": f"{what} ({MODES.get(split[part].get('mode', ''), '')})",
-                                 **scale_cells(split[part])})  # fmt: skip
+                    mode = MODES.get(split[part].get("mode", ""), "")
+                    rows.append({"what": f"{what} ({mode})", **scale_cells(split[part])})
         for view, what in VIEWS[1:]:
             v = head.get(view, {}).get(d)
             if v and "raw" in v:
-                rows.append({"what": f"{what} (in-sample)",
-                             **scale_cells(v.get("answer") or in_sample(v))})  # fmt: skip
+                cells = scale_cells(v.get("answer") or in_sample(v))
+                rows.append({"what": f"{what} (in-sample)", **cells})
         groups.append({"direction": f"{x} → {y}", "rows": rows})
     return groups
 
@@ -405,18 +406,16 @@ def normalised_plot(n: dict[str, Any], title: str) -> Any | None:
         ci = interval([a, b], share=False)
         text = f"{v:.2f}" + (f" (95% CI {ci})" if ci else "") if _finite(v) else "undefined"
         tips.append(f"normalised score at r ≥ {x:.2f}: {text}")
+    score = [(p[0], p[1]) for p in pts]
+    band = [(p[0], p[2], p[3]) for p in pts]
+    floor, ceiling = [(0.0, 0.0), (1.0, 0.0)], [(0.0, 1.0), (1.0, 1.0)]
     series = [
-        Series("normalised score", COLORS["normalised"], [(p[0], p[1]) for p in pts], "", tips,
-               band=[(p[0], p[2], p[3]) for p in pts]),
-        Series("floor (0) and ceiling (1)", COLORS["null"], [(0.0, 0.0), (1.0, 0.0)], "2 3",
-               ["the floor: 0", "the floor: 0"]),
-        Series("", COLORS["null"], [(0.0, 1.0), (1.0, 1.0)], "2 3",
-               ["the ceiling: 1", "the ceiling: 1"]),
-    ]  # fmt: skip
-    return line_plot(
-        series, "best-partner correlation r", "normalised score", title,
-        y_range=(lo, hi), y_percent=False,
-    )  # fmt: skip
+        Series("normalised score", COLORS["normalised"], score, "", tips, band=band),
+        Series("floor (0) and ceiling (1)", COLORS["null"], floor, "2 3", ["the floor: 0"] * 2),
+        Series("", COLORS["null"], ceiling, "2 3", ["the ceiling: 1"] * 2),
+    ]
+    axes = LineAxes(y_range=(lo, hi), y_percent=False)
+    return line_plot(series, "best-partner correlation r", "normalised score", title, axes)
 
 
 def diagnostic_plot(e: dict[str, Any], title: str) -> Any | None:
@@ -493,10 +492,8 @@ def topic_plot(topics: dict[str, Any], direction: str, title: str) -> Any | None
     )
 
 
-def comparison_view(
-    summary: dict[str, Any], a: str, b: str, key_a: str, key_b: str, fa: Any, fb: Any
-) -> dict[str, Any]:
-    """Everything the overview shows of one comparison."""
+def comparison_view(summary: dict[str, Any], a: str, b: str) -> dict[str, Any]:
+    """Everything the overview shows of one comparison (of models named a and b)."""
     raw = summary["headline"]["raw"]
     plots = {}
     for direction, (x, y) in _names(a, b).items():

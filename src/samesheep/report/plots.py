@@ -188,23 +188,29 @@ def _point(x: float, y: float, color: str, tip: str, link: str, r: float = 3.2) 
     return f'<a href="{escape(link)}">{dot}</a>' if link else dot
 
 
+@dataclass(frozen=True)
+class LineAxes:
+    """The axes of a line plot: the ranges of data it shows (y from 0 to the largest value
+    where y_range is None), whether each axis's ticks read as percentages, and the plot's
+    size in pixels."""
+
+    x_range: tuple[float, float] = (0.0, 1.0)
+    y_range: tuple[float, float] | None = None
+    x_percent: bool = False
+    y_percent: bool = True
+    width: int = WIDTH
+    height: int = HEIGHT
+
+
 def line_plot(
-    series: list[Series],
-    xlabel: str,
-    ylabel: str,
-    title: str,
-    x_range: tuple[float, float] = (0.0, 1.0),
-    y_range: tuple[float, float] | None = None,
-    x_percent: bool = False,
-    y_percent: bool = True,
-    width: int = WIDTH,
-    height: int = HEIGHT,
+    series: list[Series], xlabel: str, ylabel: str, title: str, axes: LineAxes = LineAxes()
 ) -> Markup:
     """Lines through each series' points, a dot with its tip on every point."""
+    width, height = axes.width, axes.height
     ys = [y for s in series for _, y in s.points if y is not None and math.isfinite(y)]
-    y_range = y_range or (0.0, max(ys, default=1.0) or 1.0)
-    f = Frame(x_range, y_range, width, height, top=_top(series, width))
-    body = f.axes(xlabel, ylabel, x_percent, y_percent)
+    y_range = axes.y_range or (0.0, max(ys, default=1.0) or 1.0)
+    f = Frame(axes.x_range, y_range, width, height, top=_top(series, width))
+    body = f.axes(xlabel, ylabel, axes.x_percent, axes.y_percent)
 
     def py(y: float) -> float:  # values outside the range are drawn at its edge
         return f.py(min(max(y, f.y0), f.y1))
@@ -236,23 +242,33 @@ def line_plot(
     return _svg(body, width, height, title)
 
 
+@dataclass(frozen=True)
+class BarAxes:
+    """The axes of a grouped bar plot: whether the value axis's ticks read as percentages,
+    the plot's size in pixels, and whether the category labels are slanted below the bars
+    (for long ones: the plot grows to hold them, and the x axis's own label is left off)."""
+
+    y_percent: bool = True
+    width: int = WIDTH
+    height: int = HEIGHT
+    rotate: bool = False
+
+
 def bar_plot(
     categories: list[str],
     series: list[Series],
     xlabel: str,
     ylabel: str,
     title: str,
-    y_percent: bool = True,
-    width: int = WIDTH,
-    height: int = HEIGHT,
-    rotate: bool = False,
+    axes: BarAxes = BarAxes(),
 ) -> Markup:
     """Grouped bars: one group per category, one bar per series (its points' y, in order)."""
+    width, rotate = axes.width, axes.rotate
     ys = [y for s in series for _, y in s.points if y is not None and math.isfinite(y)]
-    bottom = height + (60 if rotate else 0)
+    bottom = axes.height + (60 if rotate else 0)
     y_range = (0.0, max(ys, default=1.0) or 1.0)
     f = Frame((0, max(len(categories), 1)), y_range, width, bottom, top=_top(series, width))
-    body = f.axes(xlabel if not rotate else "", ylabel, False, y_percent, x_ticks=False)
+    body = f.axes(xlabel if not rotate else "", ylabel, False, axes.y_percent, x_ticks=False)
     group = (f.right - f.left) / max(len(categories), 1)
     bar = group * 0.8 / max(len(series), 1)
     for i, cat in enumerate(categories):

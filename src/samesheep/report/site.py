@@ -16,8 +16,13 @@ from markupsafe import Markup
 
 from ..core.files import atomic_path
 
-UNSAFE_IN_SCRIPT = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028",
-                    "\u2029": "\\u2029"}  # fmt: skip
+UNSAFE_IN_SCRIPT = {
+    "<": "\\u003c",
+    ">": "\\u003e",
+    "&": "\\u0026",
+    "\u2028": "\\u2028",
+    "\u2029": "\\u2029",
+}
 """Characters that could end a script element or a line of JavaScript: written as escapes,
 so no corpus text can close the script it travels in."""
 
