@@ -29,7 +29,7 @@ import torch
 from samesheep.core.config import ExtractConfig
 from samesheep.core.device import choose_device, choose_dtype, machine_lines, set_threads
 from samesheep.data.corpus import Document, iter_source, write_documents
-from samesheep.lm.extraction import extract_model
+from samesheep.lm.extraction import ModelJob, extract_model
 from samesheep.lm.models import decoder_blocks, load_model, resolve_layer
 
 LAYER = "2/3"
@@ -97,10 +97,12 @@ def samesheep_run(source: str, n_docs: int) -> dict:
         corpus = Path(tmp) / "corpus"
         docs, _ = texts(lm.tokenizer, n_docs)
         write_documents(corpus / "train.jsonl", docs[:16])  # warm-up on a few documents
-        extract_model(source, [LAYER], corpus, Path(tmp) / "warm", cfg, "warm", lm=lm)
+        warm = ModelJob(source, corpus, Path(tmp) / "warm", "warm")
+        extract_model(warm, [LAYER], cfg, lm=lm)
         write_documents(corpus / "train.jsonl", docs)
+        job = ModelJob(source, corpus, Path(tmp) / "m", "bench")
         t = time.perf_counter()
-        info = extract_model(source, [LAYER], corpus, Path(tmp) / "m", cfg, "bench", lm=lm)
+        info = extract_model(job, [LAYER], cfg, lm=lm)
         dt = time.perf_counter() - t
     tokens = info["tokens"]["train"]
     ctx = 128 / 2  # mean attended context: half the window length

@@ -92,8 +92,8 @@ def measure(
     for p in partners.values():
         p.finish()
     # candidates: the top partners of either side on all units and on each half
-    found = [candidate_pairs(p.a_idx, p.a_val, p.b_idx, p.b_val) for v, p in partners.items()
-             if v == "raw" or v in HALVES]  # fmt: skip
+    searched = [p for v, p in partners.items() if v == "raw" or v in HALVES]
+    found = [candidate_pairs(p.a_idx, p.a_val, p.b_idx, p.b_val) for p in searched]
     key = np.unique(np.concatenate([i * m_b + j for i, j, _ in found]))
     ci, cj = key // m_b, key % m_b
     g_n, g_cross, g_mom = group_sums(a, b, group, n_groups, ci, cj)

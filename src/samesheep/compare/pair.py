@@ -157,9 +157,11 @@ def run_pair(inp: PairInputs, cfg: CompareConfig) -> dict[str, Any]:
     label = f"compare {inp.a.model} / {inp.b.model}"
     runs: dict[str, Measurement] = {}
 
-    def run(name: str, what: str, x: Any, y: Any, txt: Any, grp: Any, halves: bool) -> None:
+    def run(name: str, what: str, x: Any, y: Any, grp: Any, full: bool) -> None:
+        """Measure x against y; `full` adds the view beyond the unit's text (where there is
+        text) and the cross-fitting halves."""
         with step(f"{label}: {what}"):
-            runs[name] = measure(x, y, txt, grp, s, halves)
+            runs[name] = measure(x, y, text if full else None, grp, s, full)
 
     # One unit per document (per-text runs): no unit has another in its document to be
     # shifted onto, and no two units share a text, so the within-document null and the
@@ -167,33 +169,33 @@ def run_pair(inp: PairInputs, cfg: CompareConfig) -> dict[str, Any]:
     single = len(np.unique(units.doc)) == len(units)
     if len(np.unique(text)) == len(text):
         text = None
-    run("raw", f"the trained pair on {len(units):,} units", a, b, text, groups, True)
+    run("raw", f"the trained pair on {len(units):,} units", a, b, groups, True)
     if inp.floor is not None:
         fa, fb = inp.floor
         fa, fb = _side_matrix(fa, units, "a", how), _side_matrix(fb, units, "b", how)
-        run("floor_a", "A's latents against B's untrained copy (floor)", a, fb, text, groups, True)
-        run("floor_b", "B's latents against A's untrained copy (floor)", b, fa, text, groups, True)
-        run("surface_a", "A's latents against its own untrained copy", a, fa, None, groups, False)
-        run("surface_b", "B's latents against its own untrained copy", b, fb, None, groups, False)
-        run("untrained_pair", "the two untrained copies (diagnostic)", fa, fb, None, groups, False)
+        run("floor_a", "A's latents against B's untrained copy (floor)", a, fb, groups, True)
+        run("floor_b", "B's latents against A's untrained copy (floor)", b, fa, groups, True)
+        run("surface_a", "A's latents against its own untrained copy", a, fa, groups, False)
+        run("surface_b", "B's latents against its own untrained copy", b, fb, groups, False)
+        run("untrained_pair", "the two untrained copies (diagnostic)", fa, fb, groups, False)
     if inp.ceiling is not None:
         ca, cb = inp.ceiling
         ca, cb = _side_matrix(ca, units, "a", how), _side_matrix(cb, units, "b", how)
-        run("ceiling_a", "the seed ceiling of A", a, ca, text, groups, True)
-        run("ceiling_b", "the seed ceiling of B", b, cb, text, groups, True)
+        run("ceiling_a", "the seed ceiling of A", a, ca, groups, True)
+        run("ceiling_b", "the seed ceiling of B", b, cb, groups, True)
     if cfg.null and not single:
         perm = shifted_within_documents(units, cfg.seed)
-        run("null", "the within-document null", a, b[perm], None, groups, False)
+        run("null", "the within-document null", a, b[perm], groups, False)
     if cfg.null:
         if single:
             ra, rb = other_document(units, cfg.seed)
         else:
             ra, rb = across_documents(units, seed=cfg.seed)
         if len(ra) >= 2 * cfg.min_fires:
-            run("across", "the across-document null", a[ra], b[rb], None, groups[ra], False)
+            run("across", "the across-document null", a[ra], b[rb], groups[ra], False)
     heldout = np.flatnonzero(units.doc >= inp.n_train_docs)
     if len(heldout) >= 2 * cfg.min_fires:
-        run("heldout", "the held-out check", a[heldout], b[heldout], None, groups[heldout], False)
+        run("heldout", "the held-out check", a[heldout], b[heldout], groups[heldout], False)
     return {"units": units, "runs": runs, "settings": s, "a": a, "b": b}
 
 
@@ -400,10 +402,9 @@ class Scale:
                 row["normalised"] = [lo, hi]
             out["intervals"][key] = row
         if set(SCALE) <= self.runs.keys():
-            out["normalised_curve"] = normalised_curve(
-                [self.best(r, crossfit)[0][keep] for r in SCALE], [loo[r] for r in SCALE], fires,
-                self.s,
-            )  # fmt: skip
+            bests = [self.best(r, crossfit)[0][keep] for r in SCALE]
+            left_out = [loo[r] for r in SCALE]
+            out["normalised_curve"] = normalised_curve(bests, left_out, fires, self.s)
         return out
 
 
@@ -608,13 +609,15 @@ def families_table(runs: dict[str, Measurement], inp: PairInputs) -> pa.Table:
             rows["head"].append(head)
             rows["members"].append(members.astype(np.int32))
             rows["member_r"].append(r_of_other[members])
-    return pa.table({
-        "head_side": pa.array(rows["head_side"], pa.string()),
-        "head_model": pa.array(rows["head_model"], pa.string()),
-        "head": pa.array(rows["head"], pa.int32()),
-        "members": pa.array(rows["members"], pa.list_(pa.int32())),
-        "member_r": pa.array(rows["member_r"], pa.list_(pa.float64())),
-    })  # fmt: skip
+    return pa.table(
+        {
+            "head_side": pa.array(rows["head_side"], pa.string()),
+            "head_model": pa.array(rows["head_model"], pa.string()),
+            "head": pa.array(rows["head"], pa.int32()),
+            "members": pa.array(rows["members"], pa.list_(pa.int32())),
+            "member_r": pa.array(rows["member_r"], pa.list_(pa.float64())),
+        }
+    )
 
 
 def by_topic(inp: PairInputs, runs: dict[str, Measurement], s: Settings) -> dict[str, Any]:

@@ -82,7 +82,7 @@ def _machine_key() -> str:
 
 RATE_ROUNDS = 4
 """Alternating measurements of each dtype in cpu_bf16_measured: a burst of work from a
-neighbour on a shared machine once made float32 read 86 GFLOP/s against its usual 259 (and
+neighbour on a shared machine once made float32 read far below its usual rate (and
 bfloat16 look fast) when each dtype was measured once, one after the other."""
 
 
@@ -103,10 +103,11 @@ def cpu_bf16_measured() -> bool:
     """Whether this CPU's bfloat16 products beat float32 by BF16_MARGIN, measured once per
     machine (CPU model, flags, torch version) and remembered in the samesheep cache
     folder (machine.json). The flags alone do not tell: on an Intel Xeon with avx512_bf16
-    and no AMX, 2048^2 products ran at 144 GFLOP/s in bfloat16 and 259 in float32 (AMD EPYC
-    with avx512_bf16: 393 against 159). Remembered, not measured each run, because the
-    resolved dtype keys checkpoints and SAEs: a noisy measurement must not flip it and start
-    training over. Delete machine.json to measure again."""
+    and no AMX, bfloat16 products ran slower than float32's (measured: see
+    benchmarks/RESULTS.md, 'Intel Xeon with avx512_bf16 but slow bfloat16'). Remembered,
+    not measured each run, because the resolved dtype keys checkpoints and SAEs: a noisy
+    measurement must not flip it and start training over. Delete machine.json to measure
+    again."""
     path = cache_dir() / "machine.json"
     key = _machine_key()
     try:
@@ -179,8 +180,9 @@ def matmul_rate(
 ) -> MatmulRate:
     """Measured GFLOP/s of an n x n matrix product in `dtype` (best of up to five runs).
     The size grows from 256 to n while one product takes under a fiftieth of budget_s, so
-    a dtype the hardware runs slowly (bfloat16 on a CPU with only AVX2 runs single-threaded:
-    minutes for 2048^2) is measured on a smaller product, in about budget_s in all."""
+    a dtype the hardware runs slowly (bfloat16 on a CPU with only AVX2 runs single-threaded;
+    measured: see benchmarks/RESULTS.md, 'Features stage, 2026-11-30') is measured on a
+    smaller product, in about budget_s in all."""
     device = device or torch.device("cpu")
 
     def once(a: torch.Tensor, b: torch.Tensor) -> float:

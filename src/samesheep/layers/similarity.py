@@ -352,7 +352,7 @@ def _mean_canonical(m: np.ndarray) -> float:
     """Mean canonical correlation of two orthonormal bases qa, qb from m = qa'qb: the mean
     singular value of m, as square roots of the eigenvalues of the smaller Gram matrix (a
     fraction of an SVD's time). numpy's LAPACK, not scipy's: scipy brings a second BLAS
-    whose threads, alternating with numpy's, spun against them and made this 8x slower."""
+    whose threads, alternating with numpy's, spun against them and made this far slower."""
     m = m.astype(np.float64)
     gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
     return float(np.sqrt(np.clip(np.linalg.eigvalsh(gram), 0.0, 1.0)).mean())
@@ -516,12 +516,8 @@ def pairing_crosses(
                 for layer in range(source.shape[1]):
                     np.take(source[v, layer], at, out=moved[v, layer])
             moved *= grams.weight
-        out.append(
-            np.stack([
-                _products(moved[v], still[v]) if move_a else _products(still[v], moved[v])
-                for v in range(len(CKA_VIEWS))
-            ])
-        )  # fmt: skip
+        xa, xb = (moved, still) if move_a else (still, moved)
+        out.append(np.stack([_products(xa[v], xb[v]) for v in range(len(CKA_VIEWS))]))
     return out
 
 
@@ -546,8 +542,8 @@ def cka_from_crosses(
     hsic = (cross[CKA_VIEWS.index("raw")] - dot + sums - 2.0 * dot / (n - 2)) / (n * (n - 3))
     hsic_a, hsic_b = np.array([p.self_hsic for p in pa]), np.array([p.self_hsic for p in pb])
     out = {"cka_unbiased": _ratios(hsic, hsic_a[:, None], hsic_b[None])}
-    for metric, name in (("cka", "raw"), ("cka_standardized", "standardized"),
-                         ("cka_trimmed", "trimmed")):  # fmt: skip
+    of_view = (("cka", "raw"), ("cka_standardized", "standardized"), ("cka_trimmed", "trimmed"))
+    for metric, name in of_view:
         v = CKA_VIEWS.index(name)
         out[metric] = _ratios(cross[v], sa[v][:, None], sb[v][None])
     return {metric: out[metric] for metric in CKA_METRICS}
@@ -695,8 +691,8 @@ class Groups:
         others are set to zero, which takes them out of every product and sum, and keeps the
         shape, so the pairing's group products can be masked instead of copied out."""
         keep = np.asarray(columns, dtype=bool)
-        g = Groups(self.x * keep.astype(self.x.dtype), self.bounds, self.sums * keep,
-                   self.counts, (np.zeros(0), np.zeros(0)))  # fmt: skip
+        x, sums = self.x * keep.astype(self.x.dtype), self.sums * keep
+        g = Groups(x, self.bounds, sums, self.counts, (np.zeros(0), np.zeros(0)))
         g.self_terms = _group_terms(g, g)
         return g
 
@@ -784,10 +780,12 @@ def subset_crosses(
     ub = np.stack([g.x @ g.sums.T for g in right])  # [L2, n, G]
     # T[a, b, g, h, l] = sum over i in g of (a_i . sa_h)(b_i . sb_l)
     t = np.stack(
-        [np.einsum("aih,bil->abhl", ua[:, lo:hi], ub[:, lo:hi], optimize=True)
-         for lo, hi in itertools.pairwise(left[0].bounds)],
+        [
+            np.einsum("aih,bil->abhl", ua[:, lo:hi], ub[:, lo:hi], optimize=True)
+            for lo, hi in itertools.pairwise(left[0].bounds)
+        ],
         axis=2,
-    )  # fmt: skip
+    )
     l1, l2 = t.shape[:2]
     plain = np.einsum("sg,abgh,sh->sab", w, m, w, optimize=True)
     w3 = np.einsum("sg,sh,sl->sghl", w, w, w).reshape(len(w), -1)

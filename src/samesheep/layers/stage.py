@@ -117,15 +117,15 @@ def sample_units(
     keep_a: np.ndarray,
     keep_b: np.ndarray,
     lengths: np.ndarray,
-    after_break: int,
-    units: int,
+    cfg: Config,
 ) -> Units:
-    """The first `units` aligned units of the two samples (all of them where there are
-    fewer), in document order."""
+    """The first cfg.representations.units aligned units of the two samples (all of them
+    where there are fewer), in document order, aligned as the compare stage aligns them
+    (cfg.compare.after_break)."""
     rows_a = TokenRows.of_tables([(a.tokens, keep_a, 0)])
     rows_b = TokenRows.of_tables([(b.tokens, keep_b, 0)])
-    aligned = align(rows_a, rows_b, lengths, after_break)
-    return aligned.take(np.arange(min(units, len(aligned))))
+    aligned = align(rows_a, rows_b, lengths, cfg.compare.after_break)
+    return aligned.take(np.arange(min(cfg.representations.units, len(aligned))))
 
 
 def _states(sample: LayerSample, rows: np.ndarray) -> list[np.ndarray]:
@@ -160,8 +160,11 @@ def metric_matrices(
         for name, v in cka_from_crosses(left, right, cross, perm).items():
             out.setdefault(name, np.full(shape, np.nan))[p] = v[:la, :lb]
             if p == 0 and floor:
-                floors[name] = {"a_to_b": v[:la, lb:], "b_to_a": v[la:, :lb],
-                                "random_pair": v[la:, lb:]}  # fmt: skip
+                floors[name] = {
+                    "a_to_b": v[:la, lb:],
+                    "b_to_a": v[la:, :lb],
+                    "random_pair": v[la:, lb:],
+                }
         if copies is not None:
             for name, v in input_debiased_matrices(cross, (la, lb), selves, copies).items():
                 out.setdefault(name, np.full(shape, np.nan))[p] = v
@@ -282,8 +285,10 @@ def subset_matrices(
     la, lb = len(pa_), len(pb)
     n_groups = int(np.max(groups)) + 1
     raw = ([Groups.of(p.x, groups) for p in left], [Groups.of(p.x, groups) for p in right])
-    trim = tuple([g.select(p.kept) for g, p in zip(gs, ps, strict=True)]
-                 for gs, ps in zip(raw, (left, right), strict=True))  # fmt: skip
+    trim = tuple(
+        [g.select(p.kept) for g, p in zip(gs, ps, strict=True)]
+        for gs, ps in zip(raw, (left, right), strict=True)
+    )
     views = {"raw": raw, "trimmed": trim}
     if grams is not None:
         ms = {view: group_blocks(grams, view, groups) for view in views}
@@ -318,9 +323,8 @@ def subset_matrices(
         debiased = input_debiased_blocks(
             cross, (la, lb), (sl, sr), (copies["a"][view], copies["b"][view])
         )
-        out["cka_input_debiased" if view == "raw" else "cka_trimmed_input_debiased"] = (
-            debiased, debiased
-        )  # fmt: skip
+        debiased_metric = "cka_input_debiased" if view == "raw" else "cka_trimmed_input_debiased"
+        out[debiased_metric] = (debiased, debiased)
     return out
 
 
@@ -430,8 +434,10 @@ def corrected(m: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
-TABLE_COLUMNS = ("value", "null_mean", "null_sd", "null_max", "threshold", "floor_a_to_b",
-                 "floor_b_to_a", "random_pair", "corrected")  # fmt: skip
+TABLE_COLUMNS = (
+    *("value", "null_mean", "null_sd", "null_max", "threshold"),
+    *("floor_a_to_b", "floor_b_to_a", "random_pair", "corrected"),
+)
 """The per-cell numbers of layers.parquet, besides the layers, depths, metric and verdicts."""
 
 
@@ -479,9 +485,7 @@ def _sides(
                 )
             keep &= sample_keep(rand, cfg)
     lengths = heldout_lengths(cfg, int(a.manifest["documents"]))
-    units = sample_units(
-        a, b, keep_a, keep_b, lengths, cfg.compare.after_break, cfg.representations.units
-    )
+    units = sample_units(a, b, keep_a, keep_b, lengths, cfg)
     return SampleSides(a, b, units)
 
 

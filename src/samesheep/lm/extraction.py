@@ -214,19 +214,38 @@ def pad_id(tokenizer: Any) -> int:
     return pad if pad is not None else (tokenizer.eos_token_id or 0)
 
 
+@dataclass(frozen=True)
+class ModelJob:
+    """One model's work in a run: the model, the corpus it reads, the folder it writes to,
+    and the corpus's hash (recorded in what it writes, and part of its key)."""
+
+    source: str
+    corpus_dir: Path
+    model_dir: Path
+    corpus_hash: str
+    trust_remote_code: bool = False
+    seed: int = 0  # of the weights, for a random-weights copy
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """What every split of one model's extraction shares: the loaded model, the store
+    writers (one per layer), the token ids put before every window, the settings, and the
+    device the model runs on."""
+
+    lm: LoadedModel
+    writers: dict[int, StoreWriter]
+    prefix: list[int]
+    cfg: ExtractConfig
+    device: torch.device
+
+
 def extract_model(
-    source: str,
-    layer_specs: list[Any],
-    corpus_dir: Path,
-    model_dir: Path,
-    cfg: ExtractConfig,
-    corpus_hash: str,
-    trust_remote_code: bool = False,
-    seed: int = 0,
-    lm: LoadedModel | None = None,
+    job: ModelJob, layer_specs: list[Any], cfg: ExtractConfig, lm: LoadedModel | None = None
 ) -> dict[str, Any]:
     """Extract one model's activations at the given layers for every corpus split;
     resumes from complete shards and does nothing when inputs and settings are unchanged."""
+    source, model_dir, corpus_hash = job.source, job.model_dir, job.corpus_hash
     device = choose_device(cfg.device)
     dtype = choose_dtype(cfg.dtype, device)
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("threads", "device")}
@@ -234,7 +253,8 @@ def extract_model(
     def keys() -> tuple[str, str]:
         """(the key of this extraction, the key each layer's store adds its layer to)."""
         where = (dtype_name(dtype), device.type)
-        base = settings_hash(STORE_VERSION, corpus_hash, fingerprint(source, seed), settings, where)
+        model = fingerprint(source, job.seed)
+        base = settings_hash(STORE_VERSION, corpus_hash, model, settings, where)
         return settings_hash(base, [str(s) for s in layer_specs]), base
 
     state_path = model_dir / "extract.json"
@@ -249,7 +269,7 @@ def extract_model(
 
     set_threads(cfg.threads)
     if lm is None:  # a caller may pass the model it already loaded (same source and dtype)
-        lm = load_model(source, dtype, device, trust_remote_code, seed)
+        lm = load_model(source, dtype, device, job.trust_remote_code, job.seed)
     key, base = keys()  # again: a hub model's revision is known once it is downloaded
     layers = sorted({resolve_layer(s, lm.n_layers) for s in layer_specs})
     prefix = bos_prefix(lm.tokenizer, cfg.add_bos)
@@ -274,13 +294,12 @@ def extract_model(
         for L in layers
     }
     write_json(state_path, {"key": key, "model": source, "layers": layers, "complete": False})
+    work = _Pass(lm, writers, prefix, cfg, device)
     totals: dict[str, dict[str, int]] = {"tokens": {}, "documents": {}}
     for split in SPLITS:
-        path = corpus_dir / f"{split}.jsonl"
+        path = job.corpus_dir / f"{split}.jsonl"
         totals["documents"][split] = count_lines(path)
-        totals["tokens"][split] = _extract_split(
-            lm, writers, split, path, totals["documents"][split], prefix, cfg, device
-        )
+        totals["tokens"][split] = _extract_split(work, split, path, totals["documents"][split])
     for w in writers.values():
         w.finish(**totals)
     state = {"key": key, "model": source, "layers": layers, "complete": True, **totals}
@@ -288,31 +307,23 @@ def extract_model(
     return {**state, "skipped": False}
 
 
-def _extract_split(
-    lm: LoadedModel,
-    writers: dict[int, StoreWriter],
-    split: str,
-    path: Path,
-    n_docs: int,
-    prefix: list[int],
-    cfg: ExtractConfig,
-    device: torch.device,
-) -> int:
+def _extract_split(work: _Pass, split: str, path: Path, n_docs: int) -> int:
     """Write one corpus split's shards for every layer still missing them; return the
     split's token count (special tokens included)."""
+    lm, writers, cfg = work.lm, work.writers, work.cfg
     tokens = 0
     with progress() as bar:
         task = bar.add_task(f"{lm.source} {split}", total=n_docs, rate="")
         clock = _Clock()
         docs = read_documents(path) if n_docs else []
-        groups = shard_groups(docs, lm.tokenizer, prefix, cfg.context_length, cfg.shard_tokens)
+        groups = shard_groups(docs, lm.tokenizer, work.prefix, cfg.context_length, cfg.shard_tokens)
         for index, (first, end, windows) in enumerate(groups):
             name = f"{split}-{index:05d}"
             n = sum(len(w.ids) for w in windows)
             tokens += n
             todo = [L for L, w in writers.items() if not w.has(name)]
             if todo:
-                acts = forward_windows(lm, todo, windows, cfg.batch_tokens, device)
+                acts = forward_windows(lm, todo, windows, cfg.batch_tokens, work.device)
                 for L in todo:
                     where = f"{writers[L].folder}/{name}"
                     stored = to_store_dtype(acts[L], cfg.store_dtype, where)

@@ -28,7 +28,7 @@ from ..core.errors import SamesheepError
 from ..core.files import atomic_path, read_json
 from ..data.corpus import Document, read_documents
 from ..data.store import TokenFilter, to_store_dtype
-from .extraction import bos_prefix, forward_windows, token_table, windows_of
+from .extraction import ModelJob, bos_prefix, forward_windows, token_table, windows_of
 from .models import LoadedModel, fingerprint, load_model
 
 SAMPLE_VERSION = 1
@@ -72,31 +72,26 @@ def sample_current(model_dir: Path, key: str) -> bool:
 
 
 def extract_layer_sample(
-    source: str,
-    corpus_dir: Path,
-    model_dir: Path,
-    cfg: ExtractConfig,
-    units: int,
-    corpus_hash: str,
-    trust_remote_code: bool = False,
-    seed: int = 0,
+    job: ModelJob, cfg: ExtractConfig, units: int
 ) -> tuple[dict[str, Any], LoadedModel | None]:
     """Write the model's layer sample (every block's output on the sample documents), unless
     it is already complete with these settings. Returns (its manifest, with "skipped"; the
     model it loaded, for the caller to reuse, or None where it loaded none)."""
-    key = sample_key(source, cfg, units, corpus_hash, seed)
-    folder = Path(model_dir) / FOLDER
-    if sample_current(model_dir, key):
+    source, corpus_hash = job.source, job.corpus_hash
+    key = sample_key(source, cfg, units, corpus_hash, job.seed)
+    folder = Path(job.model_dir) / FOLDER
+    if sample_current(job.model_dir, key):
         return {**read_json(folder / MANIFEST), "skipped": True}, None
-    docs = sample_documents(corpus_dir, units)
+    docs = sample_documents(job.corpus_dir, units)
     if not docs:
         raise SamesheepError(
-            f"the corpus in {corpus_dir} has no held-out documents for the layer sample: "
+            f"the corpus in {job.corpus_dir} has no held-out documents for the layer sample: "
             "set corpus.heldout_tokens above 0 (or representations.enabled = false)"
         )
     device = choose_device(cfg.device)
     set_threads(cfg.threads)
-    lm = load_model(source, choose_dtype(cfg.dtype, device), device, trust_remote_code, seed)
+    dtype = choose_dtype(cfg.dtype, device)
+    lm = load_model(source, dtype, device, job.trust_remote_code, job.seed)
     windows = windows_of(
         docs, lm.tokenizer, bos_prefix(lm.tokenizer, cfg.add_bos), cfg.context_length
     )

@@ -314,9 +314,10 @@ def _tokenizer_at(where: str, source: str, trust_remote_code: bool) -> Any:
 
 @functools.lru_cache(maxsize=8)
 def _cached_tokenizer(where: str, trust_remote_code: bool) -> Any:
-    """A tokenizer loaded once per process: Gemma's 262k-token one takes about 3 s, and a
-    default run asks for it in most stages, for the model and for its random-weights copy.
-    (A failed load is not cached.)"""
+    """A tokenizer loaded once per process: Gemma's 262k-token one is slow to load
+    (measured: see benchmarks/RESULTS.md, `benchmarks/load_cache.py`), and a default run
+    asks for it in most stages, for the model and for its random-weights copy. (A failed
+    load is not cached.)"""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)

@@ -13,7 +13,7 @@ from ..core.plan import run_sources, sampling_layers
 from ..core.progress import say
 from ..core.rundir import corpus_dir, model_dir, prepare_run_dir, record_config
 from ..data.corpus import build_corpus
-from .extraction import extract_model
+from .extraction import ModelJob, extract_model
 from .layer_sample import extract_layer_sample
 from .models import load_tokenizer, model_depth, resolve_layer
 
@@ -59,17 +59,11 @@ def extract_stage(cfg: Config) -> dict[str, dict[str, Any]]:
     corpus = _sample_corpus(cfg, run)
     results = {}
     for source in run_sources(cfg):
-        lm = _layer_sample(cfg, source, run, corpus["hash"])
-        result = extract_model(
-            source,
-            cfg.layers,
-            corpus_dir(run),
-            model_dir(run, source),
-            cfg.extract,
-            corpus["hash"],
-            cfg.trust_remote_code,
-            lm=lm,
+        job = ModelJob(
+            source, corpus_dir(run), model_dir(run, source), corpus["hash"], cfg.trust_remote_code
         )
+        lm = _layer_sample(cfg, job)
+        result = extract_model(job, cfg.layers, cfg.extract, lm=lm)
         verb = "unchanged, skipped" if result["skipped"] else "extracted"
         toks = result["tokens"]
         say(
@@ -81,18 +75,15 @@ def extract_stage(cfg: Config) -> dict[str, dict[str, Any]]:
     return results
 
 
-def _layer_sample(cfg: Config, source: str, run: Path, corpus_hash: str) -> Any:
+def _layer_sample(cfg: Config, job: ModelJob) -> Any:
     """Make the model's layer sample where the run needs one; returns the model if it had
     to be loaded for it (the extraction then reuses it), else None."""
     if not sampling_layers(cfg):
         return None
-    m, lm = extract_layer_sample(
-        source, corpus_dir(run), model_dir(run, source), cfg.extract,
-        cfg.representations.units, corpus_hash, cfg.trust_remote_code,
-    )  # fmt: skip
+    m, lm = extract_layer_sample(job, cfg.extract, cfg.representations.units)
     if m["skipped"]:
-        say(f"{source}: layer sample unchanged, skipped")
+        say(f"{job.source}: layer sample unchanged, skipped")
     else:
-        say(f"{source}: layer sample of {m['n_layers']} layers on {m['tokens']:,} held-out tokens")
+        size = f"{m['n_layers']} layers on {m['tokens']:,} held-out tokens"
+        say(f"{job.source}: layer sample of {size}")
     return lm
-
