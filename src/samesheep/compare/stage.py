@@ -123,9 +123,7 @@ class SideReader:
         tokens = token_filter(store, cfg.train)
         sae = load_sae(sae_dir(folder, sae_name), device=self.device, d_in=store.d_model)
         key = codes_key(cfg, sae_key, store, self.dtype)
-        label = f"{source} layer {layer} codes" + (
-            "" if sae_name == MAIN_SAE else f" ({sae_name})"
-        )
+        label = f"{source} layer {layer} codes" + ("" if sae_name == MAIN_SAE else f" ({sae_name})")
         encoding = Encoding(self.device, self.dtype, cfg.features.batch_tokens, label)
         chunks = stream_codes(sae, store, tokens, codes_dir(folder, sae_name), key, encoding)
         codes = concat_codes([c.codes for c in chunks])
@@ -290,4 +288,3 @@ def _compare_pair(cfg: Config, inp: Any, out: Path, key: str) -> dict[str, Any]:
     summary = mark_done(out / SUMMARY, summary, [out / name for name in tables])
     say(summary["answer"])
     return summary
-
