@@ -35,6 +35,13 @@ def make_docs(n: int, length: int = 10) -> list[Document]:
     return [Document(f"d{i}", " ".join(f"w{i}" for _ in range(length))) for i in range(n)]
 
 
+def budgets(max_tokens: int, max_docs: int, heldout_tokens: int, seed: int) -> CorpusConfig:
+    """The corpus settings sample() reads."""
+    return CorpusConfig(
+        max_tokens=max_tokens, max_docs=max_docs, heldout_tokens=heldout_tokens, seed=seed
+    )
+
+
 # ---------------------------------------------------------------- shipped wiki
 
 
@@ -350,40 +357,46 @@ def test_parquet_not_parquet(tmp_path):
 
 def test_sample_deterministic_and_order_of_calls_irrelevant():
     docs = make_docs(300)
-    a = sample(docs, words, max_tokens=500, max_docs=0, heldout_tokens=200, seed=3)
-    b = sample(list(docs), words, max_tokens=500, max_docs=0, heldout_tokens=200, seed=3)
+    a = sample(docs, words, budgets(max_tokens=500, max_docs=0, heldout_tokens=200, seed=3))
+    b = sample(list(docs), words, budgets(max_tokens=500, max_docs=0, heldout_tokens=200, seed=3))
     assert a == b
-    c = sample(docs, words, max_tokens=500, max_docs=0, heldout_tokens=200, seed=4)
+    c = sample(docs, words, budgets(max_tokens=500, max_docs=0, heldout_tokens=200, seed=4))
     assert [d.id for d in c[1]] != [d.id for d in a[1]]
 
 
 def test_sample_pinned_order():
     # random.Random(seed).shuffle is the same on every machine; pin it so a change shows.
-    heldout, train = sample(make_docs(10), words, 0, 3, 0, seed=0)
+    heldout, train = sample(make_docs(10), words, budgets(0, 3, 0, seed=0))
     assert heldout == []
     assert [d.id for d in train] == ["d7", "d8", "d1"]
 
 
 def test_sample_budgets_are_crossed_once():
     docs = [Document(f"d{i}", " ".join(["w"] * (1 + i % 7))) for i in range(400)]
-    heldout, train = sample(docs, words, max_tokens=300, max_docs=0, heldout_tokens=100, seed=1)
+    heldout, train = sample(
+        docs, words, budgets(max_tokens=300, max_docs=0, heldout_tokens=100, seed=1)
+    )
     held_counts = words([d.text for d in heldout])
     train_counts = words([d.text for d in train])
     assert sum(held_counts) >= 100 and sum(held_counts) - held_counts[-1] < 100
     assert sum(train_counts) >= 300 and sum(train_counts) - train_counts[-1] < 300
     assert not {d.id for d in heldout} & {d.id for d in train}
     # the held-out documents come first in the seeded order, so training never changes them
-    heldout2, _ = sample(docs, words, max_tokens=50, max_docs=0, heldout_tokens=100, seed=1)
+    heldout2, _ = sample(
+        docs, words, budgets(max_tokens=50, max_docs=0, heldout_tokens=100, seed=1)
+    )
     assert heldout2 == heldout
 
 
 def test_sample_max_docs_and_no_limit():
     docs = make_docs(50)
-    _, train = sample(docs, words, max_tokens=0, max_docs=7, heldout_tokens=0, seed=0)
+    _, train = sample(docs, words, budgets(max_tokens=0, max_docs=7, heldout_tokens=0, seed=0))
     assert len(train) == 7
-    _, train = sample(docs, words, max_tokens=35, max_docs=100, heldout_tokens=0, seed=0)
+    _, train = sample(docs, words, budgets(max_tokens=35, max_docs=100, heldout_tokens=0, seed=0))
     assert len(train) == 4  # 10 tokens each: the token budget stops first
-    heldout, train = sample(docs, words, max_tokens=0, max_docs=0, heldout_tokens=25, seed=0)
+    heldout, train = sample(
+        docs, words, budgets(max_tokens=0, max_docs=0, heldout_tokens=25, seed=0)
+    )
     assert len(heldout) == 3 and len(train) == 47
     assert sorted(d.id for d in heldout + train) == sorted(d.id for d in docs)
 
@@ -395,34 +408,34 @@ def test_sample_counts_lazily():
         seen.extend(texts)
         return words(texts)
 
-    sample(make_docs(2000), counting, max_tokens=30, max_docs=0, heldout_tokens=10, seed=0)
+    sample(make_docs(2000), counting, budgets(max_tokens=30, max_docs=0, heldout_tokens=10, seed=0))
     assert len(seen) == corpus.COUNT_BATCH
 
 
 def test_sample_drops_empty_texts():
     docs = [Document("a", "  "), Document("b", "real text"), Document("c", "")]
-    _, train = sample(docs, words, 0, 0, 0, seed=0)
+    _, train = sample(docs, words, budgets(0, 0, 0, seed=0))
     assert [d.id for d in train] == ["b"]
 
 
 @pytest.mark.parametrize("docs", [[], [Document("a", " \n "), Document("b", "")]])
 def test_sample_no_usable_text(docs):
     with pytest.raises(SamesheepError, match="no usable text"):
-        sample(docs, words, 10, 0, 0, seed=0, name="my.txt")
+        sample(docs, words, budgets(10, 0, 0, seed=0), name="my.txt")
 
 
 def test_sample_heldout_takes_everything():
     with pytest.raises(SamesheepError, match="heldout_tokens"):
-        sample(make_docs(3), words, 10, 0, 1000, seed=0)
+        sample(make_docs(3), words, budgets(10, 0, 1000, seed=0))
 
 
 def test_sample_duplicate_ids():
     with pytest.raises(SamesheepError, match="'a'"):
-        sample([Document("a", "x"), Document("a", "y")], words, 0, 0, 0, seed=0)
+        sample([Document("a", "x"), Document("a", "y")], words, budgets(0, 0, 0, seed=0))
 
 
 def test_sample_wiki_default_budget(wiki_en):
-    heldout, train = sample(wiki_en, words, 120_000, 0, 20_000, seed=0)
+    heldout, train = sample(wiki_en, words, budgets(120_000, 0, 20_000, seed=0))
     assert 120_000 <= sum(words([d.text for d in train])) < 120_000 + 1_000
     assert 20_000 <= sum(words([d.text for d in heldout])) < 20_000 + 1_000
     assert len({d.meta["topic"] for d in train}) == 12  # a shuffle, not the alphabetical front
@@ -476,7 +489,7 @@ def test_build_corpus_round_trip_and_reuse(tmp_path):
     assert load_corpus_manifest(out) == {k: v for k, v in m.items() if k != "skipped"}
     train = list(read_documents(out / "train.jsonl"))
     heldout = list(read_documents(out / "heldout.jsonl"))
-    expected = sample(iter_source(str(src)), words, 50, 0, 20, seed=5)
+    expected = sample(iter_source(str(src)), words, budgets(50, 0, 20, seed=5))
     assert (heldout, train) == expected
 
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}

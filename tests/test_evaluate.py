@@ -18,6 +18,7 @@ from samesheep.lm.extraction import Window, bos_prefix, windows_of
 from samesheep.lm.models import capture, decoder_blocks, load_model
 from samesheep.sae.evaluation import (
     ReconstructionStats,
+    SpliceSettings,
     _with_hidden,
     batch_tensors,
     reconstruction_metrics,
@@ -263,9 +264,8 @@ def random_sae(d: int = 32, seed: int = 0) -> Sae:
 
 def run(lm, sae, docs, layer=1, context_length=24, batch_tokens=96, prefix=None, tokens=None):
     prefix = bos_prefix(lm.tokenizer, "auto") if prefix is None else prefix
-    return spliced_metrics(
-        lm, layer, sae, docs, prefix, context_length, batch_tokens, "cpu", token_filter=tokens
-    )
+    settings = SpliceSettings(prefix, context_length, batch_tokens, token_filter=tokens)
+    return spliced_metrics(lm, layer, sae, docs, settings, "cpu")
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -26,6 +26,7 @@ from samesheep.sae.model import (
     AUXK_K,
     AUXK_SHARE,
     BATCHTOPK_CAP,
+    EncodeSettings,
     Sae,
     SaeConfig,
     StepSettings,
@@ -258,7 +259,8 @@ def test_topk_encoder_gradient_equals_dense_autograd():
     with torch.no_grad():
         sae.b_enc.normal_()
     x, w = torch.randn(40, 16), torch.randn(40, 5)
-    vals, idx = TopKEncode.apply(x, sae.b_dec, sae.W_enc, sae.b_enc, 5, torch.float32, 16)
+    how = EncodeSettings(torch.float32, k=5, chunk=16)
+    vals, idx = TopKEncode.apply(x, sae.b_dec, sae.W_enc, sae.b_enc, how)
     params = [sae.W_enc, sae.b_enc, sae.b_dec]
     fast = torch.autograd.grad((vals * w).sum(), params)
     dense = F.linear(x - sae.b_dec, sae.W_enc, sae.b_enc).gather(1, idx).relu()

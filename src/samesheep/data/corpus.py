@@ -312,15 +312,15 @@ def _counted(docs: Iterable[Document], count_tokens: CountTokens) -> Iterator[tu
 def _sample(
     docs: Iterable[Document],
     count_tokens: CountTokens,
-    max_tokens: int,
-    max_docs: int,
-    heldout_tokens: int,
-    seed: int,
+    cfg: CorpusConfig,
     name: str,
     streamed: bool = False,
 ) -> tuple[list[Document], list[Document], int, int]:
     """Local sources: an exact seeded shuffle of all documents. Streamed sources come
-    already shuffled and are read only until the budgets are met."""
+    already shuffled and are read only until the budgets are met. Of `cfg`, only the budgets
+    and the seed are read; `name` names the source in errors."""
+    max_tokens, max_docs = cfg.max_tokens, cfg.max_docs
+    heldout_tokens, seed = cfg.heldout_tokens, cfg.seed
     for key, value in [
         ("max_tokens", max_tokens),
         ("max_docs", max_docs),
@@ -379,17 +379,14 @@ def _check_unique_ids(docs: Iterable[Document], name: str) -> None:
 def sample(
     docs: Iterable[Document],
     count_tokens: CountTokens,
-    max_tokens: int,
-    max_docs: int,
-    heldout_tokens: int,
-    seed: int,
+    cfg: CorpusConfig,
     *,
     name: str = "source",
 ) -> tuple[list[Document], list[Document]]:
-    """Seeded split into (held-out, training) documents, each filled until its budget is crossed."""
-    heldout, train, _, _ = _sample(
-        docs, count_tokens, max_tokens, max_docs, heldout_tokens, seed, name
-    )
+    """Seeded split into (held-out, training) documents, each filled until its budget is
+    crossed (cfg's max_tokens, max_docs and heldout_tokens) in the order `cfg.seed` shuffles
+    them; `name` names the documents in errors (cfg's source is not read)."""
+    heldout, train, _, _ = _sample(docs, count_tokens, cfg, name)
     return heldout, train
 
 
@@ -458,15 +455,9 @@ def build_corpus(
 
     # Sample first: bad input raises before a good old corpus is touched.
     streamed = _parse_source(cfg.source)[0] == "hf"
+    docs = iter_source(cfg.source, cfg.text_column, stream_seed=cfg.seed)
     heldout, train, heldout_count, train_count = _sample(
-        iter_source(cfg.source, cfg.text_column, stream_seed=cfg.seed),
-        count_tokens,
-        cfg.max_tokens,
-        cfg.max_docs,
-        cfg.heldout_tokens,
-        cfg.seed,
-        cfg.source,
-        streamed,
+        docs, count_tokens, cfg, cfg.source, streamed
     )
     # Then remove the old manifest: a half-rebuilt folder must never look complete.
     unmark(out_dir / MANIFEST)

@@ -101,10 +101,8 @@ def text_store(store: Store, unit: str, lengths: dict[str, list[int]]) -> Store:
         if table.num_rows:
             dtype = DTYPES[store.manifest["dtype"]]
             first, end = int(table["doc_index"][0].as_py()), int(table["doc_index"][-1].as_py())
-            writer.write(
-                f"{split}-00000", split, x.to(dtype), table.cast(TOKEN_SCHEMA),
-                doc_start=first, doc_end=end + 1,
-            )  # fmt: skip
+            name, vectors, tokens = f"{split}-00000", x.to(dtype), table.cast(TOKEN_SCHEMA)
+            writer.write(name, split, vectors, tokens, doc_start=first, doc_end=end + 1)
     writer.finish(**totals)
     return open_store(folder)
 

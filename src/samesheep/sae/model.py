@@ -77,7 +77,7 @@ class SaeConfig:
 class SparseCodes(NamedTuple):
     """The active latents of a batch of tokens, token by token (CSR layout)."""
 
-    values: Tensor  # [nnz] float32, all > 0
+    values: Tensor  # [nnz] float32, all > 0 (in training, jumprelu's also 0 in the band)
     latents: Tensor  # [nnz] int64: the latent of each value
     offsets: Tensor  # [tokens + 1] int64: token i holds entries offsets[i]:offsets[i + 1]
 
@@ -178,8 +178,9 @@ class Sae(nn.Module):
         q = pre.kthvalue(n - above, dim=0).values  # `above` tokens lie above it
         acts = torch.where(pre > q, pre if arch == "jumprelu" else pre - q, 0.0)
         # The encoder scaled so the first reconstruction has its least-squares size: from
-        # unit rows the active latents overshoot (FVU above 1 measured), and the first
-        # steps then push every pre-activation below its threshold.
+        # unit rows the active latents overshoot (FVU above 1), and the first steps then push
+        # every pre-activation below its threshold (measured: see benchmarks/RESULTS.md,
+        # 'Four SAE architectures').
         recon = acts @ self.W_dec
         alpha = float((recon * xc).sum() / recon.pow(2).sum().clamp_min(1e-12))
         alpha = min(max(alpha, 1e-3), 1e3)
@@ -329,6 +330,19 @@ def fvu_of(err: Tensor, x: Tensor) -> Tensor:
     return err.pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
 
 
+@dataclass(frozen=True)
+class EncodeSettings:
+    """How a training encoder selects its latents, besides the SAE's tensors: the dtype of
+    its matrix products, the latents per token (topk; on average, batchtopk), the width of
+    the threshold's straight-through kernel (jumprelu; 0 for relu) and the tokens encoded at
+    a time."""
+
+    dtype: torch.dtype = torch.float32
+    k: int = 32
+    bandwidth: float = 0.0
+    chunk: int = ENCODE_CHUNK
+
+
 class TopKEncode(torch.autograd.Function):
     """TopK selection whose backward pass touches only the k selected latents per token:
     the encoder's weight gradient is a sparse [d_sae, tokens] x dense [tokens, d_in] product
@@ -337,10 +351,13 @@ class TopKEncode(torch.autograd.Function):
     still in cache when top-k reads them, and the dense [tokens, d_sae] matrix never exists."""
 
     @staticmethod
-    def forward(ctx, x, b_dec, W_enc, b_enc, k: int, dtype: torch.dtype, chunk=ENCODE_CHUNK):
+    def forward(ctx, x, b_dec, W_enc, b_enc, s: EncodeSettings):
         xc = x - b_dec
+        dtype, k = s.dtype, s.k
         w, b = W_enc.to(dtype), b_enc.to(dtype)
-        parts = [F.linear(c.to(dtype), w, b).topk(k, dim=-1, sorted=False) for c in xc.split(chunk)]
+        parts = [
+            F.linear(c.to(dtype), w, b).topk(k, dim=-1, sorted=False) for c in xc.split(s.chunk)
+        ]
         vals = torch.cat([p.values for p in parts]).float().relu()
         idx = torch.cat([p.indices for p in parts])
         ctx.save_for_backward(xc, W_enc, idx, vals)
@@ -356,7 +373,7 @@ class TopKEncode(torch.autograd.Function):
         grad_w, grad_b, grad_b_dec = sparse_encoder_grads(
             xc, W_enc, rows, idx.reshape(-1), g.reshape(-1)
         )
-        return None, grad_b_dec, grad_w, grad_b, None, None, None
+        return None, grad_b_dec, grad_w, grad_b, None
 
 
 def sparse_encoder_grads(
@@ -389,15 +406,22 @@ class ThresholdEncode(torch.autograd.Function):
     Returns values [nnz] (the activation: the pre-activation above the threshold, else 0),
     latents [nnz], offsets [tokens + 1] and in_band [nnz] bool. The threshold's gradient is
     the straight-through estimator of Rajamanoharan et al. (2024) with a rectangle kernel:
-    d value / d theta = -(theta / bandwidth) on the entries in the band."""
+    d value / d theta = -(theta / bandwidth) on the entries in the band.
+
+    The forward pass takes no context (setup_context saves what the backward pass needs), so
+    it also returns what the backward pass reads besides the outputs: the centred inputs
+    x - b_dec [tokens, d_in] (callers ignore them). Gradients are not materialised: the
+    backward pass reads only that of the values, which the loss always has, and no zeros are
+    made for the other outputs."""
 
     @staticmethod
-    def forward(ctx, x, b_dec, W_enc, b_enc, theta, dtype: torch.dtype, bandwidth: float):
+    def forward(x, b_dec, W_enc, b_enc, theta, s: EncodeSettings):
         xc = x - b_dec
+        dtype = s.dtype
         w, b = W_enc.to(dtype), b_enc.to(dtype)
-        half = bandwidth / 2
+        half = s.bandwidth / 2
         vals, lats, counts, band = [], [], [], []
-        for c in xc.split(ENCODE_CHUNK):
+        for c in xc.split(s.chunk):
             pre = F.linear(c.to(dtype), w, b).float()
             keep = pre > theta
             near = (pre - theta).abs_() < half if half > 0 else None
@@ -412,10 +436,16 @@ class ThresholdEncode(torch.autograd.Function):
         values, latents, in_band = torch.cat(vals), torch.cat(lats), torch.cat(band)
         offsets = torch.zeros(x.shape[0] + 1, dtype=torch.long, device=x.device)
         offsets[1:] = torch.cat(counts).cumsum(0)
-        ctx.bandwidth = bandwidth
+        return values, latents, offsets, in_band, xc
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, _, W_enc, _, theta, s = inputs
+        values, latents, offsets, in_band, xc = output
+        ctx.bandwidth = s.bandwidth
         ctx.save_for_backward(xc, W_enc, theta, values, latents, offsets, in_band)
-        ctx.mark_non_differentiable(latents, offsets, in_band)
-        return values, latents, offsets, in_band
+        ctx.mark_non_differentiable(latents, offsets, in_band, xc)
+        ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, grad_values: Tensor, *_):
@@ -428,7 +458,7 @@ class ThresholdEncode(torch.autograd.Function):
             lat = latents[in_band]
             ste = -(theta[lat] / ctx.bandwidth) * grad_values[in_band]
             grad_theta = torch.zeros_like(theta).index_add_(0, lat, ste)
-        return None, grad_b_dec, grad_w, grad_b, grad_theta, None, None
+        return None, grad_b_dec, grad_w, grad_b, grad_theta, None
 
 
 class BandL0(torch.autograd.Function):
@@ -470,7 +500,8 @@ def _fired(d_sae: int, latents: Tensor, device: torch.device) -> Tensor:
 
 def topk_forward(sae: Sae, x: Tensor, s: StepSettings) -> ForwardOutput:
     """TopK: k latents per token, encoder and decoder both sparse in the backward pass."""
-    vals, idx = TopKEncode.apply(x, sae.b_dec, sae.W_enc, sae.b_enc, sae.cfg.k, s.dtype)
+    how = EncodeSettings(s.dtype, sae.cfg.k)
+    vals, idx = TopKEncode.apply(x, sae.b_dec, sae.W_enc, sae.b_enc, how)
     err = gather_decode(sae.W_dec, vals, idx) + sae.b_dec - x
     fvu = fvu_of(err, x)
     aux = auxk_loss(sae, x, err, s.dead, s.dtype)
@@ -489,11 +520,10 @@ def topk_forward(sae: Sae, x: Tensor, s: StepSettings) -> ForwardOutput:
 def batchtopk_forward(sae: Sae, x: Tensor, s: StepSettings) -> ForwardOutput:
     """BatchTopK: the k * tokens largest activations of the whole batch (among each token's
     BATCHTOPK_CAP * k largest), encoded and decoded sparsely, as TopK's."""
-    values, latents, offsets = BatchTopKEncode.apply(
-        x, sae.b_dec, sae.W_enc, sae.b_enc, sae.cfg.k, s.dtype
-    )
-    smallest = float(values.detach().min()) if values.numel() else None
-    return _sparse_output(sae, x, values, latents, offsets, s, threshold=smallest)
+    how = EncodeSettings(s.dtype, sae.cfg.k)
+    codes = SparseCodes(*BatchTopKEncode.apply(x, sae.b_dec, sae.W_enc, sae.b_enc, how))
+    smallest = float(codes.values.detach().min()) if codes.values.numel() else None
+    return _sparse_output(sae, x, codes, s, threshold=smallest)
 
 
 class BatchTopKEncode(torch.autograd.Function):
@@ -504,13 +534,13 @@ class BatchTopKEncode(torch.autograd.Function):
     [tokens + 1] (CSR, by token)."""
 
     @staticmethod
-    def forward(ctx, x, b_dec, W_enc, b_enc, k: int, dtype: torch.dtype):
+    def forward(ctx, x, b_dec, W_enc, b_enc, s: EncodeSettings):
         xc = x - b_dec
+        dtype, k = s.dtype, s.k
         n, cap = x.shape[0], min(W_enc.shape[0], BATCHTOPK_CAP * k)
         w, b = W_enc.to(dtype), b_enc.to(dtype)
         parts = [
-            F.linear(c.to(dtype), w, b).topk(cap, dim=-1, sorted=False)
-            for c in xc.split(ENCODE_CHUNK)
+            F.linear(c.to(dtype), w, b).topk(cap, dim=-1, sorted=False) for c in xc.split(s.chunk)
         ]
         vals = torch.cat([p.values for p in parts]).float()  # [n, cap]
         idx = torch.cat([p.indices for p in parts])
@@ -530,16 +560,21 @@ class BatchTopKEncode(torch.autograd.Function):
         xc, W_enc, latents, offsets = ctx.saved_tensors
         rows = csr_rows(offsets)
         grad_w, grad_b, grad_b_dec = sparse_encoder_grads(xc, W_enc, rows, latents, grad_values)
-        return None, grad_b_dec, grad_w, grad_b, None, None
+        return None, grad_b_dec, grad_w, grad_b, None
 
 
 def _sparse_output(
-    sae: Sae, x: Tensor, values: Tensor, latents: Tensor, offsets: Tensor, s: StepSettings,
-    penalty: Tensor | None = None, threshold: float | None = None,
-) -> ForwardOutput:  # fmt: skip
-    """The training output of sparse codes (CSR, by token): decoded, with the AuxK loss and,
-    where given, the sparsity penalty (jumprelu, relu) or the smallest kept value
-    (batchtopk)."""
+    sae: Sae,
+    x: Tensor,
+    codes: SparseCodes,
+    s: StepSettings,
+    penalty: Tensor | None = None,
+    threshold: float | None = None,
+) -> ForwardOutput:
+    """The training output of sparse codes (CSR, by token; values carry their gradient):
+    decoded, with the AuxK loss and, where given, the sparsity penalty (jumprelu, relu) or
+    the smallest kept value (batchtopk)."""
+    values, latents, offsets = codes
     err = gather_decode(sae.W_dec, values, latents, offsets) + sae.b_dec - x
     fvu = fvu_of(err, x)
     aux = auxk_loss(sae, x, err, s.dead, s.dtype)
@@ -563,24 +598,26 @@ def jumprelu_forward(sae: Sae, x: Tensor, s: StepSettings) -> ForwardOutput:
     straight-through estimator (Rajamanoharan et al. 2024); sparse entries only."""
     theta = sae.log_threshold.exp()
     eps = sae.cfg.bandwidth
-    values, latents, offsets, in_band = ThresholdEncode.apply(
-        x, sae.b_dec, sae.W_enc, sae.b_enc, theta, s.dtype, eps
+    how = EncodeSettings(s.dtype, bandwidth=eps)
+    values, latents, offsets, in_band, _ = ThresholdEncode.apply(
+        x, sae.b_dec, sae.W_enc, sae.b_enc, theta, how
     )
     band = torch.bincount(latents[in_band], minlength=sae.cfg.d_sae).float() / x.shape[0]
     l0 = float((values.detach() > 0).sum()) / x.shape[0]
     penalty = (BandL0.apply(theta, band, l0, eps) / s.target_l0 - 1).pow(2)
-    return _sparse_output(sae, x, values, latents, offsets, s, penalty)
+    return _sparse_output(sae, x, SparseCodes(values, latents, offsets), s, penalty)
 
 
 def relu_forward(sae: Sae, x: Tensor, s: StepSettings) -> ForwardOutput:
     """ReLU with an L1 penalty weighted by the decoder row norms; sparse entries only."""
     zero = sae.b_enc.new_zeros(()).detach()
-    values, latents, offsets, _ = ThresholdEncode.apply(
-        x, sae.b_dec, sae.W_enc, sae.b_enc, zero, s.dtype, 0.0
+    how = EncodeSettings(s.dtype, bandwidth=0.0)
+    values, latents, offsets, _, _ = ThresholdEncode.apply(
+        x, sae.b_dec, sae.W_enc, sae.b_enc, zero, how
     )
     norms = torch.linalg.vector_norm(sae.W_dec, dim=1)
     penalty = (values * norms[latents]).sum() / x.shape[0]
-    return _sparse_output(sae, x, values, latents, offsets, s, penalty)
+    return _sparse_output(sae, x, SparseCodes(values, latents, offsets), s, penalty)
 
 
 FORWARDS: dict[str, Callable[[Sae, Tensor, StepSettings], ForwardOutput]] = {

@@ -36,7 +36,7 @@ from ..data.store import Store, TokenFilter, open_store
 from ..data.text_units import check_documents, text_store
 from ..lm.models import load_model, model_depth, resolve_layer
 from ..lm.stage import check_layers
-from .evaluation import reconstruction_stats, spliced_metrics
+from .evaluation import SpliceSettings, reconstruction_stats, spliced_metrics
 from .saelens import CFG_FILE, WEIGHTS_FILE, load_sae, save_sae
 from .training import filter_counts, token_filter, train_sae
 
@@ -45,8 +45,9 @@ SAE_VERSION = 5
 EVAL_VERSION = 2
 """Bump when evaluation changes what it reports for the same SAE and store."""
 NOT_IN_TRAIN_KEY = (
-    "dtype", "device", "threads", "checkpoint_seconds", "splice_tokens", "pretrained",
-)  # fmt: skip
+    *("dtype", "device", "threads"),
+    *("checkpoint_seconds", "splice_tokens", "pretrained"),
+)
 """Settings that do not change the SAE training produces as written: dtype enters the key
 as what it resolves to on this machine ("auto" is bfloat16 on one, float32 on another), and
 the checkpoint adds the kind of device it was computed on."""
@@ -256,7 +257,7 @@ def _evaluate_model(
                 dtype = choose_dtype(cfg.extract.dtype, device)
                 lm = load_model(source, dtype, device, cfg.trust_remote_code)
             with step(f"{label}: spliced CE and KL"):
-                metrics.update(_spliced(cfg, lm, L, sae, stores[L], device, tokens))
+                metrics.update(_spliced(cfg, lm, L, sae, stores[L], tokens))
         out[L] = {"key": eval_key[L], "model": source, "layer": L, **metrics, "training": summary}
         out[L] = mark_done(folders[L] / METRICS, out[L], [folders[L] / SPARSITY])
     for L in stores:
@@ -284,9 +285,10 @@ def token_settings(cfg: Config) -> dict[str, Any]:
 
 
 def _spliced(
-    cfg: Config, lm: Any, layer: int, sae: Any, store: Store, device: Any, tokens: TokenFilter
+    cfg: Config, lm: Any, layer: int, sae: Any, store: Store, tokens: TokenFilter
 ) -> dict[str, Any]:
-    """Spliced metrics on the first held-out documents, up to splice_tokens tokens."""
+    """Spliced metrics on the first held-out documents, up to splice_tokens tokens, on the
+    device the SAEs are evaluated on."""
     counts: dict[int, int] = {}
     for name in store.shard_names("heldout"):
         table = pq.read_table(store.folder / f"{name}.tokens.parquet", columns=["doc_index"])
@@ -298,17 +300,13 @@ def _spliced(
             break
         docs.append(doc)
         total += counts.get(doc_index, 0)
-    out = spliced_metrics(
-        lm,
-        layer,
-        sae,
-        docs,
+    settings = SpliceSettings(
         list(store.manifest.get("prefix_ids", [])),
         int(store.manifest["context_length"]),
-        device=device,
         token_filter=tokens,
         norm_dtype=DTYPES[store.manifest["dtype"]],
     )
+    out = spliced_metrics(lm, layer, sae, docs, settings, choose_device(cfg.train.device))
     out["scored_tokens"] = out.pop("tokens")
     return out
 
@@ -329,4 +327,3 @@ def format_metrics(m: dict[str, Any]) -> str:
         parts.append(f"KL {m['kl_spliced']:.3f} (zero-ablation {m['kl_zero']:.3f})")
     outliers = f" ({m['outlier_tokens']:,} left out for their norm)" if m["outlier_tokens"] else ""
     return ", ".join(parts) + f" on {m['tokens']:,} held-out tokens{outliers}"
-

@@ -32,9 +32,9 @@ DEFAULT_SPARSITY = {"jumprelu": 1.0, "relu": 0.02}
 L1 coefficient is where steering starts (unless train.sparsity_coefficient fixes it)."""
 STEERED = ("relu",)
 LR_FACTOR = {"relu": 2.0}
-"""ReLU + L1 learns slower: on Gemma layer 12 (244 steps, 1M tokens) held-out FVU 0.398 at
-half the default rate, 0.355 at it, 0.328 at twice it (4.5% dead), while at four times 70% of
-the latents died."""
+"""ReLU + L1 learns slower: on Gemma layer 12 its held-out FVU fell as the rate rose from half
+the default to twice it, while at four times most of its latents died (measured: see
+benchmarks/RESULTS.md, 'Four SAE architectures')."""
 STEER_GAIN = 0.1
 STEER_LIMIT = 0.1
 CALIBRATION_TOKENS = 8192
@@ -105,7 +105,7 @@ def shard_rows(store: Store, name: str, token_filter: TokenFilter) -> torch.Tens
 
 def all_finite(x: torch.Tensor) -> bool:
     """Whether every value is finite. For 16-bit floats by their exponent bits (all ones
-    means inf or NaN): torch.isfinite on bfloat16 took 80 ms per shard, this a tenth."""
+    means inf or NaN), much faster than torch.isfinite on bfloat16."""
     if x.dtype == torch.bfloat16:
         return not bool(((x.view(torch.int16) & 0x7F80) == 0x7F80).any())
     if x.dtype == torch.float16:
