@@ -25,8 +25,8 @@ import torch
 
 import samesheep
 from samesheep import pipeline
-from samesheep.core.device import machine_lines, set_threads
 from samesheep.core.constants import ARCHITECTURES
+from samesheep.core.device import machine_lines, set_threads
 
 TARGET_L0 = 32
 FVU_WITHIN = 0.15

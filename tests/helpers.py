@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import numpy as np
+
+from samesheep.interpret.prompts import Example
 
 SENTENCES = [
     "The cat sat on the mat and looked at the sea.",
@@ -117,3 +125,111 @@ def copy_run(run_dir: Path, args: list[str], to: Path) -> tuple[Path, list[str]]
 
     shutil.copytree(run_dir, to)
     return to, [a.replace(str(run_dir), str(to)) for a in args]
+
+
+# ---------------------------------------------------------------- shared by several test files
+
+
+ERROR_PREFIX = "samesheep: error: "
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m samesheep ARGS` offline, with the test's private cache."""
+    full = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    assert full.get("SAMESHEEP_CACHE"), "tests must never write to the user's cache"
+    return subprocess.run(
+        [sys.executable, "-m", "samesheep", *args],
+        capture_output=True,
+        text=True,
+        env=full,
+        # a guard against a hang, not a time limit: a whole tiny pipeline takes 3-5 min on
+        # a busy 2-core machine
+        timeout=900,
+    )
+
+
+def cli_parallel(
+    jobs: dict[str, tuple[list[str], dict[str, str]]],
+) -> dict[str, subprocess.CompletedProcess]:
+    """Run several independent commands at once (each pays the torch import on its own)."""
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = {name: pool.submit(cli, *args, env=env) for name, (args, env) in jobs.items()}
+        return {name: f.result() for name, f in futures.items()}
+
+
+def assert_one_line_error(res: subprocess.CompletedProcess) -> None:
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    assert "Traceback" not in res.stderr, res.stderr
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith(ERROR_PREFIX), lines[0]
+    assert lines[0][len(ERROR_PREFIX) :].strip(), "the error line says nothing"
+
+
+def assert_nothing_half_written(folder: Path, cache: bool = False) -> None:
+    """No temporary files, no activation shards, no store or stage marked complete; in the
+    model cache, only whole conversions (other tests may have converted a GGUF there)."""
+    if not folder.exists():
+        return
+    for p in folder.rglob("*"):
+        assert not p.name.endswith(".tmp"), p
+        assert not (p.name.startswith(".") and p.is_dir()), f"temporary folder left: {p}"
+        if cache:
+            assert p.suffix != ".safetensors" or (p.parent / "config.json").is_file(), p
+        else:
+            assert p.suffix != ".safetensors", p
+        if p.name in ("manifest.json", "extract.json"):
+            assert not json.loads(p.read_text()).get("complete"), p
+
+
+def token_clusters(store, tokenizer) -> dict[tuple[str, int, int, int], tuple[int, int, str]]:
+    """{(split, doc_index, char_start, char_end) of every stored token with characters:
+    (start, end, decoded text) of its run of overlapping tokens}. A token alone in its span
+    decodes to itself; byte pieces of one character decode together to the character."""
+    out = {}
+    for shard in store.shards(None):
+        t = shard.tokens.select(["doc_index", "token_id", "char_start", "char_end"]).to_pydict()
+        run, key = [], None
+        rows = zip(t["doc_index"], t["token_id"], t["char_start"], t["char_end"], strict=True)
+        for doc, tid, a, b in [*rows, (None, None, None, None)]:
+            if run and (doc != key or a >= max(e for _, _, e in run)):
+                lo, hi = run[0][1], max(e for _, _, e in run)
+                text = tokenizer.decode([i for i, _, _ in run])
+                for _, s, e in run:
+                    out[(shard.split, key, s, e)] = (lo, hi, text)
+                run = []
+            if doc is not None and b > a:
+                run.append((tid, a, b))
+                key = doc
+    return out
+
+
+def assert_token_spans(exemplars, docs: dict[str, list[str]], store, tokenizer) -> int:
+    """Every exemplar token's span is a stored token's, and its text there is that token's
+    own decoded text (or, for byte pieces sharing or overlapping a character's span, the
+    run of pieces decodes to the characters the run covers). Returns the tokens checked."""
+    clusters = token_clusters(store, tokenizer)
+    checked = 0
+    for row in exemplars.itertuples():
+        doc = docs[row.split][row.doc_index]
+        assert row.text == doc[row.char_start : row.char_end]
+        for s, e in zip(row.token_starts, row.token_ends, strict=True):
+            a, b = row.char_start + s, row.char_start + e
+            lo, hi, text = clusters[(row.split, row.doc_index, a, b)]
+            assert text == doc[lo:hi], (row.text, doc[lo:hi], text)
+            if (lo, hi) == (a, b):  # a token alone (or byte pieces of one character)
+                assert row.text[s:e] == text, (row.text, row.text[s:e], text)
+            checked += 1
+    return checked
+
+
+def window(text: str, firing: list[int], values: list[float]) -> Example:
+    """A window of whitespace-separated tokens, those at `firing` with `values`."""
+    starts, ends, at = [], [], 0
+    for word in text.split(" "):
+        starts.append(at)
+        ends.append(at + len(word))
+        at += len(word) + 1
+    acts = np.zeros(len(starts))
+    acts[firing] = values
+    return Example(text, np.array(starts), np.array(ends), acts, float(max(values, default=0)))

@@ -99,7 +99,7 @@ def test_imports_run_one_way_down_the_packages():
 
 def test_no_module_imports_inside_a_function():
     hidden = []
-    for name, (path, tree) in modules().items():
+    for path, tree in modules().values():
         for fn in ast.walk(tree):
             if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
                 continue

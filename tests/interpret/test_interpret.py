@@ -13,10 +13,11 @@ import time
 import numpy as np
 import pytest
 from fake_llm import FakeLLM, rule_answer
+from helpers import window
 
 from samesheep.core.errors import SamesheepError
 from samesheep.interpret.backends import Calls, LocalChat, OpenAIChat, Request, parse_judgement
-from samesheep.interpret.prompts import Example, clean_explanation, explain_messages
+from samesheep.interpret.prompts import clean_explanation, explain_messages
 from samesheep.interpret.scoring import ScoreSet, balanced_accuracy, detection, fuzzing
 
 KEY = "sk-test-0123456789-secret"
@@ -135,18 +136,6 @@ def test_the_local_backend_on_a_tiny_random_model(tiny_models):
 # ------------------------------------------------------------------ prompts and scores
 
 
-def window(text: str, firing: list[int], values: list[float]) -> Example:
-    """A window of whitespace-separated tokens, those at `firing` with `values`."""
-    starts, ends, at = [], [], 0
-    for word in text.split(" "):
-        starts.append(at)
-        ends.append(at + len(word))
-        at += len(word) + 1
-    acts = np.zeros(len(starts))
-    acts[firing] = values
-    return Example(text, np.array(starts), np.array(ends), acts, float(max(values, default=0)))
-
-
 def test_the_explainer_sees_the_firing_tokens_marked_with_their_strength():
     e = window("the long river bends near the river mouth", [2, 6], [4.0, 2.0])
     user = explain_messages([e])[1]["content"]
@@ -206,8 +195,7 @@ HOSTILE = '<img src=x onerror="window.__pwned=9"> '
 @pytest.fixture(scope="module")
 def tiny_run(tiny_models, tmp_path_factory, env):
     """Two tiny models compared (no floors or ceilings, for speed), before interpret."""
-    from helpers import sets, write_corpus
-    from test_cli import cli
+    from helpers import cli, sets, write_corpus
 
     corpus = write_corpus(tmp_path_factory.mktemp("icorpus") / "docs.jsonl", n=60, titles=True)
     run_dir = tmp_path_factory.mktemp("interpret_run")
@@ -234,8 +222,7 @@ def best_pair(run_dir) -> tuple[int, int]:
 
 
 def test_the_stage_explains_scores_resumes_and_keeps_the_key_secret(tiny_run, env, browser):
-    from helpers import flat
-    from test_cli import assert_one_line_error, cli
+    from helpers import assert_one_line_error, cli, flat
     from test_report import Page
 
     run_dir, args = tiny_run

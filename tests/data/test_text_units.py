@@ -8,8 +8,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import flat, sets, write_corpus, write_store
-from test_cli import assert_one_line_error, cli
+from helpers import assert_one_line_error, cli, flat, sets, write_corpus, write_store
 
 from samesheep.data.text_units import text_store
 

@@ -13,8 +13,8 @@ import sae_lens  # in the test extra: these checks fail, never skip, where it is
 import torch
 from safetensors.torch import load_file, save_file
 
-from samesheep.core.errors import SamesheepError
 from samesheep.core.constants import ARCHITECTURES
+from samesheep.core.errors import SamesheepError
 from samesheep.sae.model import Sae, SaeConfig
 from samesheep.sae.saelens import load_sae, save_sae
 

@@ -10,8 +10,7 @@ import re
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from helpers import copy_run, flat, sets, write_corpus
-from test_cli import assert_one_line_error, cli
+from helpers import assert_one_line_error, cli, copy_run, flat, sets, write_corpus
 
 from samesheep.data.store import open_store
 from samesheep.lm.layer_sample import LayerSample

@@ -4,75 +4,30 @@ one-line errors on bad input, hub ids served from an offline cache, and random: 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import flat, sets, write_corpus
+from helpers import (
+    assert_nothing_half_written,
+    assert_one_line_error,
+    cli,
+    cli_parallel,
+    flat,
+    sets,
+    write_corpus,
+)
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-ERROR_PREFIX = "samesheep: error: "
 HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run `python -m samesheep ARGS` offline, with the test's private cache."""
-    full = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    assert full.get("SAMESHEEP_CACHE"), "tests must never write to the user's cache"
-    return subprocess.run(
-        [sys.executable, "-m", "samesheep", *args],
-        capture_output=True,
-        text=True,
-        env=full,
-        # a guard against a hang, not a time limit: a whole tiny pipeline takes 3-5 min on
-        # a busy 2-core machine
-        timeout=900,
-    )
-
-
-def cli_parallel(
-    jobs: dict[str, tuple[list[str], dict[str, str]]],
-) -> dict[str, subprocess.CompletedProcess]:
-    """Run several independent commands at once (each pays the torch import on its own)."""
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        futures = {name: pool.submit(cli, *args, env=env) for name, (args, env) in jobs.items()}
-        return {name: f.result() for name, f in futures.items()}
-
-
-def assert_one_line_error(res: subprocess.CompletedProcess) -> None:
-    assert res.returncode == 2, (res.returncode, res.stderr)
-    assert "Traceback" not in res.stderr, res.stderr
-    lines = [line for line in res.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, res.stderr
-    assert lines[0].startswith(ERROR_PREFIX), lines[0]
-    assert lines[0][len(ERROR_PREFIX) :].strip(), "the error line says nothing"
-
-
-def assert_nothing_half_written(folder: Path, cache: bool = False) -> None:
-    """No temporary files, no activation shards, no store or stage marked complete; in the
-    model cache, only whole conversions (other tests may have converted a GGUF there)."""
-    if not folder.exists():
-        return
-    for p in folder.rglob("*"):
-        assert not p.name.endswith(".tmp"), p
-        assert not (p.name.startswith(".") and p.is_dir()), f"temporary folder left: {p}"
-        if cache:
-            assert p.suffix != ".safetensors" or (p.parent / "config.json").is_file(), p
-        else:
-            assert p.suffix != ".safetensors", p
-        if p.name in ("manifest.json", "extract.json"):
-            assert not json.loads(p.read_text()).get("complete"), p
 
 
 def acts_dir(run_dir: Path, model_folder: str, layer: int = 1) -> Path:

@@ -8,9 +8,17 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from helpers import copy_run, flat, sets, write_corpus
+from helpers import (
+    assert_nothing_half_written,
+    assert_one_line_error,
+    assert_token_spans,
+    cli,
+    copy_run,
+    flat,
+    sets,
+    write_corpus,
+)
 from safetensors.torch import load_file
-from test_cli import assert_nothing_half_written, assert_one_line_error, cli
 
 FEATURE_COLUMNS = [
     "model", "layer", "sae", "latent", "fires_train", "fires_heldout", "freq_train",
@@ -30,47 +38,6 @@ EXEMPLAR_COLUMNS = [
 NON_ASCII = " Z\u00fcrich \u2013 caf\u00e9, \u5317\u4eac and \U0001d518."
 """Appended to every third document: characters the tiny byte-level tokenizer splits into
 byte pieces that share (or, with a space merged in, overlap) one character's span."""
-
-
-def token_clusters(store, tokenizer) -> dict[tuple[str, int, int, int], tuple[int, int, str]]:
-    """{(split, doc_index, char_start, char_end) of every stored token with characters:
-    (start, end, decoded text) of its run of overlapping tokens}. A token alone in its span
-    decodes to itself; byte pieces of one character decode together to the character."""
-    out = {}
-    for shard in store.shards(None):
-        t = shard.tokens.select(["doc_index", "token_id", "char_start", "char_end"]).to_pydict()
-        run, key = [], None
-        rows = zip(t["doc_index"], t["token_id"], t["char_start"], t["char_end"], strict=True)
-        for doc, tid, a, b in [*rows, (None, None, None, None)]:
-            if run and (doc != key or a >= max(e for _, _, e in run)):
-                lo, hi = run[0][1], max(e for _, _, e in run)
-                text = tokenizer.decode([i for i, _, _ in run])
-                for _, s, e in run:
-                    out[(shard.split, key, s, e)] = (lo, hi, text)
-                run = []
-            if doc is not None and b > a:
-                run.append((tid, a, b))
-                key = doc
-    return out
-
-
-def assert_token_spans(exemplars, docs: dict[str, list[str]], store, tokenizer) -> int:
-    """Every exemplar token's span is a stored token's, and its text there is that token's
-    own decoded text (or, for byte pieces sharing or overlapping a character's span, the
-    run of pieces decodes to the characters the run covers). Returns the tokens checked."""
-    clusters = token_clusters(store, tokenizer)
-    checked = 0
-    for row in exemplars.itertuples():
-        doc = docs[row.split][row.doc_index]
-        assert row.text == doc[row.char_start : row.char_end]
-        for s, e in zip(row.token_starts, row.token_ends, strict=True):
-            a, b = row.char_start + s, row.char_start + e
-            lo, hi, text = clusters[(row.split, row.doc_index, a, b)]
-            assert text == doc[lo:hi], (row.text, doc[lo:hi], text)
-            if (lo, hi) == (a, b):  # a token alone (or byte pieces of one character)
-                assert row.text[s:e] == text, (row.text, row.text[s:e], text)
-            checked += 1
-    return checked
 
 
 @pytest.fixture(scope="module")

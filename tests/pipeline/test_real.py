@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_features_stage import assert_token_spans
+from helpers import assert_token_spans
 
 from samesheep.lm.extraction import bos_prefix
 from samesheep.lm.models import capture, load_model, load_tokenizer
@@ -162,7 +162,7 @@ def test_the_shipped_smollm2_explains_and_judges():
     """The default explainer and scorer (interpret.explainer = local:smollm2-135m-instruct):
     its chat template applies, an explanation is a short phrase of text, and as a judge it
     tells an excerpt its description names from one it does not more often than not."""
-    from test_interpret import window
+    from helpers import window
 
     from samesheep.interpret.backends import LocalChat
     from samesheep.interpret.prompts import clean_explanation, detection_messages, explain_messages

@@ -12,8 +12,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from helpers import SENTENCES, flat, sets
-from test_cli import assert_one_line_error, cli
+from helpers import SENTENCES, assert_one_line_error, cli, flat, sets
 
 HOSTILE = [
     "<script>window.__pwned = 1</script> The cat sat on the mat.",

@@ -7,8 +7,7 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
-from helpers import flat, sets, write_corpus
-from test_cli import assert_one_line_error, cli
+from helpers import assert_one_line_error, cli, flat, sets, write_corpus
 
 
 @pytest.fixture(scope="module")

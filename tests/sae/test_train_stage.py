@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 import sae_lens  # in the test extra: these checks fail, never skip, where it is missing
 import torch
-from helpers import copy_run, flat, sets, write_corpus
+from helpers import assert_one_line_error, cli, copy_run, flat, sets, write_corpus
 from safetensors.torch import load_file, save_file
-from test_cli import assert_one_line_error, cli
 
 from samesheep.core.config import TrainConfig
 from samesheep.data.store import open_store
