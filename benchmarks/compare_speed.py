@@ -126,8 +126,10 @@ def main() -> None:
     for kind in ("sparse", "dense"):
         out = subprocess.run(
             [sys.executable, __file__, "--child", kind, "--units", str(args.units)],
-            capture_output=True, text=True, check=True,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         res[kind] = json.loads(out.stdout.strip().splitlines()[-1])
         r = res[kind]
         print(f"{kind:6}: {r['seconds']:7.1f} s, peak RSS {r['peak_rss_mb']:,.0f} MB")
@@ -137,8 +139,10 @@ def main() -> None:
     print(f"largest difference of the best-partner r: {diff:.2e} (target: within 1e-5)")
     out = subprocess.run(
         [sys.executable, __file__, "--child", "wide", "--units", "20000"],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     r = json.loads(out.stdout.strip().splitlines()[-1])
     print(
         "65,536 x 65,536 latents, 20,000 units, raw + residual + token views, top-5 partners "

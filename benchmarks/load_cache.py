@@ -41,8 +41,11 @@ def main() -> None:
             for _ in range(2):  # a fresh process each time: nothing kept in memory
                 out = subprocess.run(
                     [sys.executable, __file__, "--child", source],
-                    capture_output=True, text=True, env=env, check=True,
-                )  # fmt: skip
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                    check=True,
+                )
                 times.append(float(out.stdout.strip().splitlines()[-1]))
             first, second = times
             print(

@@ -179,10 +179,13 @@ def test_no_function_takes_more_than_six_parameters():
 
 
 def test_no_fmt_skip_markers():
+    marker = "fmt" + ": skip"  # (spelled apart so this file does not hold it)
+    roots = [PACKAGE, *(PACKAGE.parents[1] / d for d in ("tests", "benchmarks", "scripts"))]
     marked = [
-        f"{p.relative_to(PACKAGE)}:{i}"
-        for p in sorted(PACKAGE.rglob("*.py"))
+        f"{p}:{i}"
+        for root in roots
+        for p in sorted(root.rglob("*.py"))
         for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
-        if "fmt: skip" in line
+        if marker in line
     ]
-    assert not marked, "long lines kept by # fmt: skip:\n" + "\n".join(marked)
+    assert not marked, "long lines kept by a formatter marker:\n" + "\n".join(marked)

@@ -9,11 +9,46 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 # Ordered merges in GPT-2's byte alphabet ("Ġ" is a space); each merged token joins the vocabulary.
 MERGES = [
-    "Ġ t", "h e", "Ġt he", "i n", "e r", "a n", "Ġ a", "o n", "r e", "Ġ s", "e n", "Ġ w",
-    "o u", "a t", "Ġ o", "i s", "Ġ i", "e s", "Ġ c", "in g", "e d", "Ġ b", "Ġ f", "o r",
-    "Ġ p", "a r", "Ġ m", "l l", "Ġa n", "Ġan d", "Ġo f", "Ġt o", "Ġi n", "Ġ h", "Ġ d",
-    "Ġ T", "Ġ S", "Ġ l", "a l",
-]  # fmt: skip
+    "Ġ t",
+    "h e",
+    "Ġt he",
+    "i n",
+    "e r",
+    "a n",
+    "Ġ a",
+    "o n",
+    "r e",
+    "Ġ s",
+    "e n",
+    "Ġ w",
+    "o u",
+    "a t",
+    "Ġ o",
+    "i s",
+    "Ġ i",
+    "e s",
+    "Ġ c",
+    "in g",
+    "e d",
+    "Ġ b",
+    "Ġ f",
+    "o r",
+    "Ġ p",
+    "a r",
+    "Ġ m",
+    "l l",
+    "Ġa n",
+    "Ġan d",
+    "Ġo f",
+    "Ġt o",
+    "Ġi n",
+    "Ġ h",
+    "Ġ d",
+    "Ġ T",
+    "Ġ S",
+    "Ġ l",
+    "a l",
+]
 EOS = "<|endoftext|>"
 
 
@@ -49,11 +84,19 @@ def write_tiny_llama_gguf(
     tokens = tiny_tokens()
     eos_id = len(tokens) - 1
     config = LlamaConfig(
-        vocab_size=len(tokens), hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=128, max_position_embeddings=512,
-        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=tied,
-        bos_token_id=eos_id, eos_token_id=eos_id,
-    )  # fmt: skip
+        vocab_size=len(tokens),
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=tied,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).float().eval()
     with torch.no_grad():  # random norm weights, so a mix-up of norms would show in the logits
@@ -86,12 +129,19 @@ def write_tiny_llama_gguf(
     w.add_add_bos_token(False)
 
     names = {
-        "model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
-        "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-        "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-        "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+        "model.embed_tokens": "token_embd",
+        "model.norm": "output_norm",
+        "lm_head": "output",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+        "input_layernorm": "attn_norm",
         "post_attention_layernorm": "ffn_norm",
-    }  # fmt: skip
+    }
     for name, tensor in model.state_dict().items():
         if tied and name == "lm_head.weight":
             continue  # llama.cpp leaves output.weight out when it is the embedding

@@ -6,17 +6,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from .compare.stage import compare_stage
 from .core.config import Config, to_toml
 from .core.errors import SamesheepError
-from .core.files import write_json
+from .core.files import pid_temporary, write_json
 from .core.plan import sampling_layers
 from .core.progress import say
 from .core.rundir import run_path, timings_file
@@ -103,10 +101,9 @@ class BesideProcess:
         self.error = ""
         run = run_path(cfg)
         run.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{stage}.", suffix=".toml", dir=run)
-        self.config = Path(name)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(to_toml(cfg, comments=False))
+        # named with this process's id: a later run removes it if this one is killed
+        self.config = pid_temporary(run, f"{stage}.toml")
+        self.config.write_text(to_toml(cfg, comments=False), encoding="utf-8")
         one = {k: "1" for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "samesheep", stage, "--config", str(self.config)],

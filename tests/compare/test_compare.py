@@ -99,10 +99,14 @@ def rows_of(tokens, doc=0, window=0, kept=None):
     keep = np.array([i > 0 for i in range(n)]) if kept is None else np.asarray(kept)
     gid = np.where(keep, np.cumsum(keep) - 1, -1)
     return TokenRows(
-        doc=np.full(n, doc), start=np.array([s for s, _ in spans]),
-        end=np.array([e for _, e in spans]), window=np.full(n, window),
-        position=np.arange(n), gid=gid, kept=int(keep.sum()),
-    )  # fmt: skip
+        doc=np.full(n, doc),
+        start=np.array([s for s, _ in spans]),
+        end=np.array([e for _, e in spans]),
+        window=np.full(n, window),
+        position=np.arange(n),
+        gid=gid,
+        kept=int(keep.sum()),
+    )
 
 
 def test_alignment_of_hand_made_tokenizations():
@@ -139,9 +143,14 @@ def test_unit_values_last_max_and_mean():
     one = codes_of(np.array([[1.0, 2], [3, 4], [5, 6], [7, 8]]))
     for how in ("last", "max", "mean"):
         got_b = unit_codes(one, b.gid, units.first_b, units.row_b, 2, how).toarray()
-        np.testing.assert_array_equal(got_b, [[1, 2], [3, 4], [7, 8]] if how == "last" else
-                                      [[1, 2], [3, 4], [7, 8]] if how == "max" else
-                                      [[1, 2], [3, 4], [6, 7]])  # fmt: skip
+        np.testing.assert_array_equal(
+            got_b,
+            [[1, 2], [3, 4], [7, 8]]
+            if how == "last"
+            else [[1, 2], [3, 4], [7, 8]]
+            if how == "max"
+            else [[1, 2], [3, 4], [6, 7]],
+        )
     # a unit value that is left out (B's rows 3..4 with row 3 not kept) counts kept rows only
     b_part = rows_of([(0, 12), (12, 16), (16, 18), (17, 19)], kept=[False, True, True, False, True])
     units = align(a, b_part, np.array([19]))
@@ -176,16 +185,19 @@ def test_one_tokenizer_gives_token_units_and_a_token_level_comparison():
     on_units = measure(
         unit_codes(ca, a.gid, units.first_a, units.row_a, 11),
         unit_codes(cb, a.gid, units.first_b, units.row_b, 7),
-        None, groups, s,
-    )  # fmt: skip
+        None,
+        groups,
+        s,
+    )
     as_stored = [sp.csr_matrix(x.astype(np.float32).astype(np.float64)) for x in (xa, xb)]
     on_tokens = measure(*as_stored, None, groups, s)
     for side in ("a_idx", "a_val", "b_idx", "b_val"):
         np.testing.assert_allclose(
             getattr(on_units.partners["raw"], side),
             getattr(on_tokens.partners["raw"], side),
-            rtol=0, atol=1e-12,
-        )  # fmt: skip
+            rtol=0,
+            atol=1e-12,
+        )
     assert on_units.partners["raw"].a_idx[2, 0] == 0
 
 

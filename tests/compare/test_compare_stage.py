@@ -15,8 +15,12 @@ def run(tiny_models, tmp_path_factory, env):
     corpus = write_corpus(tmp_path_factory.mktemp("ccorpus") / "docs.jsonl", n=60, titles=True)
     run_dir = tmp_path_factory.mktemp("compare_run")
     models = json.dumps([str(tiny_models["llama"]), str(tiny_models["gpt2"])])
-    extra = {"models": models, "compare.min_fires": "5", "compare.groups": "5",
-             "compare.geometry_pairings": "10"}  # fmt: skip
+    extra = {
+        "models": models,
+        "compare.min_fires": "5",
+        "compare.groups": "5",
+        "compare.geometry_pairings": "10",
+    }
     args = sets(run_dir, tiny_models["llama"], corpus, **extra)
     res = cli("run", *args, env=env)
     return res, run_dir, args, tiny_models
@@ -56,8 +60,14 @@ def test_run_compares_with_floor_null_and_ceiling(run):
     partners = pq.read_table(out / "partners.parquet").to_pandas()
     assert set(partners.side) == {"a", "b"} and "partner_by_meaning" in partners
     assert len(partners) == 128 * 2
-    for col in ("surface_r", "surface_partner", "surface_model", "floor_r", "ceiling_r",
-                "crossfit_r"):  # fmt: skip
+    for col in (
+        "surface_r",
+        "surface_partner",
+        "surface_model",
+        "floor_r",
+        "ceiling_r",
+        "crossfit_r",
+    ):
         assert col in partners, col
     models = {"random:" + str(tiny_models[k]) for k in ("llama", "gpt2")}
     assert set(partners.surface_model) <= models  # the untrained copy that holds the partner

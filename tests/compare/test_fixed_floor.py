@@ -62,8 +62,10 @@ def planted(shared_deep: int, seed: int = 0):
     fa = [copy_of(rng, x) for x in surface + more]
     fb = [copy_of(rng, x) for x in surface + more]
     cb = [copy_of(rng, x) for x in b]
-    mats = {k: sp.csr_matrix(np.stack(v, 1)) for k, v in
-            {"a": a, "b": b, "fa": fa, "fb": fb, "ca": ca, "cb": cb}.items()}  # fmt: skip
+    mats = {
+        k: sp.csr_matrix(np.stack(v, 1))
+        for k, v in {"a": a, "b": b, "fa": fa, "fb": fb, "ca": ca, "cb": cb}.items()
+    }
     return mats, doc
 
 

@@ -51,22 +51,33 @@ def test_text_mean_is_the_mean_over_real_tokens(token_store):
 def test_a_per_text_run_compares_documents(tiny_models, tmp_path, env):
     corpus = write_corpus(tmp_path / "docs.jsonl", n=220, titles=True)
     lines = corpus.read_text().splitlines()  # every text unique, as real documents are
-    corpus.write_text("".join(
-        json.dumps({**json.loads(line), "text": f"Document {i}. " + json.loads(line)["text"]})
-        + "\n" for i, line in enumerate(lines)
-    ))  # fmt: skip
+    corpus.write_text(
+        "".join(
+            json.dumps({**json.loads(line), "text": f"Document {i}. " + json.loads(line)["text"]})
+            + "\n"
+            for i, line in enumerate(lines)
+        )
+    )
     models = json.dumps([str(tiny_models["llama"]), str(tiny_models["gpt2"])])
-    extra = {"models": models, "corpus.max_tokens": "0",
-             "corpus.heldout_tokens": "1500", "compare.min_fires": "5", "compare.groups": "5",
-             "compare.geometry_pairings": "10", "representations.enabled": "false",
-             "report.pair_min_r": "0.0", "train.batch_tokens": "64"}  # fmt: skip
+    extra = {
+        "models": models,
+        "corpus.max_tokens": "0",
+        "corpus.heldout_tokens": "1500",
+        "compare.min_fires": "5",
+        "compare.groups": "5",
+        "compare.geometry_pairings": "10",
+        "representations.enabled": "false",
+        "report.pair_min_r": "0.0",
+        "train.batch_tokens": "64",
+    }
     args = sets(tmp_path / "run", tiny_models["llama"], corpus, **extra)
     res = cli("run", "--preset", "original-study", *args, env=env)  # per-text, from the preset
     assert res.returncode == 0, res.stderr
     run = tmp_path / "run"
     assert 'unit = "text-last"' in (run / "config.toml").read_text()
-    docs = sum(len((run / "corpus" / f).read_text().splitlines())
-               for f in ("train.jsonl", "heldout.jsonl"))  # fmt: skip
+    docs = sum(
+        len((run / "corpus" / f).read_text().splitlines()) for f in ("train.jsonl", "heldout.jsonl")
+    )
     summary = json.loads((run / "compare" / "llama0__gpt20" / "summary.json").read_text())
     assert summary["units"] == docs == summary["documents"]  # one unit per document
     raw = summary["headline"]["raw"]["a_to_b"]
@@ -100,8 +111,7 @@ def test_an_unknown_unit_is_a_one_line_error(tiny_models, tmp_path, env):
 def test_init_writes_the_original_study_preset(tmp_path):
     from samesheep.core import config as config_mod
 
-    res = cli("init", str(tmp_path / "o.toml"), "--preset", "original-study",
-              "--set", "train.k=32")  # fmt: skip
+    res = cli("init", str(tmp_path / "o.toml"), "--preset", "original-study", "--set", "train.k=32")
     assert res.returncode == 0, res.stderr
     cfg = config_mod.load(tmp_path / "o.toml")
     assert cfg.unit == "text-last" and cfg.layers == [-1] and cfg.corpus.max_tokens == 0

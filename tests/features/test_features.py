@@ -39,9 +39,26 @@ D = 32
 WINDOW = 8
 TOPIC_STRENGTH = 10.0
 WORDS = [
-    "the", "cat", "sat", "on", "a", "mat", "while", "rivers", "run", "to", "the", "sea", "and",
-    "Paris", "is", "a", "city", "in", "France",
-]  # fmt: skip
+    "the",
+    "cat",
+    "sat",
+    "on",
+    "a",
+    "mat",
+    "while",
+    "rivers",
+    "run",
+    "to",
+    "the",
+    "sea",
+    "and",
+    "Paris",
+    "is",
+    "a",
+    "city",
+    "in",
+    "France",
+]
 TOPICS = ["Geography", "Biology", "People"]
 CLONE_TEXT = "Moon"
 """The whole text of every tenth document: latent 3 fires on these documents only, so all
@@ -103,10 +120,17 @@ def planted(tmp_path_factory, tokenizer_dir, lens):
     assert len(tok(CLONE_TEXT, add_special_tokens=False).input_ids) <= WINDOW - 1
     prefix = [tok.eos_token_id]
     header = {
-        "key": "planted", "layer": 1, "d_model": D, "model": "planted", "n_layers": 2,
-        "dtype": "float32", "compute_dtype": "float32", "device": "cpu", "context_length": 24,
+        "key": "planted",
+        "layer": 1,
+        "d_model": D,
+        "model": "planted",
+        "n_layers": 2,
+        "dtype": "float32",
+        "compute_dtype": "float32",
+        "device": "cpu",
+        "context_length": 24,
         "prefix_ids": prefix,
-    }  # fmt: skip
+    }
     writer = StoreWriter(run / "m" / "layer_1" / "acts", header)
     for split, ds in docs.items():
         windows = windows_of(list(enumerate(ds)), tok, prefix, 24)

@@ -108,8 +108,10 @@ def test_calls_are_cached_on_disk_and_survive_an_interrupted_write(tmp_path):
 
 def test_calls_run_several_at_once():
     with FakeLLM(delay=0.3) as server:
-        requests = [Request.of([*ASK[:1], {"role": "user", "content": ASK[1]["content"] + str(i)}])
-                    for i in range(8)]  # fmt: skip
+        requests = [
+            Request.of([*ASK[:1], {"role": "user", "content": ASK[1]["content"] + str(i)}])
+            for i in range(8)
+        ]
         start = time.perf_counter()
         Calls(backend(server.url), server_cache(), concurrency=4).ask(requests)
         assert time.perf_counter() - start < 8 * 0.3 * 0.6
@@ -172,8 +174,10 @@ def score(label: str, s: ScoreSet) -> tuple[float, float]:
 
 
 def test_the_right_label_beats_another_latents_on_planted_windows():
-    active = [window(f"the {w} river flows past {w} hills", [2], [3.0])
-              for w in ("old", "wide", "cold", "deep")]  # fmt: skip
+    active = [
+        window(f"the {w} river flows past {w} hills", [2], [3.0])
+        for w in ("old", "wide", "cold", "deep")
+    ]
     inactive = [window(f"a castle stands on the {w} hill", [], []) for w in ("old", "red")]
     s = ScoreSet(active, inactive)
     right, other = score("the word river", s), score("the word castle", s)
@@ -200,11 +204,22 @@ def tiny_run(tiny_models, tmp_path_factory, env):
     corpus = write_corpus(tmp_path_factory.mktemp("icorpus") / "docs.jsonl", n=60, titles=True)
     run_dir = tmp_path_factory.mktemp("interpret_run")
     models = json.dumps([str(tiny_models["llama"]), str(tiny_models["gpt2"])])
-    args = sets(run_dir, tiny_models["llama"], corpus, models=models, **{
-        "corpus.max_tokens": "0", "corpus.heldout_tokens": "2000", "compare.floor": "false",
-        "compare.ceiling": "false", "compare.min_fires": "5", "compare.groups": "5",
-        "compare.geometry_pairings": "10", "representations.enabled": "false",
-    })  # fmt: skip
+    args = sets(
+        run_dir,
+        tiny_models["llama"],
+        corpus,
+        models=models,
+        **{
+            "corpus.max_tokens": "0",
+            "corpus.heldout_tokens": "2000",
+            "compare.floor": "false",
+            "compare.ceiling": "false",
+            "compare.min_fires": "5",
+            "compare.groups": "5",
+            "compare.geometry_pairings": "10",
+            "representations.enabled": "false",
+        },
+    )
     res = cli("run", *args, env=env)
     assert res.returncode == 0, res.stderr
     assert "interpret: off" in res.stderr
@@ -227,17 +242,26 @@ def test_the_stage_explains_scores_resumes_and_keeps_the_key_secret(tiny_run, en
 
     run_dir, args = tiny_run
     la, lb = best_pair(run_dir)
-    first_model = json.loads((run_dir / "config.toml").read_text().split("models = ")[1]
-                             .splitlines()[0])[0]  # fmt: skip
+    first_model = json.loads(
+        (run_dir / "config.toml").read_text().split("models = ")[1].splitlines()[0]
+    )[0]
     mine = run_dir.parent / "my_labels.jsonl"
     mine.write_text(json.dumps({"model": first_model, "latent": la, "label": "the word the"}))
     with FakeLLM(prefix=HOSTILE) as server:
-        settings = ["--set", 'interpret.explainer="openai:fake-model"',
-                    "--set", f'interpret.base_url="{server.url}"',
-                    "--set", 'interpret.api_key_env="SAMESHEEP_TEST_KEY"',
-                    "--set", f"interpret.latents=[{la}, {lb}]",
-                    "--set", f'interpret.user_labels="{mine}"',
-                    "--set", "interpret.score_examples=3"]  # fmt: skip
+        settings = [
+            "--set",
+            'interpret.explainer="openai:fake-model"',
+            "--set",
+            f'interpret.base_url="{server.url}"',
+            "--set",
+            'interpret.api_key_env="SAMESHEEP_TEST_KEY"',
+            "--set",
+            f"interpret.latents=[{la}, {lb}]",
+            "--set",
+            f'interpret.user_labels="{mine}"',
+            "--set",
+            "interpret.score_examples=3",
+        ]
         key_env = {**env, "SAMESHEEP_TEST_KEY": KEY}
         res = cli("interpret", *args, *settings, env=key_env)
         assert res.returncode == 0, res.stderr

@@ -15,8 +15,13 @@ from helpers import assert_one_line_error, cli, copy_run, flat, sets, write_corp
 from samesheep.data.store import open_store
 from samesheep.lm.layer_sample import LayerSample
 
-FAST = {"compare.min_fires": "5", "compare.groups": "5", "compare.geometry_pairings": "10",
-        "representations.permutations": "4", "representations.subsets": "20"}  # fmt: skip
+FAST = {
+    "compare.min_fires": "5",
+    "compare.groups": "5",
+    "compare.geometry_pairings": "10",
+    "representations.permutations": "4",
+    "representations.subsets": "20",
+}
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +57,11 @@ def test_every_layer_pair_with_null_threshold_and_floor(run):
     np.testing.assert_allclose(plain.corrected, 0.0, atol=1e-6)
     # ... and with each side's copy regressed out nothing is left at all
     debiased = t[t.metric.str.endswith("_input_debiased")]
-    assert set(debiased.metric) == {"cka_input_debiased", "cka_standardized_input_debiased",
-                                    "cka_trimmed_input_debiased"}  # fmt: skip
+    assert set(debiased.metric) == {
+        "cka_input_debiased",
+        "cka_standardized_input_debiased",
+        "cka_trimmed_input_debiased",
+    }
     assert debiased.value.isna().all() and debiased.floor_a_to_b.isna().all()
     assert not t.survives.any()
     head = summary["headline"]
@@ -63,8 +71,9 @@ def test_every_layer_pair_with_null_threshold_and_floor(run):
     assert all(r["best"] is None for b in summary["best"].values() for r in b["a_to_b"])
     # the held-out set is smaller than the sample asked for: said, and all of it used
     assert "fewer than representations.units" in flat(res.stderr)
-    assert ("0 of 16 layer pairs have input-debiased trimmed CKA" in flat(res.stderr)
-            and "last layer 3: no layer of gpt20 survives" in flat(res.stderr))  # fmt: skip
+    assert "0 of 16 layer pairs have input-debiased trimmed CKA" in flat(
+        res.stderr
+    ) and "last layer 3: no layer of gpt20 survives" in flat(res.stderr)
 
 
 def test_the_report_shows_the_heatmaps(run):
@@ -167,8 +176,15 @@ def test_run_computes_the_layers_beside_and_relays_their_error(run, env, tmp_pat
     copy, cargs = copy_run(run_dir, args, tmp_path / "copy")
     (copy / "llama0" / "layer_sample" / "states.safetensors").write_bytes(b"not a file")
     for beside in ("true", "false"):  # beside, or in order in this process: the same error
-        res = cli("run", *cargs, "--set", "representations.k=5",
-                  "--set", f"representations.beside={beside}", env=env)  # fmt: skip
+        res = cli(
+            "run",
+            *cargs,
+            "--set",
+            "representations.k=5",
+            "--set",
+            f"representations.beside={beside}",
+            env=env,
+        )
         lines = [line for line in res.stderr.splitlines() if line.strip()]
         assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
         assert [line for line in lines if line.startswith("samesheep: error:")] == lines[-1:]

@@ -148,8 +148,9 @@ def test_compare_layers_finds_the_planted_correspondence():
     np.testing.assert_allclose(
         result["metrics"]["cka_input_debiased"]["value"], cka["value"], atol=0.05
     )
-    np.testing.assert_allclose(cka["corrected"], cka["value"] - np.fmax(
-        cka["floor_a_to_b"], cka["floor_b_to_a"]))  # fmt: skip
+    np.testing.assert_allclose(
+        cka["corrected"], cka["value"] - np.fmax(cka["floor_a_to_b"], cka["floor_b_to_a"])
+    )
     assert result["headline"] == "cka_trimmed_input_debiased"
     assert result["seconds"].keys() >= {"prepare", "metrics and null", "floor", "intervals"}
     # without the untrained copies: no floors, no input-debiased metrics, plain trimmed CKA
@@ -215,8 +216,10 @@ def test_metric_matrices_and_intervals_are_the_same_in_gram_form_and_pair_by_pai
     rng = np.random.default_rng(1)
     # copies that carry part of each layer (so the regression removes something), not its
     # massive dimension (an untrained network has none)
-    fa = [prepare(standardized(x) @ orthogonal(x.shape[1], 7) + rng.standard_normal(x.shape))
-          for x in xa]  # fmt: skip
+    fa = [
+        prepare(standardized(x) @ orthogonal(x.shape[1], 7) + rng.standard_normal(x.shape))
+        for x in xa
+    ]
     fb = [prepare(0.5 * y + rng.standard_normal(y.shape)) for y in xb]
     copies = (fa, fb) if with_copies else None
     left, right = (pa + fa, pb + fb) if with_copies else (pa, pb)
@@ -246,9 +249,11 @@ def test_metric_matrices_and_intervals_are_the_same_in_gram_form_and_pair_by_pai
     debiased = {"cka_input_debiased", "cka_trimmed_input_debiased"} if with_copies else set()
     assert set(direct) == {"cka", "cka_trimmed"} | debiased
     for name in direct:
-        for k, want in enumerate((values[name] - floors[name]["a_to_b"],
-                                  values[name] - floors[name]["b_to_a"])
-                                 if name in floors else (values[name], values[name])):  # fmt: skip
+        for k, want in enumerate(
+            (values[name] - floors[name]["a_to_b"], values[name] - floors[name]["b_to_a"])
+            if name in floors
+            else (values[name], values[name])
+        ):
             np.testing.assert_allclose(via_grams[name][k], direct[name][k], rtol=1e-5, atol=2e-6)
             # the union of every group is the whole sample
             np.testing.assert_allclose(direct[name][k][0], want, rtol=1e-5, atol=2e-6)
@@ -286,8 +291,11 @@ def test_layers_table_is_long_and_complete():
     assert row.depth_a == pytest.approx(1 / 3) and row.depth_b == pytest.approx(0.5)
     floored = compare_layers(xa, xb, docs, rep, (untrained(xa, 1), untrained(xb, 2)))
     t = layers_table(floored, 3, 4).to_pandas()
-    assert set(t.metric) == metrics | {"cka_input_debiased", "cka_standardized_input_debiased",
-                                       "cka_trimmed_input_debiased"}  # fmt: skip
+    assert set(t.metric) == metrics | {
+        "cka_input_debiased",
+        "cka_standardized_input_debiased",
+        "cka_trimmed_input_debiased",
+    }
     plain = t[~t.metric.str.endswith("_input_debiased")]
     assert plain.floor_a_to_b.notna().all() and plain.floor_b_to_a.notna().all()
     # the untrained pair (a diagnostic) comes with the CKA metrics only
@@ -325,16 +333,25 @@ def test_the_answer_leads_with_the_headline_and_its_floors():
     floors = np.array(head["cells"]["plain_floor_a_to_b"], dtype=float)
     want = result["metrics"]["cka_trimmed"]["floor_a_to_b"]
     np.testing.assert_allclose(floors, want, atol=1e-4)
-    summary = {"model_a": "a", "model_b": "b", "units": len(docs), "floor": True,
-               "best": result["best"], "headline": head}  # fmt: skip
+    summary = {
+        "model_a": "a",
+        "model_b": "b",
+        "units": len(docs),
+        "floor": True,
+        "best": result["best"],
+        "headline": head,
+    }
     text = layers_answer(summary, layers_table(result, 3, 4))
     assert text.startswith(f"layers a / b: {head['survive']} of 12 layer pairs have input-debiased")
     assert "a's last layer 2 matches b layer 3 (95% range over document halves 3-3)" in text
     cell = result["metrics"]["cka_trimmed"]
     assert f"against its fixed-source floors {cell['floor_a_to_b'][2, 3]:.2f}" in text
     # a last layer with nothing that survives says so
-    summary["best"]["cka_trimmed_input_debiased"]["a_to_b"][-1] = {"layer": 2, "best": None,
-                                                                    "value": None}  # fmt: skip
+    summary["best"]["cka_trimmed_input_debiased"]["a_to_b"][-1] = {
+        "layer": 2,
+        "best": None,
+        "value": None,
+    }
     assert layers_answer(summary, layers_table(result, 3, 4)).endswith(
         "a's last layer 2: no layer of b survives"
     )

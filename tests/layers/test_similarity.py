@@ -420,8 +420,12 @@ def test_leading_basis_spans_the_leading_singular_directions(rank_deficient):
     u, kept = leading_basis(x.astype(np.float32), keeps)
     ref_u, ref_s, _ = np.linalg.svd(x - x.mean(0), full_matrices=False)
     for keep in keeps:
-        want = max(int(np.searchsorted(np.cumsum(ref_s**2) / (ref_s**2).sum(), keep - 1e-12) + 1)
-                   if isinstance(keep, float) else keep, 1)  # fmt: skip
+        want = max(
+            int(np.searchsorted(np.cumsum(ref_s**2) / (ref_s**2).sum(), keep - 1e-12) + 1)
+            if isinstance(keep, float)
+            else keep,
+            1,
+        )
         assert kept[str(keep)] == want
     k = kept["0.99"]
     np.testing.assert_allclose(u.T @ u, np.eye(u.shape[1]), atol=1e-5)

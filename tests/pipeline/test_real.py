@@ -172,10 +172,14 @@ def test_the_shipped_smollm2_explains_and_judges():
     reply = clean_explanation(chat.chat(explain_messages(examples), 24))
     assert reply and len(reply) < 200
     label = "rivers and streams"
-    yes = [window(t, [], []) for t in ("The river Thames flows through London.",
-                                       "A small stream ran past the mill.")]  # fmt: skip
-    no = [window(t, [], []) for t in ("The recipe needs two eggs and flour.",
-                                      "He scored a goal in the final minute.")]  # fmt: skip
+    yes = [
+        window(t, [], [])
+        for t in ("The river Thames flows through London.", "A small stream ran past the mill.")
+    ]
+    no = [
+        window(t, [], [])
+        for t in ("The recipe needs two eggs and flour.", "He scored a goal in the final minute.")
+    ]
     said = [chat.judge(detection_messages(label, e)) for e in yes + no]
     assert all(isinstance(s, bool) for s in said)
     assert sum(said[:2]) >= sum(said[2:])  # a weak model, but not a backwards one

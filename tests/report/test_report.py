@@ -31,12 +31,18 @@ def hostile_corpus(path: Path, n: int = 60) -> Path:
         for i in range(n):
             text = " ".join(SENTENCES[(i + j) % len(SENTENCES)] for j in range(1 + i % 7))
             title = f"Doc {i}" if i % 5 else f"<b onmouseover=window.__pwned=6>Doc {i}</b>"
-            f.write(json.dumps({"id": f"doc{i}", "title": title, "text": text,
-                                "topic": TOPICS[i % 3]}) + "\n")  # fmt: skip
+            f.write(
+                json.dumps({"id": f"doc{i}", "title": title, "text": text, "topic": TOPICS[i % 3]})
+                + "\n"
+            )
         for i, text in enumerate(HOSTILE):
             title = "<script>window.__pwned=7</script>" if i % 2 else "T" * 100_000
-            f.write(json.dumps({"id": f"hostile{i}", "title": title, "text": text,
-                                "topic": TOPICS[i % 3]}) + "\n")  # fmt: skip
+            f.write(
+                json.dumps(
+                    {"id": f"hostile{i}", "title": title, "text": text, "topic": TOPICS[i % 3]}
+                )
+                + "\n"
+            )
     return path
 
 
@@ -45,9 +51,15 @@ def run(tiny_models, tmp_path_factory, env):
     corpus = hostile_corpus(tmp_path_factory.mktemp("rcorpus") / "docs.jsonl")
     run_dir = tmp_path_factory.mktemp("report_run")
     models = json.dumps([str(tiny_models["llama"]), str(tiny_models["gpt2"])])
-    extra = {"models": models, "corpus.max_tokens": "0", "corpus.heldout_tokens": "2000",
-             "compare.min_fires": "5", "compare.groups": "5",
-             "compare.geometry_pairings": "10", "report.pair_min_r": "0.0"}  # fmt: skip
+    extra = {
+        "models": models,
+        "corpus.max_tokens": "0",
+        "corpus.heldout_tokens": "2000",
+        "compare.min_fires": "5",
+        "compare.groups": "5",
+        "compare.geometry_pairings": "10",
+        "report.pair_min_r": "0.0",
+    }
     args = sets(run_dir, tiny_models["llama"], corpus, **extra)
     res = cli("run", *args, env=env)
     return res, run_dir, args
@@ -63,9 +75,15 @@ def test_run_writes_the_site(run):
     assert "report:" in flat(res.stdout) and "index.html" in res.stdout
     # without a terminal every long step says when it starts and when it finishes
     said = flat(res.stderr)
-    for step in ("held-out reconstruction", "spliced CE and KL", "features: logit lens",
-                 "features: exemplar windows", "A's latents against B's untrained copy (floor)",
-                 "the within-document null", "feature pages"):  # fmt: skip
+    for step in (
+        "held-out reconstruction",
+        "spliced CE and KL",
+        "features: logit lens",
+        "features: exemplar windows",
+        "A's latents against B's untrained copy (floor)",
+        "the within-document null",
+        "feature pages",
+    ):
         assert f"{step}: started" in said and f"{step}: finished in" in said, step
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["bytes"]["features"] > 0 and manifest["bytes"]["pairs"] > 0
@@ -80,8 +98,14 @@ def test_every_piece_of_corpus_text_is_escaped(run):
     root = run_dir / "report"
     for path in site_files(root):
         text = path.read_text(encoding="utf-8")
-        for raw in ("<script>window", "<img src=x", 'onerror="window', "<b onmouseover",
-                    'href="javascript:', "</script><script>"):  # fmt: skip
+        for raw in (
+            "<script>window",
+            "<img src=x",
+            'onerror="window',
+            "<b onmouseover",
+            'href="javascript:',
+            "</script><script>",
+        ):
             assert raw not in text, (path, raw)
         if path.suffix == ".js" and path.parent.name != "assets":
             assert text.startswith("samesheep.receive(") and text.rstrip().endswith(");")
@@ -223,8 +247,10 @@ def hostile_latent(run_dir: Path) -> int:
     """A latent of the first model whose shown top exemplars include hostile markup."""
     import pyarrow.parquet as pq
 
-    ex = pq.read_table(run_dir / "llama0" / "layer_1" / "features" / "exemplars.parquet",
-                       columns=["latent", "kind", "rank", "text"]).to_pylist()  # fmt: skip
+    ex = pq.read_table(
+        run_dir / "llama0" / "layer_1" / "features" / "exemplars.parquet",
+        columns=["latent", "kind", "rank", "text"],
+    ).to_pylist()
     for row in ex:
         if (
             row["kind"] == "top"
@@ -424,8 +450,11 @@ def mixed_surface(run_dir: Path, args: list[str], to: Path) -> tuple[Path, list[
     pairs = pq.read_table(folder / "pairs.parquet")
     ra = sr[side == "a"][pairs["latent_a"].to_numpy()]
     rb = sr[side == "b"][pairs["latent_b"].to_numpy()]
-    for name, values in (("surface_r_a", ra), ("surface_r_b", rb),
-                         ("beyond_surface", (ra < 0.5) & (rb < 0.5))):  # fmt: skip
+    for name, values in (
+        ("surface_r_a", ra),
+        ("surface_r_b", rb),
+        ("beyond_surface", (ra < 0.5) & (rb < 0.5)),
+    ):
         pairs = pairs.set_column(pairs.schema.get_field_index(name), name, pa.array(values))
     pq.write_table(pairs, folder / "pairs.parquet")
     (copy / "report" / "manifest.json").unlink()
@@ -515,8 +544,13 @@ def test_overview_leads_with_the_normalised_score(run, env, tmp_path):
 
     _, run_dir, args = run
     text = flat_page(run_dir / "report" / "index.html")
-    order = ["Normalised agreement at r ≥ 0.5", "its fixed-source floor", "surface latents (a",
-             "Two untrained networks' dictionaries", "The numbers"]  # fmt: skip
+    order = [
+        "Normalised agreement at r ≥ 0.5",
+        "its fixed-source floor",
+        "surface latents (a",
+        "Two untrained networks' dictionaries",
+        "The numbers",
+    ]
     at = [text.index(x) for x in order]
     assert at == sorted(at), at
     assert "surface text alone makes dictionaries this alike." in text

@@ -19,11 +19,27 @@ from samesheep.data.store import open_store
 from samesheep.sae.saelens import load_sae
 
 METRICS = [
-    "fvu", "explained_variance", "mse", "l0", "dead_latents", "dead_fraction", "dense_latents",
-    "dense_fraction", "cosine", "shrinkage", "ce_clean", "ce_spliced", "ce_zero",
-    "ce_loss_score", "kl_spliced", "kl_zero", "kl_div_score", "median_relative_error",
-    "outlier_tokens", "median_norm",
-]  # fmt: skip
+    "fvu",
+    "explained_variance",
+    "mse",
+    "l0",
+    "dead_latents",
+    "dead_fraction",
+    "dense_latents",
+    "dense_fraction",
+    "cosine",
+    "shrinkage",
+    "ce_clean",
+    "ce_spliced",
+    "ce_zero",
+    "ce_loss_score",
+    "kl_spliced",
+    "kl_zero",
+    "kl_div_score",
+    "median_relative_error",
+    "outlier_tokens",
+    "median_norm",
+]
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,45 @@ def remove_stale_temporaries(folder: str | Path) -> None:
             for p in folder.glob(pattern):
                 if p.is_file():
                     p.unlink(missing_ok=True)
+
+
+def pid_temporary(folder: Path, name: str) -> Path:
+    """A temporary name beside `folder`'s files that says which process owns it
+    (".name.<pid>.tmp"), so a later run can tell a killed process's leftover from a live
+    one's (see remove_dead_temporaries)."""
+    return Path(folder) / f".{name}.{os.getpid()}{TMP_SUFFIX}"
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_dead_temporaries(root: str | Path) -> list[Path]:
+    """Delete, anywhere below `root`, the temporary files and folders (".name.<pid>.tmp")
+    of processes that are gone: what a killed run left part-written. A live process's (a
+    stage running beside this one) are kept. Returns what was removed."""
+    root = Path(root)
+    removed = []
+    if not root.is_dir():
+        return removed
+    for p in sorted(root.rglob(f".*{TMP_SUFFIX}"), key=lambda p: len(p.parts)):
+        pid = p.name.removesuffix(TMP_SUFFIX).rpartition(".")[2]
+        if not pid.isdigit() or _alive(int(pid)) or not p.exists():
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
 
 
 def cache_dir() -> Path:

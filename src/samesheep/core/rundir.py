@@ -30,7 +30,7 @@ from pathlib import Path
 from .config import Config, check_unit, to_toml
 from .constants import RANDOM_PREFIX
 from .errors import SamesheepError
-from .files import write_text
+from .files import remove_dead_temporaries, write_text
 
 MAIN_SAE = "sae"
 """The folder of a model's main SAE (the one the features stage describes)."""
@@ -139,6 +139,7 @@ def prepare_run_dir(cfg: Config) -> Path:
     if not cfg.layers:
         raise SamesheepError("no layers configured (set layers = [...])")
     check_unit(cfg.unit)
+    remove_dead_temporaries(run)  # what a killed run left part-written
     return run
 
 

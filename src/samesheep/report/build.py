@@ -11,7 +11,6 @@ report/data/             data files loaded as scripts, one per page or block of 
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -27,7 +26,7 @@ from safetensors.numpy import load_file
 from ..core.cache import load_done, mark_done
 from ..core.config import Config, settings_hash
 from ..core.errors import SamesheepError
-from ..core.files import read_json
+from ..core.files import pid_temporary, read_json
 from ..core.plan import compare_pairs, sae_runs
 from ..core.progress import say, step
 from ..core.rundir import (
@@ -167,7 +166,7 @@ def report_stage(cfg: Config) -> Path:
         view = layers_view(folder, short_name(a), short_name(b))
         if view is not None:
             layer_views[(a, b)] = view
-    stage = run / f".report.{os.getpid()}.tmp"
+    stage = pid_temporary(run, "report")
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
     try:
@@ -211,7 +210,7 @@ def _code_hash() -> str:
 
 def _swap_in(stage: Path, root: Path) -> None:
     """Put the finished site in place of the old one (never a half-written site)."""
-    old = root.with_name(f".report.{os.getpid()}.old")
+    old = pid_temporary(root.parent, "report-old")
     if root.exists():
         root.rename(old)
     stage.rename(root)
