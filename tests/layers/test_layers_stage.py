@@ -171,25 +171,18 @@ def test_run_computes_the_layers_beside_and_relays_their_error(run, env, tmp_pat
     it leaves no temporary config behind."""
     res, run_dir, _ = run
     assert "layers llama0 / gpt20:" in flat(res.stderr)  # the child's answer, relayed
-    assert not list(run_dir.glob(".layers.*.toml"))
+    assert not list(run_dir.glob(".layers*"))
     _, _, args = run
     copy, cargs = copy_run(run_dir, args, tmp_path / "copy")
-    (copy / "llama0" / "layer_sample" / "states.safetensors").write_bytes(b"not a file")
+    # more neighbours than the sample has units: the layers stage alone fails
     for beside in ("true", "false"):  # beside, or in order in this process: the same error
-        res = cli(
-            "run",
-            *cargs,
-            "--set",
-            "representations.k=5",
-            "--set",
-            f"representations.beside={beside}",
-            env=env,
-        )
+        setting = f"representations.beside={beside}"
+        res = cli("run", *cargs, "--set", "representations.k=100000", "--set", setting, env=env)
         lines = [line for line in res.stderr.splitlines() if line.strip()]
         assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
         assert [line for line in lines if line.startswith("samesheep: error:")] == lines[-1:]
-        assert "layer sample" in lines[-1]
-        assert not list(copy.glob(".layers.*.toml"))
+        assert "layer samples" in lines[-1] and "100002" in lines[-1], lines[-1]
+        assert not list(copy.glob(".layers*"))
 
 
 def test_layers_before_extract_names_the_stage(tiny_models, tmp_path, env):
