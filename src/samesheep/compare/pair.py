@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..core.config import CompareConfig
+from ..core.constants import SUMMARY
 from ..core.errors import SamesheepError
 from ..core.files import read_json
 from ..core.progress import step
@@ -87,7 +88,7 @@ class Comparison:
     def load(cls, folder: str | Path) -> Comparison:
         """Read a compare/<A>__<B> folder (a clear error where it is incomplete)."""
         folder = Path(folder)
-        summary = read_json(folder / "summary.json", corrupt_is_missing=True)
+        summary = read_json(folder / SUMMARY, corrupt_is_missing=True)
         if not summary:
             raise SamesheepError(f"no comparison in {folder}: run `samesheep compare` first")
         tables = {n: pq.read_table(folder / f"{n}.parquet") for n in TABLES}

@@ -23,11 +23,20 @@ import pyarrow.parquet as pq
 
 from ..core.cache import load_done, mark_done, unmark
 from ..core.config import Config, InterpretConfig, settings_hash
+from ..core.constants import SUMMARY
 from ..core.errors import SamesheepError
 from ..core.files import atomic_path, read_json
 from ..core.plan import compare_pairs
 from ..core.progress import say, step
-from ..core.rundir import compare_folder, prepare_run_dir, record_config, safe_name
+from ..core.rundir import (
+    compare_folder,
+    features_dir,
+    layer_dir,
+    prepare_run_dir,
+    record_config,
+    run_path,
+    safe_name,
+)
 from ..lm.models import model_depth, resolve_layer
 from .backends import Calls, Request, make_backend
 from .prompts import Example, clean_explanation, explain_messages
@@ -112,8 +121,8 @@ class SaeInfo:
 
 
 def _sae_info(cfg: Config, source: str, layer: int) -> SaeInfo:
-    folder = Path(cfg.run_dir).expanduser() / safe_name(source) / f"layer_{layer}" / "features"
-    summary = read_json(folder / "summary.json", corrupt_is_missing=True)
+    folder = features_dir(layer_dir(run_path(cfg), source, layer))
+    summary = read_json(folder / SUMMARY, corrupt_is_missing=True)
     if not summary:
         raise SamesheepError(
             f"no features for {source} layer {layer}: run `samesheep features` "
@@ -366,7 +375,7 @@ def _partners(cfg: Config, infos: dict) -> dict:
             la = resolve_layer(spec, model_depth(a, cfg.trust_remote_code))
             lb = resolve_layer(spec, model_depth(b, cfg.trust_remote_code))
             folder = compare_folder(cfg, a, b, la, lb)
-            summary = read_json(folder / "summary.json", corrupt_is_missing=True)
+            summary = read_json(folder / SUMMARY, corrupt_is_missing=True)
             if not summary or not (folder / "partners.parquet").is_file():
                 continue
             out["keys"].append(summary.get("key", ""))

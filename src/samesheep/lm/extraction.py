@@ -19,6 +19,7 @@ from ..core.device import choose_device, choose_dtype, dtype_name, set_threads
 from ..core.errors import SamesheepError
 from ..core.files import read_json, write_json
 from ..core.progress import progress
+from ..core.rundir import acts_dir, layer_name
 from ..data.corpus import Document, read_documents
 from ..data.store import (
     SPLITS,
@@ -263,7 +264,7 @@ def extract_model(
         state
         and state.get("key") == keys()[0]
         and state.get("complete")
-        and all(store_intact(model_dir / f"layer_{L}" / "acts") for L in state["layers"])
+        and all(store_intact(acts_dir(model_dir / layer_name(L))) for L in state["layers"])
     ):
         return {**state, "skipped": True}
 
@@ -288,7 +289,7 @@ def extract_model(
     # way ("2/3" or 12), keeps the stores already complete.
     writers = {
         L: StoreWriter(
-            model_dir / f"layer_{L}" / "acts",
+            acts_dir(model_dir / layer_name(L)),
             {**header, "key": settings_hash(base, L), "layer": L},
         )
         for L in layers

@@ -11,6 +11,7 @@ from typing import Any
 
 from ..core import config as config_mod
 from ..core.config import Config
+from ..core.constants import SUMMARY
 from ..core.errors import SamesheepError
 from ..core.files import read_json
 from ..core.progress import say
@@ -44,10 +45,10 @@ def run_setting(cfg: Config) -> dict[str, str]:
 def _summaries(run: Path, a: str, b: str) -> list[dict[str, Any]]:
     """The comparison summaries of a pair in a run directory (one per layer setting)."""
     folder = run / "compare" / f"{safe_name(a)}__{safe_name(b)}"
-    found = [read_json(folder / "summary.json", corrupt_is_missing=True)]
+    found = [read_json(folder / SUMMARY, corrupt_is_missing=True)]
     if folder.is_dir():
         found += [
-            read_json(sub / "summary.json", corrupt_is_missing=True)
+            read_json(sub / SUMMARY, corrupt_is_missing=True)
             for sub in sorted(folder.iterdir())
             if sub.is_dir()
         ]

@@ -25,6 +25,7 @@ from safetensors.numpy import load_file
 
 from ..core.cache import load_done, mark_done
 from ..core.config import Config, settings_hash
+from ..core.constants import SUMMARY
 from ..core.errors import SamesheepError
 from ..core.files import pid_temporary, read_json
 from ..core.plan import compare_pairs, sae_runs
@@ -32,6 +33,9 @@ from ..core.progress import say, step
 from ..core.rundir import (
     codes_dir,
     compare_folder,
+    features_dir,
+    layer_dir,
+    layer_name,
     pair_folder,
     prepare_run_dir,
     record_config,
@@ -99,8 +103,8 @@ def report_stage(cfg: Config) -> Path:
         depth = model_depth(source, cfg.trust_remote_code)
         for spec in cfg.layers:
             layer = resolve_layer(spec, depth)
-            folder = run / safe_name(source) / f"layer_{layer}"
-            if not (folder / "features" / "summary.json").is_file():
+            folder = layer_dir(run, source, layer)
+            if not (features_dir(folder) / SUMMARY).is_file():
                 raise SamesheepError(
                     f"no features for {source} layer {layer}: run `samesheep features` "
                     "(or `samesheep run`) first"
@@ -114,7 +118,7 @@ def report_stage(cfg: Config) -> Path:
             la = resolve_layer(spec, model_depth(a, cfg.trust_remote_code))
             lb = resolve_layer(spec, model_depth(b, cfg.trust_remote_code))
             folder = compare_folder(cfg, a, b, la, lb)
-            summary = read_json(folder / "summary.json", corrupt_is_missing=True)
+            summary = read_json(folder / SUMMARY, corrupt_is_missing=True)
             if not summary:
                 raise SamesheepError(
                     f"no comparison of {a} and {b} in {folder}: run `samesheep compare` "
@@ -132,7 +136,7 @@ def report_stage(cfg: Config) -> Path:
         _check_tables(sae.folder / "features", ("feature_table", "exemplars"), "features")
     for c in comparisons:
         _check_tables(c.folder, ("partners", "pairs", "families"), "compare")
-    inputs = [read_json(s.folder / "features" / "summary.json").get("key") for s in saes.values()]
+    inputs = [read_json(features_dir(s.folder) / SUMMARY).get("key") for s in saes.values()]
     inputs += [  # the interpret stage's explanations, where it has run
         (read_json(s.folder / "features" / "explanations.json", True) or {}).get("key")
         for s in saes.values()
@@ -226,7 +230,7 @@ def saes_metrics(cfg: Config) -> dict[str, dict[str, Any]]:
         depth = model_depth(sr.source, cfg.trust_remote_code)
         for spec in cfg.layers:
             layer = resolve_layer(spec, depth)
-            rel = f"{safe_name(sr.source)}/layer_{layer}/{sr.sae_name}"
+            rel = f"{safe_name(sr.source)}/{layer_name(layer)}/{sr.sae_name}"
             metrics = read_json(run / rel / "metrics.json", corrupt_is_missing=True)
             if metrics:
                 out[rel] = {"source": sr.source, "sae": sr.sae_name, "layer": layer, **metrics}

@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
+from ..core.constants import SUMMARY
 from ..core.errors import SamesheepError
 from ..core.files import read_json
 
@@ -274,7 +275,7 @@ def read_features(
 ) -> FeatureData:
     """Read a features/ folder: every latent's statistics, its `n_top` top and `per_bin`
     quantile exemplars per bin (cut to `context` tokens a side), its `n_pair` top windows."""
-    summary = read_json(folder / "summary.json", corrupt_is_missing=True)
+    summary = read_json(folder / SUMMARY, corrupt_is_missing=True)
     if not summary:
         raise SamesheepError(f"no features in {folder}: run `samesheep features` first")
     try:
