@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -233,3 +234,13 @@ def window(text: str, firing: list[int], values: list[float]) -> Example:
     acts = np.zeros(len(starts))
     acts[firing] = values
     return Example(text, np.array(starts), np.array(ends), acts, float(max(values, default=0)))
+
+
+def load_same_outputs():
+    """scripts/same_outputs.py as a module (it is a script, not part of the package)."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "same_outputs.py"
+    spec = importlib.util.spec_from_file_location("same_outputs", script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # (its dataclasses look their module up there)
+    spec.loader.exec_module(module)
+    return module

@@ -11,7 +11,6 @@ layout the package has. Set RESUME_KILL_SEEDS (e.g. 1,2,3) to draw other kill mo
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import random
@@ -27,9 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from helpers import flat, sets, write_corpus
+from helpers import flat, load_same_outputs, sets, write_corpus
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "same_outputs.py"
 STAGES = ("extract", "train", "features", "compare", "layers", "report")
 ORDER = ("extract", "train", "features", "compare", "layers", "interpret", "report")
 """The stages as `run` records them in timings.json (interpret is off here)."""
@@ -50,15 +48,7 @@ SEEDS = [int(x) for x in os.environ.get("RESUME_KILL_SEEDS", "0").split(",")]
 """Seeds of the kill moments (RESUME_KILL_SEEDS=1,2,3 draws others, each a test case)."""
 
 
-def _load_same_outputs():
-    spec = importlib.util.spec_from_file_location("same_outputs", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # (its dataclasses look their module up there)
-    spec.loader.exec_module(module)
-    return module
-
-
-same_outputs = _load_same_outputs()
+same_outputs = load_same_outputs()
 
 
 # ---------------------------------------------------------------- running the CLI

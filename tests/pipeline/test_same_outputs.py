@@ -3,7 +3,6 @@ run folders, loaded from the script's file (it imports nothing from samesheep)."
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -14,20 +13,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import load_same_outputs
 from safetensors.numpy import save_file
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "same_outputs.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("same_outputs", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # (its dataclasses look their module up there)
-    spec.loader.exec_module(module)
-    return module
-
-
-same_outputs = load_script()
+same_outputs = load_same_outputs()
 
 
 def fake_run(run: Path) -> Path:
@@ -187,7 +176,7 @@ def test_the_command_line(runs, tmp_path):
 
     def run(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, str(SCRIPT), *map(str, args)],
+            [sys.executable, same_outputs.__file__, *map(str, args)],
             capture_output=True,
             text=True,
             timeout=60,
