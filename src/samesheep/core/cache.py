@@ -46,7 +46,7 @@ def damaged(folder: Path, files: dict[str, dict[str, Any]]) -> list[str]:
     return out
 
 
-def load_done(marker: Path, key: str) -> dict[str, Any] | None:
+def load_done(marker: Path, key: Any) -> dict[str, Any] | None:
     """The marker's record where it holds `key` and every file it vouches for is intact;
     else None: the work must be done (again)."""
     record = read_json(marker, corrupt_is_missing=True)

@@ -18,10 +18,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from ..core.cache import load_done
 from ..core.config import check_unit, settings_hash
 from ..core.device import DTYPES
 from ..core.errors import SamesheepError
-from ..core.files import read_json
 from .store import MANIFEST, SPLITS, TOKEN_SCHEMA, Store, StoreWriter, open_store, store_intact
 
 TEXT_VERSION = 1
@@ -88,8 +88,7 @@ def text_store(store: Store, unit: str, lengths: dict[str, list[int]]) -> Store:
     check_unit(unit)
     folder = text_folder(store, unit)
     key = settings_hash(TEXT_VERSION, store.manifest["key"], unit)
-    old = read_json(folder / MANIFEST, corrupt_is_missing=True)
-    if old and old.get("key") == key and store_intact(folder):
+    if load_done(folder / MANIFEST, key) and store_intact(folder):
         return open_store(folder)
     skip = ("shards", "complete", "key", "tokens", "documents")
     header = {k: v for k, v in store.manifest.items() if k not in skip}

@@ -26,11 +26,11 @@ import pyarrow.parquet as pq
 import torch
 from safetensors.torch import save_file
 
-from ..core.cache import mark_done
+from ..core.cache import load_done, mark_done, unmark
 from ..core.config import FeaturesConfig
 from ..core.constants import SUMMARY
 from ..core.errors import SamesheepError
-from ..core.files import atomic_path, read_json, write_json
+from ..core.files import atomic_path, read_json
 from ..core.progress import step
 from ..data.corpus import CorpusReader, Document
 from ..data.store import SPLITS, Store, TokenFilter
@@ -717,21 +717,20 @@ def corpus_states(corpus_dir: Any, corpus_hash: str, make_embedder: Any) -> Any:
     corpus_dir = Path(corpus_dir)
     path, meta_path = corpus_dir / "embeddings.safetensors", corpus_dir / "embeddings.json"
     embedder = None
-    meta = read_json(meta_path, corrupt_is_missing=True)
-    if meta and path.is_file():
+    if read_json(meta_path, corrupt_is_missing=True) and path.is_file():
         embedder = make_embedder()
-        if meta.get("key") == [corpus_hash, embedder.name, str(embedder.dtype)]:
+        if load_done(meta_path, [corpus_hash, embedder.name, str(embedder.dtype)]):
             try:
                 return DocumentStates.load(path)
-            except Exception:  # a damaged cache is rebuilt
+            except Exception:  # an unreadable cache is rebuilt
                 pass
     embedder = embedder or make_embedder()
     reader = CorpusReader(corpus_dir)
     texts = [d.text for split in SPLITS for d in reader.documents(split)]
     states = embedder.embed_documents(texts, label=f"embed {len(texts):,} documents")
-    meta_path.unlink(missing_ok=True)
+    unmark(meta_path)
     states.save(path)
-    write_json(meta_path, {"key": [corpus_hash, embedder.name, str(embedder.dtype)]})
+    mark_done(meta_path, {"key": [corpus_hash, embedder.name, str(embedder.dtype)]}, [path])
     return states
 
 

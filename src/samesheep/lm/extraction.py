@@ -14,10 +14,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from ..core.cache import load_done
 from ..core.config import ExtractConfig, settings_hash
 from ..core.device import choose_device, choose_dtype, dtype_name, set_threads
 from ..core.errors import SamesheepError
-from ..core.files import read_json, write_json
+from ..core.files import write_json
 from ..core.progress import progress
 from ..core.rundir import acts_dir, layer_name
 from ..data.corpus import Document, read_documents
@@ -259,10 +260,9 @@ def extract_model(
         return settings_hash(base, [str(s) for s in layer_specs]), base
 
     state_path = model_dir / "extract.json"
-    state = read_json(state_path, corrupt_is_missing=True)
+    state = load_done(state_path, keys()[0])
     if (
         state
-        and state.get("key") == keys()[0]
         and state.get("complete")
         and all(store_intact(acts_dir(model_dir / layer_name(L))) for L in state["layers"])
     ):
