@@ -162,10 +162,13 @@ def test_train_before_extract_names_the_stage(tiny_models, corpus, tmp_path, env
     ],
 )
 def test_bad_settings(run, env, override, says):
-    _, _, _, args = run
+    _, _, layer_dir, args = run
     res = cli("train", *args, "--set", override, env=env)
     assert_one_line_error(res)
     assert says in res.stderr
+    # the SAE trained before is still marked done: a bad setting loses no work
+    state = json.loads((layer_dir / "train" / "state.json").read_text())
+    assert state["complete"] and state["digests"]
 
 
 def test_nan_in_the_store_names_the_shard(run, env, tmp_path):

@@ -10,7 +10,7 @@ from typing import Any
 import pyarrow.parquet as pq
 from safetensors.torch import save_file
 
-from ..core.cache import load_done, mark_done, unmark
+from ..core.cache import load_done, mark_done
 from ..core.config import Config, settings_hash
 from ..core.constants import SPLITS
 from ..core.device import DTYPES, choose_device, choose_dtype, dtype_name, set_threads
@@ -150,7 +150,6 @@ def _train_layer(
             return key, load_sae(folder, d_in=store.d_model), state["summary"]
         except SamesheepError:
             pass  # the saved SAE is unreadable: train again (from the checkpoint)
-    unmark(state_path)
     label = _layer_label(sr, layer)
     set_threads(cfg.train.threads)
     sae, summary = train_sae(store, train_cfg, work, key, label)
@@ -200,7 +199,6 @@ def _pretrained_layer(
     state_path = train_dir(layer_folder, MAIN_SAE) / STATE
     summary = {"pretrained": str(folder)}
     if not load_done(state_path, key):
-        unmark(state_path)
         main = sae_dir(layer_folder, MAIN_SAE)
         save_sae(sae, main, _metadata(cfg, source, layer, store))
         record = {"key": key, "complete": True, "summary": summary}
@@ -239,7 +237,6 @@ def _evaluate_model(
         if old:
             out[L] = old
         else:
-            unmark(folders[L] / METRICS)
             todo.append(L)
     lm = None
     for L in todo:
