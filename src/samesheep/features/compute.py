@@ -3,7 +3,7 @@
 One streaming pass encodes every kept token of the store (train and held-out) and keeps only
 running statistics: firing counts, mass and maximum, the exact top exemplars (at most a few
 per document), per-latent token, bigram, topic and document counts. The codes it writes
-(codes.py) are then read twice more, cheaply: once for the activation histograms, the
+(sae/codes.py) are then read twice more, cheaply: once for the activation histograms, the
 exemplars across the activation range (reservoirs, now that each latent's maximum is known)
 and the random non-firing windows; once to cut every exemplar's window out of its document
 with each token's activation. Memory is flat in the number of tokens.

@@ -9,7 +9,7 @@ Conventions (the same for every architecture):
 
 Storing the encoder as [d_sae, d_in] keeps one latent's encoder and decoder vectors each in
 one contiguous row, which is what the sparse paths gather. SAELens' layout (W_enc
-[d_in, d_sae]) is written by sae_files.py, with input_scale folded into the weights.
+[d_in, d_sae]) is written by sae/saelens.py, with input_scale folded into the weights.
 
 Training: each architecture has its own small forward function (`FORWARDS`), all returning a
 `ForwardOutput`; the trainer owns every piece of state (BatchTopK's inference threshold is
