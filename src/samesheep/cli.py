@@ -11,6 +11,7 @@ from . import pipeline
 from .core import config as config_mod
 from .core.errors import SamesheepError
 from .core.files import write_text
+from .core.rundir import report_dir, run_path
 from .data.store import open_store
 
 
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             }[args.command]
             stage(cfg)
             if args.command in ("run", "report"):
-                index = Path(cfg.run_dir).expanduser() / "report" / "index.html"
+                index = report_dir(run_path(cfg)) / "index.html"
                 print(f"report: {index.resolve().as_uri()}")
     except SamesheepError as e:
         if args.debug:

@@ -15,11 +15,18 @@ from safetensors.torch import load_file
 
 from ..core.cache import load_done, mark_done, unmark
 from ..core.config import Config, settings_hash
-from ..core.constants import RANDOM_PREFIX, SPLITS, SUMMARY
+from ..core.constants import SPLITS, SUMMARY
 from ..core.device import choose_device, choose_dtype
 from ..core.errors import SamesheepError
 from ..core.files import atomic_path, read_json
-from ..core.plan import ceiling_architecture, ceiling_name, compare_pairs, comparing, random_copy
+from ..core.plan import (
+    ceiling_architecture,
+    ceiling_name,
+    compare_pairs,
+    comparing,
+    is_main,
+    random_copy,
+)
 from ..core.progress import say
 from ..core.rundir import (
     MAIN_SAE,
@@ -33,7 +40,6 @@ from ..core.rundir import (
     record_config,
     run_path,
     sae_dir,
-    train_dir,
 )
 from ..data.alignment import TokenRows
 from ..data.corpus import CorpusReader
@@ -44,8 +50,8 @@ from ..lm.models import model_depth, resolve_layer
 from ..lm.stage import check_layers
 from ..sae.codes import Encoding, stream_codes
 from ..sae.model import concat_codes
-from ..sae.saelens import CFG_FILE, load_sae
-from ..sae.stage import layer_store
+from ..sae.saelens import load_sae
+from ..sae.stage import layer_store, trained_key
 from ..sae.training import token_filter
 from .correlation import UNIT_VALUES
 from .pair import (
@@ -70,29 +76,13 @@ COMPARE_VERSION = 3
 NOT_IN_COMPARE_KEY = ("pairs",)
 
 
-def _sae_key(folder: Path, sae_name: str, source: str, layer: int) -> str:
-    """The key a finished SAE was trained under, or a clear error naming the stage to run."""
-    state = read_json(train_dir(folder, sae_name) / "state.json", corrupt_is_missing=True)
-    if not (state and state.get("complete") and (sae_dir(folder, sae_name) / CFG_FILE).is_file()):
-        raise SamesheepError(
-            f"no SAE {sae_name} for {source} layer {layer}: run `samesheep train` "
-            "(or `samesheep run`) first"
-        )
-    return state["key"]
-
-
-def _reads_features(source: str, sae_name: str) -> bool:
-    """Whether a side of a comparison brings its features (a model's main SAE does)."""
-    return sae_name == MAIN_SAE and not source.startswith(RANDOM_PREFIX)
-
-
 def _check_side(cfg: Config, source: str, layer: int, sae_name: str) -> tuple[str, Store]:
     """(the SAE's key, its store) of one side of a comparison, with its features where the
     comparison reads them, or a clear error naming the stage to run."""
     folder = layer_dir(run_path(cfg), source, layer)
-    sae_key = _sae_key(folder, sae_name, source, layer)
+    sae_key = trained_key(cfg, source, layer, sae_name)
     store = layer_store(cfg, source, layer)
-    if _reads_features(source, sae_name) and not (features_dir(folder) / SUMMARY).is_file():
+    if is_main(source, sae_name) and not (features_dir(folder) / SUMMARY).is_file():
         raise SamesheepError(
             f"no features for {source} layer {layer}: run `samesheep features` "
             "(or `samesheep run`) first"
@@ -129,7 +119,7 @@ class SideReader:
         codes = concat_codes([c.codes for c in chunks])
         features = centroids = None
         fdir = features_dir(folder)
-        if _reads_features(source, sae_name):
+        if is_main(source, sae_name):
             features = pq.read_table(fdir / "feature_table.parquet", columns=["latent", "topic"])
             if (fdir / "centroids.safetensors").is_file():
                 centroids = load_file(fdir / "centroids.safetensors")["centroids"].numpy()

@@ -27,7 +27,7 @@ def digest(path: Path) -> dict[str, Any]:
 
 
 def digests(folder: Path, paths: Iterable[Path]) -> dict[str, dict[str, Any]]:
-    """{path relative to `folder`: its digest} of files at or below `folder`'s parent."""
+    """{path relative to `folder`: its digest} (a file beside `folder` is "../<name>")."""
     return {os.path.relpath(p, folder): digest(Path(p)) for p in paths}
 
 

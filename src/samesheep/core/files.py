@@ -22,7 +22,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it into place when the block ends cleanly."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
+    tmp = pid_temporary(path.parent, path.name)
     try:
         yield tmp
         with open(tmp, "rb+") as f:

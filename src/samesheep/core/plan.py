@@ -25,12 +25,18 @@ class SaeRun:
 
     @property
     def main(self) -> bool:
-        return self.sae_name == MAIN_SAE and not self.source.startswith(RANDOM_PREFIX)
+        return is_main(self.source, self.sae_name)
 
     @property
     def label(self) -> str:
         """How log lines name it: the model, and the SAE's folder where it is not the main."""
         return self.source if self.sae_name == MAIN_SAE else f"{self.source} ({self.sae_name})"
+
+
+def is_main(source: str, sae_name: str) -> bool:
+    """Whether an SAE is a model's main one (not a floor's untrained copy, not a ceiling's
+    second seed): the one the features stage describes and a comparison reads features of."""
+    return sae_name == MAIN_SAE and not source.startswith(RANDOM_PREFIX)
 
 
 def comparing(cfg: Config) -> bool:

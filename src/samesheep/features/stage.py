@@ -26,15 +26,14 @@ from ..core.rundir import (
     record_config,
     run_path,
     sae_dir,
-    train_dir,
 )
 from ..data.corpus import CorpusReader
 from ..data.store import Store
 from ..lm.models import load_model, load_tokenizer, model_depth, resolve_layer
 from ..lm.stage import check_layers
 from ..sae.codes import Encoding
-from ..sae.saelens import CFG_FILE, load_sae, read_sae_config
-from ..sae.stage import layer_store, token_settings
+from ..sae.saelens import load_sae, read_sae_config
+from ..sae.stage import layer_store, token_settings, trained_key
 from ..sae.training import token_filter
 from .compute import (
     CodesPlace,
@@ -97,14 +96,8 @@ def _sae_for(cfg: Config, source: str, layer: int) -> tuple[str, Store]:
     """(the key the SAE was made under, its store): the SAE the train stage left for the
     layer, checked to fit its store (from its cfg.json alone, no weights read), or a clear
     error naming the stage to run."""
-    folder = layer_dir(run_path(cfg), source, layer)
-    state = read_json(train_dir(folder, MAIN_SAE) / "state.json", corrupt_is_missing=True)
-    sae = sae_dir(folder, MAIN_SAE)
-    if not (state and state.get("complete") and (sae / CFG_FILE).is_file()):
-        raise SamesheepError(
-            f"no SAE for {source} layer {layer} in {sae}: run `samesheep train` "
-            "(or `samesheep run`) first"
-        )
+    sae_key = trained_key(cfg, source, layer)
+    sae = sae_dir(layer_dir(run_path(cfg), source, layer), MAIN_SAE)
     store = layer_store(cfg, source, layer)
     d_in = read_sae_config(sae).d_in
     if d_in != store.d_model:
@@ -112,7 +105,7 @@ def _sae_for(cfg: Config, source: str, layer: int) -> tuple[str, Store]:
             f"SAE at {sae} expects d_in={d_in} but the activations of {source} layer "
             f"{layer} have {store.d_model}: run `samesheep train` again"
         )
-    return state["key"], store
+    return sae_key, store
 
 
 def codes_key(cfg: Config, sae_key: str, store: Store, dtype: Any) -> str:

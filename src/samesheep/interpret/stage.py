@@ -31,6 +31,7 @@ from ..core.progress import say, step
 from ..core.rundir import (
     compare_folder,
     features_dir,
+    interpret_dir,
     layer_dir,
     prepare_run_dir,
     record_config,
@@ -196,7 +197,7 @@ def read_user_labels(path: str, models: list[str]) -> dict[tuple[str, int], str]
 
 
 def _cache_path(run: Path, name: str) -> Path:
-    return run / "interpret" / "cache" / f"{hashlib.sha256(name.encode()).hexdigest()[:16]}.jsonl"
+    return interpret_dir(run) / "cache" / f"{hashlib.sha256(name.encode()).hexdigest()[:16]}.jsonl"
 
 
 def interpret_stage(cfg: Config) -> dict[str, dict[int, dict[str, Any]]]:
@@ -214,7 +215,7 @@ def interpret_stage(cfg: Config) -> dict[str, dict[int, dict[str, Any]]]:
             infos[(source, layer)] = _sae_info(cfg, source, layer)
     user = read_user_labels(ic.user_labels, cfg.models)
     chosen = {k: chosen_latents(info, ic) for k, info in infos.items()}
-    partners = _partners(cfg, infos)
+    partners = _partners(cfg)
     settings = {k: v for k, v in dataclasses.asdict(ic).items() if k not in NOT_IN_KEY}
     key = settings_hash(
         INTERPRET_VERSION,
@@ -366,7 +367,7 @@ def _label_jobs(
     return jobs
 
 
-def _partners(cfg: Config, infos: dict) -> dict:
+def _partners(cfg: Config) -> dict:
     """{(model, layer): {(other model, layer): {latent: (best partner, r)}}} from the
     comparisons the run has made (none before the compare stage), and their keys."""
     out: dict[Any, Any] = {"keys": []}

@@ -34,7 +34,14 @@ from ..core.errors import SamesheepError
 from ..core.files import atomic_path
 from ..core.plan import compare_pairs, comparing, random_copy
 from ..core.progress import say
-from ..core.rundir import pair_folder, prepare_run_dir, record_config, safe_name
+from ..core.rundir import (
+    model_dir,
+    pair_folder,
+    prepare_run_dir,
+    record_config,
+    run_path,
+    safe_name,
+)
 from ..data.alignment import TokenRows, Units, align
 from ..lm.layer_sample import LayerSample
 from ..sae.stage import document_lengths
@@ -462,7 +469,7 @@ def layers_table(result: dict[str, Any], n_a: int, n_b: int) -> pa.Table:
 
 
 def _open_sample(cfg: Config, source: str) -> LayerSample:
-    return LayerSample.open(Path(cfg.run_dir).expanduser() / safe_name(source), source)
+    return LayerSample.open(model_dir(run_path(cfg), source), source)
 
 
 def _sides(

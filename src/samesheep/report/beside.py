@@ -15,7 +15,7 @@ from ..core.constants import SUMMARY
 from ..core.errors import SamesheepError
 from ..core.files import read_json
 from ..core.progress import say
-from ..core.rundir import safe_name
+from ..core.rundir import run_path, safe_name
 from .overview import DIRECTIONS, MODES, has_answer, scale_cells
 
 RERUN = "needs a rerun"
@@ -59,7 +59,7 @@ def beside_runs(cfg: Config, pairs: list[tuple[str, str]]) -> list[dict[str, Any
     """Each run of report.beside that can be read: its folder, settings, and summaries per
     pair of this run's models ({(A, B): [summary, ...]}); or a note where it cannot."""
     out = []
-    here = Path(cfg.run_dir).expanduser().resolve()
+    here = run_path(cfg).resolve()
     for path in cfg.report.beside:
         folder = Path(path).expanduser()
         entry: dict[str, Any] = {"run": str(path), "summaries": {}, "note": ""}

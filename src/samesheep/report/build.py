@@ -31,8 +31,10 @@ from ..core.files import pid_temporary, read_json
 from ..core.plan import compare_pairs, sae_runs
 from ..core.progress import say, step
 from ..core.rundir import (
+    MAIN_SAE,
     codes_dir,
     compare_folder,
+    corpus_dir,
     features_dir,
     layer_dir,
     layer_name,
@@ -40,7 +42,10 @@ from ..core.rundir import (
     prepare_run_dir,
     record_config,
     report_dir,
+    run_path,
+    sae_dir,
     safe_name,
+    timings_file,
 )
 from ..data.alignment import TokenRows
 from ..data.corpus import CorpusReader
@@ -48,7 +53,7 @@ from ..lm.models import model_depth, resolve_layer
 from ..sae.codes import read_codes
 from ..sae.model import concat_codes
 from ..sae.saelens import read_sae_config
-from ..sae.stage import layer_store
+from ..sae.stage import METRICS, layer_store
 from ..sae.training import token_filter
 from . import overview
 from .beside import ModelPair, beside_keys, beside_runs, beside_view
@@ -224,14 +229,14 @@ def _swap_in(stage: Path, root: Path) -> None:
 def saes_metrics(cfg: Config) -> dict[str, dict[str, Any]]:
     """metrics.json of every SAE the run trained (the models', the floors', the ceilings'),
     keyed "<model folder>/layer_<L>/<sae>"."""
-    run = Path(cfg.run_dir).expanduser()
+    run = run_path(cfg)
     out = {}
     for sr in sae_runs(cfg):
         depth = model_depth(sr.source, cfg.trust_remote_code)
         for spec in cfg.layers:
             layer = resolve_layer(spec, depth)
             rel = f"{safe_name(sr.source)}/{layer_name(layer)}/{sr.sae_name}"
-            metrics = read_json(run / rel / "metrics.json", corrupt_is_missing=True)
+            metrics = read_json(run / rel / METRICS, corrupt_is_missing=True)
             if metrics:
                 out[rel] = {"source": sr.source, "sae": sr.sae_name, "layer": layer, **metrics}
     return out
@@ -248,8 +253,7 @@ def build_site(
     """Every page and data file of the site, into root; `others`: beside_runs, the runs
     whose answers the overview shows beside this run's."""
     rc = cfg.report
-    run = Path(cfg.run_dir).expanduser()
-    n_train = CorpusReader(run / "corpus").count("train")
+    n_train = CorpusReader(corpus_dir(run_path(cfg))).count("train")
     copy_assets(root)
     features: dict[str, FeatureData] = {}
     bytes_by_kind: dict[str, int] = {}
@@ -291,7 +295,7 @@ def build_site(
         page["beside"] = beside_view(cfg, c.summary, others or [], models)
         pages.append(page)
     run_info = overview.run_info(
-        cfg, saes_metrics(cfg), read_json(run / "timings.json", corrupt_is_missing=True)
+        cfg, saes_metrics(cfg), read_json(timings_file(run_path(cfg)), corrupt_is_missing=True)
     )
     site = {
         "saes": {
@@ -464,8 +468,10 @@ def token_index(cfg: Config, sae: SaePage) -> TokenIndex:
     """The model's tokens and its SAE's codes, for windows of any text (the pair pages)."""
     store = layer_store(cfg, sae.model, sae.layer)  # per token or per text
     tokens = token_filter(store, cfg.train)
-    n_train = CorpusReader(Path(cfg.run_dir).expanduser() / "corpus").count("train")
+    n_train = CorpusReader(corpus_dir(run_path(cfg))).count("train")
     rows = TokenRows.of(store, tokens, n_train)
-    codes = concat_codes([c.codes for c in read_codes(codes_dir(sae.folder, "sae"), store, tokens)])
-    d_sae = read_sae_config(sae.folder / "sae").d_sae
+    codes = concat_codes(
+        [c.codes for c in read_codes(codes_dir(sae.folder, MAIN_SAE), store, tokens)]
+    )
+    d_sae = read_sae_config(sae_dir(sae.folder, MAIN_SAE)).d_sae
     return TokenIndex(rows.doc, rows.start, rows.end, rows.gid, codes, d_sae)

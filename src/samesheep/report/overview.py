@@ -4,12 +4,11 @@ the numbers with their floors, nulls, ceilings and intervals, the plots, and the
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 from ..core.config import Config, to_toml
 from ..core.files import read_json
-from ..core.rundir import safe_name
+from ..core.rundir import corpus_manifest, run_path, safe_name
 from .plots import COLORS, LineAxes, Series, bar_plot, hbar_plot, line_plot
 from .site import DASH, number, percent
 
@@ -539,8 +538,7 @@ def comparison_view(summary: dict[str, Any], a: str, b: str) -> dict[str, Any]:
 
 def run_info(cfg: Config, metrics: dict[str, dict[str, Any]], timings: dict | None) -> dict:
     """The run: models, corpus, layers, settings, stage times, and the SAE quality table."""
-    run = Path(cfg.run_dir).expanduser()
-    corpus = read_json(run / "corpus" / "manifest.json", corrupt_is_missing=True) or {}
+    corpus = read_json(corpus_manifest(run_path(cfg)), corrupt_is_missing=True) or {}
     quality = []
     for rel, m in metrics.items():
         role = (

@@ -121,6 +121,21 @@ def layer_store(cfg: Config, source: str, layer: int) -> Store:
     return store
 
 
+def trained_key(cfg: Config, source: str, layer: int, sae_name: str = MAIN_SAE) -> str:
+    """The key an SAE the train stage finished was trained under (from its training
+    marker; no weights read), or a clear error naming the stage to run."""
+    folder = layer_dir(run_path(cfg), source, layer)
+    state = read_json(train_dir(folder, sae_name) / STATE, corrupt_is_missing=True)
+    sae = sae_dir(folder, sae_name)
+    if not (state and state.get("complete") and (sae / CFG_FILE).is_file()):
+        name = "" if sae_name == MAIN_SAE else f" {sae_name}"
+        raise SamesheepError(
+            f"no SAE{name} for {source} layer {layer} in {sae}: run `samesheep train` "
+            "(or `samesheep run`) first"
+        )
+    return state["key"]
+
+
 def document_lengths(cfg: Config) -> dict[str, list[int]]:
     """Characters of every document of each split of the run's corpus."""
     reader = CorpusReader(corpus_dir(run_path(cfg)))
