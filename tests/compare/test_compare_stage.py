@@ -81,6 +81,38 @@ def test_run_compares_with_floor_null_and_ceiling(run):
     assert "Normalised agreement at r >= 0.5" in flat(res.stderr)
 
 
+def test_every_judged_latent_is_shared_spread_or_absent(run):
+    """The probes ran on the stage's units: per direction the three shares sum to one over
+    the probed latents, with intervals around them; the partner table labels the same
+    latents, and its R^2 columns obey their definitions."""
+    res, run_dir, _, _ = run
+    summary = json.loads((run_dir / "compare" / "llama0__gpt20" / "summary.json").read_text())
+    presence = summary["presence"]
+    partners = pq.read_table(run_dir / "compare" / "llama0__gpt20" / "partners.parquet")
+    partners = partners.to_pandas()
+    for direction, side in (("a_to_b", "a"), ("b_to_a", "b")):
+        e = presence[direction]
+        assert 0 < e["probed"] <= e["judged"]
+        assert abs(sum(e["shares"].values()) - 1) < 1e-9
+        for k, (lo, hi) in e["intervals"].items():
+            assert lo - 1e-9 <= e["shares"][k] <= hi + 1e-9, k
+        mine = partners[partners.side == side]
+        probed = mine[mine.presence != ""]
+        assert len(probed) == e["probed"]
+        assert probed.presence.value_counts().to_dict() == {
+            k: v for k, v in e["counts"].items() if v
+        }
+        # shared means a partner at the headline r (cross-fitted or in-sample, as shown)
+        best = probed.crossfit_r if presence["mode"] == "crossfit" else probed.r
+        assert ((probed.presence == "shared") == (best >= 0.5)).all()
+        cond = probed.probe_r2_both - probed.probe_r2_floor
+        assert (abs(cond - probed.probe_conditional_r2) < 1e-9).all()
+        spread = probed[probed.presence == "spread"]
+        assert (spread.probe_conditional_r2 >= 0.05).all()
+        assert (mine[mine.presence == ""].probe_r2.isna()).all()
+    assert "present but spread out" in flat(res.stderr)
+
+
 def test_rerun_skips_and_prints_the_answer(run, env):
     _, run_dir, args, _ = run
     summary = run_dir / "compare" / "llama0__gpt20" / "summary.json"

@@ -11,6 +11,7 @@ import struct
 import zlib
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from helpers import SENTENCES, assert_one_line_error, cli, flat, sets
 
@@ -317,6 +318,29 @@ def test_the_site_in_a_browser(run, browser):
     assert p.locator("table.latents tbody tr").count() == 0
     tab.check_clean()
 
+    # each latent's label in the other model: the overview's three-way split, the latent
+    # table's filter, and the probes on a latent's page
+    p = tab.open("index.html")
+    assert p.locator("p.presence").count() == 2
+    assert "present but spread out" in p.inner_text("p.presence >> nth=0")
+    partners = pq.read_table(run_dir / "compare" / "llama0__gpt20" / "partners.parquet")
+    partners = partners.to_pandas()
+    probed = partners[(partners.side == "a") & (partners.presence != "")]
+    label = probed.presence.iloc[0]
+    p = tab.open(f"latents.html?cmp=llama0__gpt20&presence={label}")
+    p.wait_for_selector("table.latents tbody tr")
+    cells = p.locator("table.latents tbody td.presence")
+    short = {"shared": "shared", "spread": "spread out", "absent": "absent"}
+    assert set(cells.all_inner_texts()) == {short[label]}
+    names = {"shared": "shared as a latent", "spread": "present but spread out", "absent": "absent"}
+    assert cells.first.get_attribute("title").startswith(names[label])
+    latent = int(probed.latent.iloc[0])
+    p = tab.open(f"feature.html?sae=llama0.L1&latent={latent}")
+    p.wait_for_selector("table.probes")
+    text = p.inner_text("table.probes")
+    assert names[label] in text and "conditional R²" in text and "R² from both" in text
+    tab.check_clean()
+
     # a feature page whose exemplars hold the hostile markup, shown as text
     latent = hostile_latent(run_dir)
     p = tab.open(f"feature.html?sae=llama0.L1&latent={latent}")
@@ -397,6 +421,7 @@ def every_page(root: Path) -> list[str]:
     pages = ["index.html", f"latents.html?cmp={cmp}"]
     pages += [f"latents.html?cmp={cmp}&list={k}" for k in ("shared", "only-a", "only-b")]
     pages += [f"latents.html?cmp={cmp}&surface={k}" for k in ("surface", "beyond")]
+    pages += [f"latents.html?cmp={cmp}&presence={k}" for k in ("shared", "spread", "absent")]
     pages += [f"feature.html?sae={s}&latent=0" for s in ("llama0.L1", "gpt20.L1")]
     if (root / "layers.html").is_file():
         pages.append("layers.html")

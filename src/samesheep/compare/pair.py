@@ -19,6 +19,7 @@ from ..core.errors import SamesheepError
 from ..core.files import read_json
 from ..core.progress import step
 from ..data.alignment import TokenRows, Units, align, same_tokens, unit_texts
+from ..data.store import Store
 from ..layers.geometry import rsa_test, svcca_test
 from ..sae.model import SparseCodes
 from .correlation import HALVES, unit_codes
@@ -60,6 +61,7 @@ class Side:
     decoder: np.ndarray | None = None  # [d_sae, d_model] raw-space decoder rows
     features: pa.Table | None = None  # the feature table, where the features stage ran
     centroids: np.ndarray | None = None  # [d_sae, dim]
+    store: Store | None = None  # the layer's activations (the probes read the hidden states)
 
 
 @dataclass

@@ -70,8 +70,9 @@ from .pair import (
     too_rare,
     verdict,
 )
+from .presence import presence, presence_sentence, with_presence
 
-COMPARE_VERSION = 3
+COMPARE_VERSION = 4
 """Bump when the compare stage changes what it writes for the same inputs."""
 NOT_IN_COMPARE_KEY = ("pairs",)
 
@@ -133,6 +134,7 @@ class SideReader:
             decoder=sae.W_dec.detach().float().cpu().numpy(),
             features=features,
             centroids=centroids,
+            store=store,
         )
         return side, key
 
@@ -221,12 +223,12 @@ def compare_stage(cfg: Config) -> dict[tuple[str, str, int], dict[str, Any]]:
                 say(old.get("answer", ""))
                 results[(a, b, spec_index)] = old
                 continue
-            results[(a, b, spec_index)] = _compare_pair(cfg, inp, out, key)
+            results[(a, b, spec_index)] = _compare_pair(cfg, inp, out, key, reader.device)
     record_config(cfg)
     return results
 
 
-def _compare_pair(cfg: Config, inp: Any, out: Path, key: str) -> dict[str, Any]:
+def _compare_pair(cfg: Config, inp: Any, out: Path, key: str, device: Any) -> dict[str, Any]:
     """Run one comparison and write its folder; summary.json, written last, marks it done."""
     start = time.perf_counter()
     unmark(out / SUMMARY)
@@ -235,8 +237,12 @@ def _compare_pair(cfg: Config, inp: Any, out: Path, key: str) -> dict[str, Any]:
     n_docs = len(np.unique(result["units"].doc))
     numbers = headline_table(runs, s, n_docs)
     pairs, pair_r = pairs_table(runs, inp)
+    partners = partners_table(inp, runs, s)
+    probed = presence(inp, result, cfg.compare, device)
+    if probed is not None:
+        partners = with_presence(partners, probed[1])
     tables = {
-        "partners.parquet": partners_table(inp, runs, s),
+        "partners.parquet": partners,
         "pairs.parquet": pairs,
         "families.parquet": families_table(runs, inp),
     }
@@ -271,6 +277,15 @@ def _compare_pair(cfg: Config, inp: Any, out: Path, key: str) -> dict[str, Any]:
     summary["answer"] = (
         answer(inp.a.model, inp.b.model, numbers) + "\n" + " ".join(summary["verdict"])
     )
+    if probed is not None:
+        summary["presence"] = probed[0]
+        summary["answer"] += "\n" + "\n".join(
+            presence_sentence(probed[0], x, y, d)
+            for d, (x, y) in (
+                ("a_to_b", (inp.a.model, inp.b.model)),
+                ("b_to_a", (inp.b.model, inp.a.model)),
+            )
+        )
     # written only once everything is computed; summary.json, last, marks the folder done
     for name, table in tables.items():
         with atomic_path(out / name) as tmp:

@@ -215,6 +215,26 @@ class CompareConfig:
     """Random pairings against which SVCCA and RSA of the matched decoder rows are tested."""
     seed: int = 0
     """Seed of the document groups, the shifts and the random pairings."""
+    probes: bool = True
+    """Fit conditional probes (needs the floor): for every judged latent, ridge probes from
+    the other model's hidden state, from its untrained copy's and from both, scored on the
+    held-out documents; each latent is then shared as a latent, present but spread out, or
+    absent in the other model."""
+    probe_min_r2: float = 0.05
+    """A latent without a partner is present but spread out where its conditional R^2
+    (both inputs minus the untrained copy alone) reaches this and exceeds its own null (the
+    same probes on units shifted within documents) by as much."""
+    probe_folds: int = 4
+    """Cross-validation folds of the training documents that choose each probe's ridge
+    strength."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.probe_min_r2 < 1:
+            raise SamesheepError(
+                f"compare.probe_min_r2 must lie in (0, 1), got {self.probe_min_r2}"
+            )
+        if self.probe_folds < 2:
+            raise SamesheepError(f"compare.probe_folds must be at least 2, got {self.probe_folds}")
 
 
 @dataclass

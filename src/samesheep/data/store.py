@@ -281,6 +281,24 @@ class Store:
             raise SamesheepError(f"shard {path} does not match its token table (corrupt?)")
         return Shard(name, entry["split"], acts, tokens)
 
+    def rows(self, rows: np.ndarray) -> torch.Tensor:
+        """[len(rows), d_model] float32: the activations at store rows `rows` (numbered over
+        every shard in manifest order, as TokenRows numbers them), in that order; one shard
+        in memory at a time."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = torch.zeros(len(rows), self.d_model, dtype=torch.float32)
+        lo = 0
+        for entry in self.manifest["shards"]:
+            hi = lo + int(entry["tokens"])
+            mine = np.flatnonzero((rows >= lo) & (rows < hi))
+            if len(mine):
+                acts = self.read(entry["name"]).acts
+                out[torch.from_numpy(mine)] = acts[torch.from_numpy(rows[mine] - lo)].float()
+            lo = hi
+        if len(rows) and (rows.min() < 0 or rows.max() >= lo):
+            raise SamesheepError(f"{self.folder} has {lo:,} rows; row {rows.max():,} asked for")
+        return out
+
     def shards(self, split: str | None = "train") -> Iterator[Shard]:
         """Yield the shards of a split in order, one in memory at a time."""
         for name in self.shard_names(split):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ..compare.presence import presence_sentence
 from ..core.config import Config, to_toml
 from ..core.files import read_json
 from ..core.rundir import corpus_manifest, run_path, safe_name
@@ -146,7 +147,29 @@ def lead(summary: dict[str, Any], a: str, b: str) -> dict[str, Any]:
         "residual": residual_sentence(summary, a, b),
         "diagnostic": diagnostic_sentences(summary, a, b),
         "geometry": geometry_sentence(summary.get("geometry", {})),
+        "presence": [
+            presence_sentence(summary["presence"], x, y, d) for d, (x, y) in _names(a, b).items()
+        ]
+        if "presence" in summary
+        else [],
+        "presence_note": presence_note(summary.get("presence", {})),
     }
+
+
+def presence_note(presence: dict[str, Any]) -> str:
+    """How the three labels are given, with the run's thresholds."""
+    rule = next((presence[d]["rule"] for d in DIRECTIONS if d in presence), None)
+    if rule is None:
+        return ""
+    mode = MODES.get(presence.get("mode", ""), "in-sample")
+    return (
+        f"Shared as a latent: a partner with r ≥ {rule['partner_r']:g} ({mode}). Present but "
+        "spread out: no such partner, but ridge probes of the other model's hidden state "
+        "predict the latent on held-out documents beyond what its untrained copy's hidden "
+        f"state predicts (conditional R² ≥ {rule['min_r2']:g}, and above its null, the same "
+        "probes on units shifted within documents, by as much). Absent: neither. Intervals: "
+        "95%, delete-one-group jackknife over documents."
+    )
 
 
 def share_sentence(summary: dict[str, Any], d: str, x: str, y: str) -> str:

@@ -98,6 +98,9 @@
     surface: { name: 'surface pairs', title: 'Surface pair {n}' },
     all: { name: 'matched pairs', title: 'Matched pair {n}' },
   };
+  /* Each probed latent's label in the other model (compare/probes.py LABELS). */
+  const PRESENCE = { shared: 'shared as a latent', spread: 'present but spread out', absent: 'absent' };
+  const SHORT_PRESENCE = { shared: 'shared', spread: 'spread out', absent: 'absent' };
   function defaultList(lists) { return Object.prototype.hasOwnProperty.call(lists, 'beyond') ? 'beyond' : 'all'; }
   /* The list and rank of the page of pair `index` (into q.pairs), or null where it has none. */
   function pairPlace(q, index) {
@@ -266,12 +269,26 @@
               ' best r = ' + fmt(r) + ' against #' + p.surface_partner[n] + ' of ' + where + '; partners and scale below.');
           }
         }
+        const probes = [];
+        if (p.presence && p.presence[n]) {
+          const r2 = function (v) { return v === null || v === undefined ? '\u2013' : fmt(v); };
+          probes.push(h('tr', { class: 'presence-row' }, h('th', null, 'in ' + name),
+            h('td', null, h('span', { class: 'presence ' + p.presence[n] }, PRESENCE[p.presence[n]]))));
+          probes.push(h('tr', null, h('th', null, 'R\u00b2 from ' + name + '\u2019s hidden state'), h('td', null, r2(p.probe_r2[n]))));
+          probes.push(h('tr', null, h('th', null, 'R\u00b2 from its untrained copy\u2019s (floor)'), h('td', null, r2(p.probe_r2_floor[n]))));
+          probes.push(h('tr', null, h('th', null, 'R\u00b2 from both'), h('td', null, r2(p.probe_r2_both[n]))));
+          probes.push(h('tr', null, h('th', null, 'conditional R\u00b2: what ' + name + ' adds to its untrained copy'),
+            h('td', null, r2(p.probe_conditional_r2[n]), ' (null: ' + r2(p.probe_null_conditional_r2[n]) + ')')));
+        }
         fill(sec,
           h('h3', null, 'in ' + name),
           p.too_rare[n] ? h('p', { class: 'note', text: 'Too rare to judge: fires on ' + fmt(p.fires[n]) + ' aligned units.' }) : null,
           h('table', { class: 'stats' }, rows),
           scale.length ? h('h4', null, 'Against the floor, the ceiling and the surface') : null,
           scale.length ? h('table', { class: 'stats scale' }, scale) : null,
+          probes.length ? h('h4', null, 'Probes of ' + name + '\u2019s hidden state') : null,
+          probes.length ? h('table', { class: 'stats probes' }, probes) : null,
+          probes.length ? h('p', { class: 'note', text: 'Ridge probes fitted on the training documents, R\u00b2 on the held-out ones. The conditional R\u00b2 (both minus the untrained copy alone) is what ' + name + ' knows of this latent beyond the surface; its null is the same probes on units shifted within documents.' }) : null,
           p.crossfit_r ? h('p', { class: 'note', text: 'Cross-fitted: the partner chosen on one half of the documents and its r measured on the other.' }) : null,
           place ? h('p', null, h('a', { href: pairLink(k, place) }, 'see this matched pair side by side'),
             ' (' + PAIR_LISTS[place.list].name + ')') : null);
@@ -439,6 +456,7 @@
             mutual: p.mutual[n], topic: idx.topic[i] || '', dead: idx.dead[i], rare: p.too_rare[n],
             plabel: I[other].label[p.partner[n]] || '', token: idx.token[i] || '', llm: idx.llm ? idx.llm[i] || '' : '',
             surface: p.surface ? p.surface[n] : null, sr: p.surface_r && !idx.dead[i] ? p.surface_r[n] : null,
+            presence: p.presence ? p.presence[n] : '', cr2: p.probe_conditional_r2 ? p.probe_conditional_r2[n] : null,
           });
         }
       });
@@ -470,7 +488,9 @@
           data.push({ side: 'a', model: na, latent: p[0], label: I.a.label[p[0]] || '', freq: I.a.freq[p[0]], partner: p[1], r: p[2],
             rres: null, mutual: p[3], topic: I.a.topic[p[0]] || '', plabel: I.b.label[p[1]] || '', token: I.a.token[p[0]] || '', index: index,
             llm: I.a.llm ? I.a.llm[p[0]] || '' : '', surface: p[4] === null ? null : !p[4],
-            sr: P.a.surface_r && n !== undefined ? P.a.surface_r[n] : null });
+            sr: P.a.surface_r && n !== undefined ? P.a.surface_r[n] : null,
+            presence: P.a.presence && n !== undefined ? P.a.presence[n] : '',
+            cr2: P.a.probe_conditional_r2 && n !== undefined ? P.a.probe_conditional_r2[n] : null });
         });
       } else data = rows.filter(lists[which].filter);
       /* the surface filter: latents an untrained copy's SAE already holds (surface r at or
@@ -490,10 +510,23 @@
         if (k) query.surface = k;
         return [h('a', { href: href('latents.html', query), class: k === surf ? 'here' : null }, surfaces[k]), ' '];
       })) : null;
+      /* the presence filter: shared as a latent, present but spread out, or absent in the
+         other model (conditional probes; latents not probed have none) */
+      const hasPresence = !!P.a.presence;
+      const pres = hasPresence && Object.prototype.hasOwnProperty.call(PRESENCE, q.presence) ? q.presence : '';
+      if (pres) data = data.filter(function (r) { return r.presence === pres; });
+      const presenceTabs = hasPresence ? h('p', { class: 'tabs presence-filter' }, h('span', { class: 'filter-label' }, 'in the other model: '),
+        [''].concat(Object.keys(PRESENCE)).map(function (k) {
+          const query = { cmp: q.cmp, list: which };
+          if (surf) query.surface = surf;
+          if (k) query.presence = k;
+          return [h('a', { href: href('latents.html', query), class: k === pres ? 'here' : null }, k ? PRESENCE[k] : 'all'), ' '];
+        })) : null;
       const explained = !!(I.a.llm || I.b.llm);
       const cols = [['model', 'model'], ['latent', '#'], ['label', 'label']].concat(explained ? [['llm', 'explanation']] : []).concat([
         ['freq', 'frequency'], ['partner', 'best partner'], ['r', 'r'], ['rres', 'r beyond text']]).concat(
-        hasSurface ? [['sr', 'surface r']] : []).concat([['mutual', 'mutual'], ['topic', 'topic']]);
+        hasSurface ? [['sr', 'surface r']] : []).concat(hasPresence ? [['presence', 'other model']] : []).concat(
+        [['mutual', 'mutual'], ['topic', 'topic']]);
       const head = h('tr', null, cols.map(function (col) {
         return h('th', { class: 'sortable', onclick: function () {
           if (sortKey === col[0]) sortDir = -sortDir; else { sortKey = col[0]; sortDir = (col[0] === 'label' || col[0] === 'llm' || col[0] === 'model' || col[0] === 'topic') ? 1 : -1; }
@@ -522,13 +555,14 @@
             h('td', { class: 'label', title: r.label }, r.label), explained ? h('td', { class: 'label explanation', title: r.llm }, r.llm) : null, h('td', null, pct(r.freq)),
             h('td', null, r.partner === null || r.partner < 0 ? '\u2013' : h('a', { href: featureLink(other, r.partner), title: r.plabel }, String(r.partner)), ' ', pairA),
             h('td', null, fmt(r.r)), h('td', null, fmt(r.rres)), hasSurface ? h('td', { class: r.surface ? 'surface' : null }, fmt(r.sr)) : null,
+            hasPresence ? h('td', { class: 'presence ' + (r.presence || 'none'), title: r.presence ? PRESENCE[r.presence] + ', conditional R\u00b2 = ' + fmt(r.cr2) : null }, SHORT_PRESENCE[r.presence] || '\u2013') : null,
             h('td', null, r.mutual ? 'yes' : ''), h('td', null, r.topic));
         }));
         more.hidden = hits.length <= shown;
       }
       search.addEventListener('input', function () { shown = 200; draw(); });
       more.addEventListener('click', function () { shown += 500; draw(); });
-      fill(root, h('h1', null, na + ' and ' + nb + ': ' + lists[which].name + (surf ? ', ' + surfaces[surf] : '')), tabs, surfaceTabs,
+      fill(root, h('h1', null, na + ' and ' + nb + ': ' + lists[which].name + (surf ? ', ' + surfaces[surf] : '') + (pres ? ', ' + PRESENCE[pres] + ' in the other model' : '')), tabs, surfaceTabs, presenceTabs,
         h('p', null, search, ' ', count), h('div', { class: 'scroll' }, h('table', { class: 'latents' }, h('thead', null, head), body)), more);
       draw();
     }).catch(function (e) { fail(root, e); });
