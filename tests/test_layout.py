@@ -13,7 +13,7 @@ import samesheep
 PACKAGE = Path(samesheep.__file__).parent
 LAYERS = (
     *("core", "data", "lm", "sae"),
-    *("features", "layers", "compare", "interpret", "report"),
+    *("features", "layers", "compare", "causal", "interpret", "report"),
     *("pipeline", "cli"),
 )
 """From the bottom up: a module may import its own package and the ones before it only."""

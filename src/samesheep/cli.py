@@ -67,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
         ("compare", "compare every pair of models' SAEs, with floors, nulls and ceilings"),
         ("layers", "compare every layer of each pair of models on held-out hidden states"),
         ("interpret", "explain latents with a language model and score every label"),
+        ("causal", "ablate a sample of matched pairs in both models and compare the effects"),
         ("report", "write the run's static site (report/index.html) from its files"),
     ]:
         _common(sub.add_parser(name, help=text, description=text))
@@ -115,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                 "compare": pipeline.compare_stage,
                 "layers": pipeline.layers_stage,
                 "interpret": pipeline.interpret_stage,
+                "causal": pipeline.causal_stage,
                 "report": pipeline.report_stage,
             }[args.command]
             stage(cfg)

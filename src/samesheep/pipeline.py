@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .causal.stage import causal_stage
 from .compare.stage import compare_stage
 from .core.config import Config, to_toml
 from .core.errors import SamesheepError
@@ -27,6 +28,7 @@ from .sae.stage import train_stage
 
 __all__ = [
     "STAGES",
+    "causal_stage",
     "compare_stage",
     "corpus_stage",
     "extract_stage",

@@ -19,11 +19,11 @@ from samesheep.lm.models import capture, decoder_blocks, load_model
 from samesheep.sae.evaluation import (
     ReconstructionStats,
     SpliceSettings,
-    _with_hidden,
     batch_tensors,
     reconstruction_metrics,
     scored_positions,
     spliced_metrics,
+    with_hidden,
 )
 from samesheep.sae.model import Sae, SaeConfig
 
@@ -482,10 +482,10 @@ def test_padding_does_not_change_results(llama, documents):
 
 def test_with_hidden_keeps_structure():
     h = torch.ones(1)
-    assert _with_hidden(torch.zeros(1), h) is h
-    out = _with_hidden((torch.zeros(1), "cache"), h)
+    assert with_hidden(torch.zeros(1), h) is h
+    out = with_hidden((torch.zeros(1), "cache"), h)
     assert isinstance(out, tuple) and out[0] is h and out[1] == "cache"
-    out = _with_hidden([torch.zeros(1), None], h)
+    out = with_hidden([torch.zeros(1), None], h)
     assert isinstance(out, list) and out[0] is h
 
 

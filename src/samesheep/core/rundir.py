@@ -15,6 +15,7 @@
                                            centroids.safetensors, summary.json
 <run>/compare/<A>__<B>/[layer_<a>__layer_<b>/]  summary.json, partners, pairs, families
 <run>/compare/<A>__<B>/layers/             the layer-by-layer comparison
+<run>/causal/<A>__<B>/[layer_<a>__layer_<b>/]   summary.json, pairs, profiles (causal check)
 <run>/interpret/                           explanations and scores
 <run>/report/index.html                    the static site
 ```
@@ -106,6 +107,12 @@ def pair_folder(cfg: Config, a: str, b: str) -> Path:
 def compare_folder(cfg: Config, a: str, b: str, layer_a: int, layer_b: int) -> Path:
     """Where the comparison of two models' layers is written."""
     out = pair_folder(cfg, a, b)
+    return out / f"{layer_name(layer_a)}__{layer_name(layer_b)}" if len(cfg.layers) > 1 else out
+
+
+def causal_folder(cfg: Config, a: str, b: str, layer_a: int, layer_b: int) -> Path:
+    """Where the causal check of two models' matched pairs is written."""
+    out = run_path(cfg) / "causal" / f"{safe_name(a)}__{safe_name(b)}"
     return out / f"{layer_name(layer_a)}__{layer_name(layer_b)}" if len(cfg.layers) > 1 else out
 
 

@@ -211,7 +211,7 @@ def scored_positions(real: Tensor, splice: Tensor) -> Tensor:
     return score
 
 
-def _with_hidden(output: Any, h: Tensor) -> Any:
+def with_hidden(output: Any, h: Tensor) -> Any:
     """A block's output with its hidden state replaced, keeping a tuple a tuple."""
     if isinstance(output, tuple):
         return (h, *output[1:])
@@ -221,14 +221,14 @@ def _with_hidden(output: Any, h: Tensor) -> Any:
 
 
 @contextlib.contextmanager
-def _splice(block: nn.Module, where: Tensor, replace: Callable[[Tensor], Tensor]) -> Iterator:
+def splice_block(block: nn.Module, where: Tensor, replace: Callable[[Tensor], Tensor]) -> Iterator:
     """Within the block, the block's output at `where` [batch, seq] is replace(rows)."""
 
     def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
         h = hidden_state(output)
         new = h.clone()
         new[where] = replace(h[where])
-        return _with_hidden(output, new)
+        return with_hidden(output, new)
 
     handle = block.register_forward_hook(hook)
     try:
@@ -237,7 +237,7 @@ def _splice(block: nn.Module, where: Tensor, replace: Callable[[Tensor], Tensor]
         handle.remove()
 
 
-def _keep_output(block: nn.Module, out: list[Any]) -> Any:
+def keep_output(block: nn.Module, out: list[Any]) -> Any:
     """A hook on `block` that appends its output (as the block returned it) to `out`."""
 
     def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
@@ -247,16 +247,16 @@ def _keep_output(block: nn.Module, out: list[Any]) -> Any:
 
 
 @contextlib.contextmanager
-def _replay(blocks: list[nn.Module], outputs: list[Any]) -> Iterator:
+def replay(blocks: list[nn.Module], outputs: list[Any]) -> Iterator:
     """Within the block, `blocks` skip their computation and return the outputs they gave in
     the clean run (their inputs are the same in every run up to the spliced layer), so the
     interventions compute only the layers after it. Forward hooks still run on them."""
 
-    def replay(output: Any) -> Callable[..., Any]:
+    def returning(output: Any) -> Callable[..., Any]:
         return lambda *_args, **_kwargs: output
 
     for b, output in zip(blocks, outputs, strict=True):
-        b.forward = replay(output)
+        b.forward = returning(output)
     try:
         yield
     finally:
@@ -273,14 +273,21 @@ hidden state (then soft-capped where the config says so): for them the head is a
 the scored positions only. Others run their whole forward."""
 
 
-def _scored_logits(model: nn.Module, ids: Tensor, mask: Tensor | None, score: Tensor) -> Tensor:
+def scored_logits(model: nn.Module, ids: Tensor, mask: Tensor | None, score: Tensor) -> Tensor:
     """Logits [scored positions, vocab] of one forward pass: the LM head at the scored
     positions only, where the model type allows (HEAD_ONLY_TYPES), else the full logits
     indexed (and freed)."""
     if model.config.model_type not in HEAD_ONLY_TYPES:
         return model(input_ids=ids, attention_mask=mask, use_cache=False).logits[score]
     hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
-    logits = model.get_output_embeddings()(hidden.last_hidden_state[score])
+    return head_logits(model, hidden.last_hidden_state[score])
+
+
+def head_logits(model: nn.Module, hidden: Tensor) -> Tensor:
+    """The LM head's logits [rows, vocab] of final hidden states [rows, d] (the base model's
+    output, final norm applied), soft-capped where the config says so; for the model types
+    of HEAD_ONLY_TYPES."""
+    logits = model.get_output_embeddings()(hidden)
     cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
@@ -389,9 +396,9 @@ def spliced_metrics(
             norms: list[Tensor] = []
             replayed: list[Any] = []  # the clean outputs of blocks 0..layer, replayed after
             handles = [_norms_at(block, norms, settings.norm_dtype)]
-            handles += [_keep_output(b, replayed) for b in prefix_blocks]
+            handles += [keep_output(b, replayed) for b in prefix_blocks]
             try:
-                clean = _scored_logits(lm.model, ids, mask, maybe)
+                clean = scored_logits(lm.model, ids, mask, maybe)
             finally:
                 for h in handles:
                     h.remove()
@@ -403,8 +410,8 @@ def spliced_metrics(
             targets = ids[:, 1:][score[:, :-1]]  # the last column is never scored
             others = []
             for replace in (reconstruct, torch.zeros_like):
-                with _replay(prefix_blocks, replayed), _splice(block, splice, replace):
-                    others.append(_scored_logits(lm.model, ids, mask, score))
+                with replay(prefix_blocks, replayed), splice_block(block, splice, replace):
+                    others.append(scored_logits(lm.model, ids, mask, score))
             for name, value in zip(SUM_NAMES, _sums(clean, others, targets), strict=True):
                 sums[name] += value
             tokens += len(targets)
