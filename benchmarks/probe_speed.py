@@ -1,6 +1,6 @@
 """What the conditional probes cost, on the default run's real codes and hidden states (run
 `make demo` first): every judged latent of both SAEs probed from the other model's hidden
-state, its untrained copy's and both, each ridge strength chosen by 4-fold cross-validation
+state, its untrained copy's and both, each ridge strength chosen by 3-fold cross-validation
 over the training documents, scored on the held-out documents, with the null (the same
 probes on units shifted within documents) and the jackknife intervals of the three-way split.
 

@@ -262,3 +262,27 @@ def test_an_unknown_ceiling_architecture_is_one_line(run, env):
     res = cli("extract", *args, "--set", 'compare.ceiling_architecture="gated"', env=env)
     assert_one_line_error(res)
     assert "compare.ceiling_architecture" in res.stderr
+
+
+@pytest.mark.parametrize(
+    ("setting", "name"),
+    [("compare.probe_min_r2=1.5", "probe_min_r2"), ("compare.probe_folds=1", "probe_folds")],
+)
+def test_a_bad_probe_setting_is_one_line(run, env, setting, name):
+    res = cli("compare", *run[2], "--set", setting, env=env)
+    assert_one_line_error(res)
+    assert name in res.stderr
+
+
+def test_without_probes_the_comparison_has_no_labels(run, env, tmp_path):
+    """compare.probes = false: no presence in the summary or the partner table (and the
+    rest of the comparison unchanged)."""
+    _, run_dir, args, _ = run
+    res = cli("compare", *args, "--set", "compare.probes=false", env=env)
+    assert res.returncode == 0, res.stderr
+    out = run_dir / "compare" / "llama0__gpt20"
+    summary = json.loads((out / "summary.json").read_text())
+    assert "presence" not in summary
+    assert "presence" not in pq.read_table(out / "partners.parquet").column_names
+    res = cli("compare", *args, env=env)  # back as the module's other tests expect it
+    assert res.returncode == 0, res.stderr

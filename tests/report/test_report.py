@@ -679,3 +679,43 @@ def test_windows_cut_at_once_equal_one_by_one(run):
         heldout = row["split"] == "heldout"
         assert w.doc == row["doc_index"] + (n_train if heldout else 0)
     assert overlapping > 0  # the hostile corpus's byte pieces are among them
+
+
+def test_the_causal_check_shows_on_the_pair_pages(run, env, browser):
+    """After `samesheep causal`, the report rebuilds: the overview gives its answer, the
+    sampled pairs get a list of pair pages, and each shows both effect profiles over the
+    held-out text that follows where they fire, shaded by the signed change (escaped as
+    every other piece of corpus text). Runs last: it adds the causal check to the run."""
+    _, run_dir, args = run
+    settings = ("causal.pairs=6", "causal.max_docs=3", "causal.min_units=3")
+    res = cli("causal", *args, *(x for s in settings for x in ("--set", s)), env=env)
+    assert res.returncode == 0, res.stderr
+    res = cli("report", *args, env=env)
+    assert res.returncode == 0, res.stderr
+    assert "unchanged" not in res.stderr  # the causal check's files are among its inputs
+    root = run_dir / "report"
+    lists = site_data(root, "q/llama0__gpt20")["lists"]
+    pairs = pq.read_table(run_dir / "causal" / "llama0__gpt20" / "pairs.parquet").to_pandas()
+    assert len(lists["causal"]) == len(pairs)
+    block = site_data(root, "pp/llama0__gpt20/causal/0")
+    first = block["0"]
+    assert first["causal"]["label"] in set(pairs.label)
+    if pairs.agreement.notna().any():  # highest causal agreement first
+        assert abs(first["causal"]["agreement"] - pairs.agreement.max()) < 1e-2
+    lines = (run_dir / "corpus" / "heldout.jsonl").read_text(encoding="utf-8").splitlines()
+    heldout = [json.loads(line)["text"] for line in lines]
+    for w in first["causal"]["windows"]:  # the windows are held-out text
+        assert any(w["text"] in doc for doc in heldout)
+    tab = Page(browser, root)
+    p = tab.open("index.html")
+    assert "Causal agreement of" in p.inner_text("p.causal")
+    p = tab.open("pair.html?cmp=llama0__gpt20&list=causal&rank=0")
+    p.wait_for_selector("ol.exemplars.pair li")
+    if first["causal"]["windows"]:
+        p.wait_for_selector("section.effects ol.effects li")
+        assert first["causal"]["label"] in p.inner_text("section.effects")
+        shaded = p.locator("section.effects .tok.on")
+        if shaded.count():
+            assert "change in log-probability" in shaded.first.get_attribute("title")
+    assert overflowing(p) == []
+    tab.check_clean()

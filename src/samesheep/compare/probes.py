@@ -40,7 +40,7 @@ R^2 is both's minus floor's; the plain R^2 from the target has no interval)."""
 class ProbeSettings:
     """How the probes are fitted."""
 
-    folds: int = 4
+    folds: int = 3
     """Cross-validation folds of the training documents that choose each ridge strength."""
     alphas: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)
     """Ridge strengths tried, as multiples of the number of training units (the inputs are

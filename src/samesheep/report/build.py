@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from safetensors.numpy import load_file
 
+from ..compare.stage import compare_corpus
 from ..core.cache import load_done, mark_done
 from ..core.config import Config, settings_hash
 from ..core.constants import SUMMARY
@@ -32,6 +33,7 @@ from ..core.plan import compare_pairs, sae_runs
 from ..core.progress import say, step
 from ..core.rundir import (
     MAIN_SAE,
+    causal_folder,
     codes_dir,
     compare_folder,
     corpus_dir,
@@ -57,6 +59,7 @@ from ..sae.stage import METRICS, layer_store
 from ..sae.training import token_filter
 from . import overview
 from .beside import ModelPair, beside_keys, beside_runs, beside_view
+from .causal import causal_order, causal_pairs, causal_summary
 from .data import (
     FeatureData,
     PairLatents,
@@ -91,6 +94,8 @@ class ComparisonPage:
     b: SaePage
     folder: Path
     summary: dict[str, Any]
+    causal_folder: Path | None = None  # where `samesheep causal` has run for the pair
+    causal: dict[str, Any] | None = None  # its summary
 
 
 def short_name(source: str) -> str:
@@ -135,7 +140,11 @@ def report_stage(cfg: Config) -> Path:
                     "run `samesheep compare` again"
                 )
             key = f"{safe_name(a)}__{safe_name(b)}" + (f".L{la}-{lb}" if multi else "")
-            comparisons.append(ComparisonPage(key, saes[(a, la)], saes[(b, lb)], folder, summary))
+            page = ComparisonPage(key, saes[(a, la)], saes[(b, lb)], folder, summary)
+            causal_at = causal_folder(cfg, a, b, la, lb)
+            page.causal = causal_summary(causal_at)
+            page.causal_folder = causal_at if page.causal else None
+            comparisons.append(page)
 
     for sae in saes.values():  # every input checked before any work starts
         _check_tables(sae.folder / "features", ("feature_table", "exemplars"), "features")
@@ -147,6 +156,7 @@ def report_stage(cfg: Config) -> Path:
         for s in saes.values()
     ]
     inputs += [c.summary.get("key") for c in comparisons]
+    inputs += [c.causal.get("key") for c in comparisons if c.causal]  # where it has run
     layer_folders = {}  # per pair of models whose layers stage has run
     for a, b in compare_pairs(cfg):
         done = read_json(pair_folder(cfg, a, b) / "layers.json", corrupt_is_missing=True)
@@ -385,6 +395,11 @@ def comparison_data(
         )
     ]
     lists = pair_lists(matched, rc.pair_min_r, rc.max_pairs)
+    causal = {}
+    if c.causal_folder is not None:  # the causal check's sampled pairs get pages too
+        causal = causal_pairs(c.causal_folder, compare_corpus(run_path(cfg))[1])
+        index = {(m[0], m[1]): i for i, m in enumerate(matched)}
+        lists["causal"] = [index[k] for k in causal_order(causal) if k in index]
     surface = {
         side: [sig(v) for v in pr[f"surface_r_{side}"]] if f"surface_r_{side}" in pr else None
         for side in ("a", "b")
@@ -414,6 +429,7 @@ def comparison_data(
                     "surface_a": surface["a"] and surface["a"][i],
                     "surface_b": surface["b"] and surface["b"][i],
                     "windows": windows,
+                    "causal": causal.get((la, lb)),
                 }
             add("pairs", write_data(root, f"pp/{c.key}/{name}/{lo // rc.pair_block}", block))
     shown = [matched[i] for members in lists.values() for i in members]
@@ -433,6 +449,7 @@ def comparison_data(
         "surface": beyond is not None,
         "pair_block": rc.pair_block,
         "map": coords is not None,
+        "causal": c.causal.get("answer", "") if c.causal else "",
         **overview.comparison_view(c.summary, c.a.name, c.b.name),
     }
 
@@ -441,9 +458,11 @@ PAIR_LISTS = {
     "beyond": "the best pairs beyond the surface",
     "surface": "the surface pairs",
     "all": "the best matched pairs",
+    "causal": "the pairs of the causal check",
 }
 """The lists of pair pages: where the run has a floor, the pairs whose latents both lie
-beyond the surface (surface r < 0.5) come first, the surface pairs one click away."""
+beyond the surface (surface r < 0.5) come first, the surface pairs one click away; where
+`samesheep causal` has run, the pairs it sampled, highest causal agreement first."""
 
 
 def pair_lists(matched: list[list[Any]], min_r: float, most: int) -> dict[str, list[int]]:

@@ -97,6 +97,7 @@
     beyond: { name: 'beyond the surface', title: 'Matched pair {n} beyond the surface' },
     surface: { name: 'surface pairs', title: 'Surface pair {n}' },
     all: { name: 'matched pairs', title: 'Matched pair {n}' },
+    causal: { name: 'pairs of the causal check', title: 'Causal-check pair {n}' },
   };
   /* Each probed latent's label in the other model (compare/probes.py LABELS). */
   const PRESENCE = { shared: 'shared as a latent', spread: 'present but spread out', absent: 'absent' };
@@ -129,8 +130,8 @@
       if (v === null) {
         span.classList.add('left-out');
         span.title = (label ? label + ': ' : '') + 'left out by the token rule';
-      } else if (v > 0) {
-        const a = Math.min(1, v / (max || v)) * 0.8 + 0.12;
+      } else if (v !== 0) {  /* activations are never negative; effects can be (shaded by size) */
+        const a = Math.min(1, Math.abs(v) / (max || Math.abs(v))) * 0.8 + 0.12;
         span.style.backgroundColor = 'rgba(' + rgb.join(',') + ',' + a.toFixed(3) + ')';
         span.classList.add('on');
         span.title = (label ? label + ': ' : '') + fmt(v);
@@ -397,7 +398,9 @@
         ? h('p', { class: 'note list-note', text: 'Pairs beyond the surface: neither latent has a partner with r \u2265 ' + t + ' in the SAE of either model\u2019s untrained copy, so the surface text alone does not make them. Ranked by r.' })
         : list === 'surface'
           ? h('p', { class: 'note list-note surface', text: 'Surface pairs: at least one of the two latents has a partner with r \u2265 ' + t + ' in the SAE of an untrained copy, which reads the same text with no training. Ranked by r.' })
-          : null;
+          : list === 'causal'
+            ? h('p', { class: 'note list-note', text: 'The mutual pairs the causal check sampled (stratified by firing frequency), highest causal agreement first.' })
+            : null;
       if (!members.length) {
         fill(root, tabs, h('h1', null, 'No matched pair ' + PAIR_LISTS[list].name), what,
           h('p', { text: list === 'beyond' ? 'Every matched pair with a page has at least one latent that an untrained copy\u2019s SAE already holds.' : 'No matched pair of this list has a page.' }));
@@ -421,6 +424,20 @@
           if (r === null || r === undefined) return null;
           return h('td', { class: 'surface-r' }, 'surface r = ' + fmt(r));
         }
+        let effects = null;
+        if (p.causal) {
+          const e = p.causal;
+          effects = h('section', { class: 'effects' },
+            h('h2', null, 'What the two latents do: the causal check'),
+            h('p', null, 'Causal agreement r = ' + fmt(e.agreement) + ' over ' + fmt(e.units) + ' units (floor: against a random latent of ' + nb + ' of the same frequency, r = ' + fmt(e.floor) +
+              '; ceiling: against the partner in a second-seed SAE of ' + na + ', r = ' + fmt(e.ceiling) + '): ', h('strong', { class: 'causal-label' }, e.label), '.'),
+            h('p', { class: 'note', text: 'Each latent\u2019s decoder contribution removed wherever it fires in its model (held-out text); the text after each unit where either fires is shaded by the size of the change in its log-probability, summed over the model\u2019s tokens there, each row against its own largest change (hover for the signed value: negative means the text became less likely).' }),
+            h('ol', { class: 'exemplars pair effects' }, e.windows.map(function (w) {
+              return h('li', null,
+                h('div', { class: 'row' }, h('span', { class: 'who a' }, na), highlighted(w.text, w.a, w.max_a, 'a', null, 'change in log-probability, ' + na + ' #' + p.a + ' removed')),
+                h('div', { class: 'row' }, h('span', { class: 'who b' }, nb), highlighted(w.text, w.b, w.max_b, 'b', null, 'change in log-probability, ' + nb + ' #' + p.b + ' removed')));
+            })));
+        }
         fill(root, tabs, nav,
           h('h1', null, PAIR_LISTS[list].title.replace('{n}', rank + 1) + ': r = ' + fmt(p.r) + (p.mutual ? ' (mutual best partners)' : '')),
           noneBeyond ? h('p', { class: 'note none-beyond', text: 'No matched pair with a page lies beyond the surface, so the surface pairs are shown.' }) : null,
@@ -431,7 +448,7 @@
             h('tr', null, h('th', null, h('a', { href: featureLink(c.b, p.b) }, nb + ' #' + p.b)), surfaceCell(p.surface_b), h('td', null, ib.label[p.b] || ''),
               h('td', { class: 'explanation' }, ib.llm ? ib.llm[p.b] || '' : ''))),
           h('p', { class: 'note', text: 'The same characters, each model\u2019s tokens shaded by its latent\u2019s activation (hover for the value): where both fire on the same words, the two rows light up together.' }),
-          h('ol', { class: 'exemplars pair' }, windows));
+          h('ol', { class: 'exemplars pair' }, windows), effects);
       });
     }).catch(function (e) { fail(root, e); });
   }
