@@ -67,8 +67,10 @@ def main() -> None:
         d = s["distributions"]
 
         def med(kind: str, d=d) -> str:
-            m = d[kind]["median"]
-            return "none" if m is None else f"{m:.3f}"
+            m, ci = d[kind]["median"], d[kind].get("interval")
+            if m is None:
+                return "none"
+            return f"{m:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
         print(
             f"causal {a} layer {la} / {b} layer {lb}: {s['pairs']} pairs "
@@ -78,6 +80,11 @@ def main() -> None:
             f"median agreement {med('agreement')} (n = {d['agreement']['n']}), "
             f"floor {med('floor')} (n = {d['floor']['n']}), "
             f"ceiling {med('ceiling')} (n = {d['ceiling']['n']})"
+        )
+        d["spearman"], d["above_floor"] = s["agreement_spearman"], s["above_floor"]
+        print(
+            f"rank (Spearman) agreement {med('spearman')}; per pair above its own floor "
+            f"{med('above_floor')} (medians, 95% bootstrap intervals over the pairs)"
         )
         threshold = s["threshold"]
         print(

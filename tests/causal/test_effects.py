@@ -7,6 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from scipy.stats import rankdata
 
 from samesheep.causal.check import (
     ACTIVATION_ONLY,
@@ -14,7 +15,9 @@ from samesheep.causal.check import (
     CausalCheck,
     CheckSettings,
     Comparison,
+    median_interval,
     pairs_table,
+    pearson,
     run_check,
     threshold_of,
 )
@@ -200,8 +203,12 @@ def test_latents_writing_the_same_head_agree_and_different_heads_do_not(tiny_mod
     comps, agreement = run_check(check, sample)
     kinds = np.array([c.kind for c in comps])
     threshold = threshold_of(agreement[kinds == "floor"], 0.95)
-    table = pairs_table(sample, comps, agreement, threshold)
+    ranks = np.array([check.rank_agreement(c) for c in comps])
+    table = pairs_table(sample, comps, (agreement, ranks), threshold)
     agree = table.column("agreement").to_numpy()
+    # Spearman beside Pearson: in ranks too the shared head agrees, different heads do not
+    rho = table.column("agreement_spearman").to_numpy()
+    assert rho[0] > 0.2 and rho[0] > rho[1] + 0.2, rho
     assert agree[0] > 0.5, agree
     assert agree[1] < threshold < agree[0], (agree, threshold)
     assert table.column("label").to_pylist() == [AGREES, ACTIVATION_ONLY]
@@ -234,3 +241,22 @@ def test_steering_moves_the_effect_the_other_way(tiny_models):
         assert is_t1.any()
         signs.append(np.sign(check.effects[side][u][is_t1].mean()))
     assert signs == [-1.0, 1.0]
+
+
+def test_the_median_interval_covers_the_median_at_its_width():
+    """The bootstrap interval of the median against its known answer: for n normal draws
+    its width is about 2 x 1.96 x sqrt(pi / 2) / sqrt(n); a constant has none wider than 0;
+    fewer than two values have none."""
+    v = np.random.default_rng(0).normal(size=400)
+    lo, hi = median_interval(v, seed=1)
+    assert lo < 0 < hi
+    assert abs((hi - lo) - 2 * 1.96 * np.sqrt(np.pi / 2) / 20) < 0.06
+    assert median_interval(np.full(10, 0.3), 0) == [0.3, 0.3]
+    assert all(np.isnan(median_interval(np.array([0.1, np.nan]), 0)))
+
+
+def test_one_huge_unit_carries_pearson_but_not_spearman():
+    x = np.array([0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 10.0])
+    y = np.array([1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 10.0])
+    assert pearson(x, y) > 0.8
+    assert pearson(rankdata(x), rankdata(y)) < 0.2

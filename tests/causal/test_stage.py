@@ -47,9 +47,15 @@ def test_causal_writes_pairs_profiles_and_summary(run):
     for kind in ("agreement", "floor", "ceiling"):
         assert summary["distributions"][kind]["n"] > 0, summary["distributions"]
         assert -1 <= summary["distributions"][kind]["median"] <= 1
+        lo, hi = summary["distributions"][kind]["interval"]
+        assert lo <= summary["distributions"][kind]["median"] <= hi
     assert "Causal agreement of 12 mutual pairs" in flat(res.stderr)
     pairs = pq.read_table(out / "pairs.parquet").to_pandas()
     assert set(pairs.label) <= {AGREES, ACTIVATION_ONLY, TOO_FEW}
+    # Spearman beside Pearson, read where Pearson is; the paired difference from the floor
+    assert (pairs.agreement.isna() == pairs.agreement_spearman.isna()).all()
+    diff = (pairs.agreement - pairs.floor_agreement).dropna()
+    assert abs(summary["above_floor"]["median"] - diff.median()) < 1e-12
     assert (pairs.floor_latent != pairs.latent_b).all()
     assert (pairs.ceiling_latent >= 0).all()
     assert sorted(summary["labels"]) == sorted(set(pairs.label))

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+from scipy.stats import rankdata
 
 from ..core.progress import progress
 from ..data.alignment import Units
@@ -172,6 +173,14 @@ class CausalCheck:
             return float("nan")
         return pearson(self.effects[c.left][c.units], self.effects[c.right][c.units])
 
+    def rank_agreement(self, c: Comparison) -> float:
+        """Spearman's rank correlation of the same two profiles: the agreement with no unit
+        weighing more than its rank (a few units with huge effects cannot carry it)."""
+        if c.units is None or len(c.units) < self.s.min_units:
+            return float("nan")
+        x, y = self.effects[c.left][c.units], self.effects[c.right][c.units]
+        return pearson(rankdata(x), rankdata(y))
+
 
 def run_check(check: CausalCheck, sample: Sample) -> tuple[list[Comparison], np.ndarray]:
     """(the comparisons, each one's agreement)."""
@@ -180,6 +189,23 @@ def run_check(check: CausalCheck, sample: Sample) -> tuple[list[Comparison], np.
     check.choose_units(comps)
     check.run_effects(comps)
     return comps, np.array([check.agreement(c) for c in comps], dtype=np.float64)
+
+
+BOOTSTRAP_DRAWS = 2000
+"""Resamples of the pairs behind each median's interval."""
+
+
+def median_interval(values: np.ndarray, seed: int, level: float = 0.95) -> list[float]:
+    """[low, high]: the percentile bootstrap interval of the median over the pairs (nan
+    values left out; [nan, nan] with fewer than two)."""
+    v = values[~np.isnan(values)]
+    if len(v) < 2:
+        return [float("nan"), float("nan")]
+    rng = np.random.default_rng(seed)
+    medians = np.median(v[rng.integers(0, len(v), (BOOTSTRAP_DRAWS, len(v)))], axis=1)
+    tail = (1 - level) / 2
+    lo, hi = np.quantile(medians, [tail, 1 - tail])
+    return [float(lo), float(hi)]
 
 
 def labels(agreement: np.ndarray, threshold: float) -> list[str]:
@@ -198,10 +224,15 @@ def threshold_of(floor: np.ndarray, quantile: float) -> float:
 
 
 def pairs_table(
-    sample: Sample, comps: list[Comparison], agreement: np.ndarray, threshold: float
+    sample: Sample,
+    comps: list[Comparison],
+    agreement: tuple[np.ndarray, np.ndarray],
+    threshold: float,
 ) -> pa.Table:
-    """One row per sampled pair: its latents, firing counts, stratum, agreement, floor and
-    ceiling latents with their agreements, units, and label."""
+    """One row per sampled pair: its latents, firing counts, stratum, agreement (Pearson,
+    and Spearman beside it; `agreement`: both, per comparison), floor and ceiling latents
+    with their agreements, units, and label."""
+    agreement, rank_agreement = agreement
     n = len(sample)
     values = {k: np.full(n, np.nan) for k in KINDS}
     units = np.zeros(n, dtype=np.int64)
@@ -211,6 +242,10 @@ def pairs_table(
             units[c.pair] = len(c.units) if c.units is not None else 0
     agree = values["agreement"]
     label = labels(agree, threshold) if not np.isnan(threshold) else [TOO_FEW] * n
+    ranks = np.full(n, np.nan)
+    for c, r in zip(comps, rank_agreement.tolist(), strict=True):
+        if c.kind == "agreement":
+            ranks[c.pair] = r
     return pa.table(
         {
             "latent_a": sample.latent_a.astype(np.int32),
@@ -221,6 +256,7 @@ def pairs_table(
             "stratum": sample.stratum.astype(np.int32),
             "units": units,
             "agreement": agree,
+            "agreement_spearman": ranks,
             "floor_latent": sample.floor_b.astype(np.int32),
             "floor_agreement": values["floor"],
             "ceiling_latent": sample.ceiling_a.astype(np.int32),

@@ -47,6 +47,7 @@ from .check import (
     KINDS,
     CausalCheck,
     CheckSettings,
+    median_interval,
     pairs_table,
     profiles_table,
     run_check,
@@ -55,7 +56,7 @@ from .check import (
 from .effects import HeldoutTokens, ModelRun, next_units, stored_states
 from .sampling import sample_pairs
 
-CAUSAL_VERSION = 1
+CAUSAL_VERSION = 2
 """Bump when the causal stage changes what it writes for the same inputs."""
 NOT_IN_KEY = ("threads", "device", "batch_tokens")
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -150,25 +151,40 @@ def _model_run(cfg: Config, source: str, layer: int, where: tuple[Any, Any]) -> 
     return run
 
 
-def _distribution(values: np.ndarray) -> dict[str, Any]:
+def _distribution(values: np.ndarray, seed: int) -> dict[str, Any]:
+    """n, median with its 95% bootstrap interval over the pairs, mean and quantiles."""
     v = values[~np.isnan(values)]
     if not len(v):
-        return {"n": 0, "median": None, "quantiles": {}}
+        return {"n": 0, "median": None, "interval": None, "quantiles": {}}
     qs = np.quantile(v, QUANTILES)
+    lo, hi = median_interval(v, seed)
     return {
         "n": len(v),
         "median": float(np.median(v)),
+        "interval": None if np.isnan(lo) else [lo, hi],
         "mean": float(v.mean()),
         "quantiles": {f"{q:g}": float(x) for q, x in zip(QUANTILES, qs, strict=True)},
     }
+
+
+def _per_pair(agreement: np.ndarray, kinds: np.ndarray, comps: list[Any], kind: str) -> Any:
+    """[pairs] each pair's agreement of one kind (nan where it has none), by pair."""
+    n = max((c.pair for c in comps), default=-1) + 1
+    out = np.full(n, np.nan)
+    for c, a in zip(comps, agreement.tolist(), strict=True):
+        if c.kind == kind:
+            out[c.pair] = a
+    return out
 
 
 def _answer(a: str, b: str, summary: dict[str, Any]) -> str:
     d = summary["distributions"]
 
     def med(kind: str) -> str:
-        m = d[kind]["median"]
-        return "none" if m is None else f"{m:.2f}"
+        m, ci = d[kind]["median"], d[kind].get("interval")
+        if m is None:
+            return "none"
+        return f"{m:.2f}" + (f" (95% CI {ci[0]:.2f} to {ci[1]:.2f})" if ci else "")
 
     mode = "ablation" if summary["settings"]["steer"] == 0 else "steering"
     share = summary["labels"].get(AGREES, 0.0)
@@ -177,7 +193,8 @@ def _answer(a: str, b: str, summary: dict[str, Any]) -> str:
     return (
         f"Causal agreement of {summary['pairs']} mutual pairs of {a} and {b} ({mode}, "
         f"held-out text): median {med('agreement')} against a floor of {med('floor')} "
-        f"and a ceiling of {med('ceiling')}; {share:.0%} agree in activation and in effect "
+        f"and a ceiling of {med('ceiling')} (intervals: bootstrap over the pairs); "
+        f"{share:.0%} agree in activation and in effect "
         f"(above the floor's {summary['settings']['agree_quantile']:.0%} quantile, {where})."
     )
 
@@ -207,7 +224,8 @@ def _causal_pair(cfg: Config, p: _Pair, key: str, where: tuple[Any, Any]) -> dic
     comps, agreement = run_check(check, sample)
     kinds = np.array([x.kind for x in comps])
     threshold = threshold_of(agreement[kinds == "floor"], c.agree_quantile)
-    table = pairs_table(sample, comps, agreement, threshold)
+    ranks = np.array([check.rank_agreement(x) for x in comps], dtype=np.float64)
+    table = pairs_table(sample, comps, (agreement, ranks), threshold)
     profiles = profiles_table(check, sample, comps, reader.count(SPLITS[0]))
     label = np.array(table.column("label").to_pylist())
     summary = {
@@ -220,7 +238,15 @@ def _causal_pair(cfg: Config, p: _Pair, key: str, where: tuple[Any, Any]) -> dic
         "mutual_pairs": int(np.sum(pairs.column("mutual").to_numpy(zero_copy_only=False))),
         "units": len(units),
         "scored_units": int(check.next.valid.sum()),
-        "distributions": {k: _distribution(agreement[kinds == k]) for k in KINDS},
+        "distributions": {k: _distribution(agreement[kinds == k], c.seed) for k in KINDS},
+        # the rank agreement: no few units with huge effects carry it
+        "agreement_spearman": _distribution(ranks[kinds == "agreement"], c.seed),
+        # per pair, its agreement above its own floor: the paired difference
+        "above_floor": _distribution(
+            _per_pair(agreement, kinds, comps, "agreement")
+            - _per_pair(agreement, kinds, comps, "floor"),
+            c.seed,
+        ),
         "threshold": None if np.isnan(threshold) else threshold,
         "threshold_rule": f"agreement above the floor distribution's {c.agree_quantile:g} quantile",
         "labels": {v: float(np.mean(label == v)) for v in np.unique(label).tolist()},
