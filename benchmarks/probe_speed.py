@@ -59,7 +59,7 @@ def main() -> None:
     b = _side_matrix(inp.b, units, "b", c.unit_value)
     groups = document_groups(units, c.groups, c.seed)
     raw = measure(a, b, None, groups, settings_of(c), True)
-    result = {"units": units, "runs": {"raw": raw}, "a": a, "b": b}
+    result = {"units": units, "runs": {"raw": raw}, "a": a, "b": b, "groups": groups}
     start = time.perf_counter()
     summary, _ = presence(inp, result, c, torch.device("cpu"))
     seconds = time.perf_counter() - start

@@ -199,7 +199,7 @@ def run_pair(inp: PairInputs, cfg: CompareConfig) -> dict[str, Any]:
     heldout = np.flatnonzero(units.doc >= inp.n_train_docs)
     if len(heldout) >= 2 * cfg.min_fires:
         run("heldout", "the held-out check", a[heldout], b[heldout], groups[heldout], False)
-    return {"units": units, "runs": runs, "settings": s, "a": a, "b": b}
+    return {"units": units, "runs": runs, "settings": s, "a": a, "b": b, "groups": groups}
 
 
 def other_document(units: Units, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -15,7 +15,7 @@ import torch
 from ..core.config import CompareConfig
 from ..core.progress import step
 from ..data.alignment import Units
-from .measurement import Measurement, document_groups, dropped_best, shifted_within_documents
+from .measurement import Measurement, dropped_best, shifted_within_documents
 from .pair import HEADLINE_R, MIN_CROSSFIT_DOCUMENTS, PairInputs, best_of, crossfit_of
 from .probes import (
     LABELS,
@@ -26,9 +26,6 @@ from .probes import (
     fit_probes,
     label_split,
 )
-
-PROBE_COLUMNS = ("r2", "r2_floor", "r2_both", "conditional_r2", "null_conditional_r2")
-"""The partner table's probe columns (each prefixed "probe_"), then "presence"."""
 
 
 def null_order(units: Units, first_heldout: int, seed: int) -> np.ndarray:
@@ -55,15 +52,16 @@ def _best(raw: Measurement, direction: str, crossfit: bool) -> tuple[np.ndarray,
 def direction_probes(
     y: sp.csr_matrix,
     x: dict[str, np.ndarray],
-    units: Units,
+    units: tuple[Units, np.ndarray],
     judged: np.ndarray,
     inp: tuple[int, CompareConfig, Any],
 ) -> DirectionProbes:
     """The probes of the judged source latents (y: [units, latents]) from the target's
-    inputs x ("target", "floor"), and the same probes on the null's order of the units."""
+    inputs x ("target", "floor"), and the same probes on the null's order of the units;
+    `units`: the units and their document groups (the headline's jackknife groups)."""
+    units, groups = units
     first_heldout, cfg, device = inp
     cols = np.flatnonzero(judged)
-    groups = document_groups(units, cfg.groups, cfg.seed)
     data = ProbeData(y[:, cols].tocsr(), x, units.doc, first_heldout, groups)
     settings = ProbeSettings(folds=cfg.probe_folds, seed=cfg.seed)
     order = null_order(units, first_heldout, cfg.seed)
@@ -107,7 +105,8 @@ def presence(
         with step(f"probes {direction}: {target.model} and {floor.model} hidden states"):
             x = {"target": target.store.rows(rows).numpy(), "floor": floor.store.rows(rows).numpy()}
             judged = fires >= cfg.min_fires
-            probes = direction_probes(y, x, units, judged, (inp.n_train_docs, cfg, device))
+            where = (units, result["groups"])
+            probes = direction_probes(y, x, where, judged, (inp.n_train_docs, cfg, device))
             del x
         labels, split = label_split(probes, _best(raw, direction, crossfit), rule)
         split["judged"] = int(judged.sum())

@@ -73,7 +73,6 @@ class ProbeResult:
     r2: dict[str, np.ndarray]  # input -> [latents]
     dropped: dict[str, np.ndarray]  # input -> [groups, latents]
     alpha: dict[str, np.ndarray]  # input -> [latents] the chosen ridge strength
-    heldout_fires: np.ndarray  # [latents] held-out units each latent is nonzero on
 
     def columns(self, cols: slice, n: int, where: np.ndarray) -> ProbeResult:
         """This result's latents `cols`, placed at the positions `where` of n latents (nan,
@@ -88,7 +87,6 @@ class ProbeResult:
             {k: put(v, np.nan) for k, v in self.r2.items()},
             {k: put(v, np.nan) for k, v in self.dropped.items()},
             {k: put(v, 0.0) for k, v in self.alpha.items()},
-            put(self.heldout_fires, 0).astype(np.int64),
         )
 
     def conditional(self) -> np.ndarray:
@@ -120,6 +118,16 @@ class _Moments:
     yy: torch.Tensor  # [L]
     xx: torch.Tensor  # [d, d]
     xy: torch.Tensor  # [d, L]
+
+    def __add__(self, o: _Moments) -> _Moments:
+        return _Moments(
+            self.n + o.n,
+            self.sx + o.sx,
+            self.sy + o.sy,
+            self.yy + o.yy,
+            self.xx + o.xx,
+            self.xy + o.xy,
+        )
 
     def __sub__(self, o: _Moments) -> _Moments:
         return _Moments(
@@ -356,7 +364,7 @@ def fit_probes(
         per_fold.append(_moments(z[torch.from_numpy(rows).to(z.device)], data.y[rows]))
     total = per_fold[0]
     for m in per_fold[1:]:
-        total = _sum(total, m)
+        total = total + m
     held = _heldout_units(data, z)
     null_train = null_held = None
     if null_order is not None:
@@ -368,8 +376,8 @@ def fit_probes(
     d_t = data.x["target"].shape[1]
     inputs = {"target": slice(0, d_t), "floor": slice(d_t, None), "both": slice(None)}
     n_latents = data.y.shape[1]
-    out = ProbeResult({}, {}, {}, np.asarray((held.y != 0).sum(0)).ravel())
-    null = ProbeResult({}, {}, {}, out.heldout_fires) if null_order is not None else None
+    out = ProbeResult({}, {}, {})
+    null = ProbeResult({}, {}, {}) if null_order is not None else None
     errors = _cv_errors(per_fold, total, s, inputs)
     for name, c in inputs.items():
         choice = errors[name].argmin(0).cpu().numpy()
@@ -383,10 +391,6 @@ def fit_probes(
             null.dropped[name] = np.full((held.n_groups, n_latents), np.nan)
             null.alpha[name] = out.alpha[name]
     return out, null
-
-
-def _sum(a: _Moments, b: _Moments) -> _Moments:
-    return _Moments(a.n + b.n, a.sx + b.sx, a.sy + b.sy, a.yy + b.yy, a.xx + b.xx, a.xy + b.xy)
 
 
 def _final_fit(

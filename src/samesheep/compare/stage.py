@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from ..core.cache import load_done, mark_done, unmark
 from ..core.config import Config, settings_hash
-from ..core.constants import SPLITS, SUMMARY
+from ..core.constants import SUMMARY
 from ..core.device import choose_device, choose_dtype
 from ..core.errors import SamesheepError
 from ..core.files import atomic_path, read_json
@@ -143,7 +143,7 @@ def compare_corpus(run: Path) -> tuple[CorpusInfo, list[str], int]:
     """(the run's corpus info, every document's text, train then held-out, and how many of
     them are training documents): what a comparison reads of the corpus."""
     reader = CorpusReader(corpus_dir(run))
-    texts = [d.text for split in SPLITS for d in reader.documents(split)]
+    texts = reader.texts()
     return CorpusInfo.load(reader), texts, reader.count("train")
 
 

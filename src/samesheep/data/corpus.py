@@ -530,6 +530,11 @@ class CorpusReader:
         """Every document of a split, in order."""
         return read_documents(self._path(split))
 
+    def texts(self) -> list[str]:
+        """Every document's text, training then held-out: indexed by global document number
+        (a held-out document's is the number of training documents plus its index)."""
+        return [d.text for split in SPLIT_FILES for d in self.documents(split)]
+
     def by_id(self, doc_id: str) -> Document:
         """The document with this id (in either split)."""
         if self._ids is None:

@@ -726,7 +726,7 @@ def corpus_states(corpus_dir: Any, corpus_hash: str, make_embedder: Any) -> Any:
                 pass
     embedder = embedder or make_embedder()
     reader = CorpusReader(corpus_dir)
-    texts = [d.text for split in SPLITS for d in reader.documents(split)]
+    texts = reader.texts()
     states = embedder.embed_documents(texts, label=f"embed {len(texts):,} documents")
     unmark(meta_path)
     states.save(path)

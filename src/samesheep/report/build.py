@@ -23,7 +23,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from safetensors.numpy import load_file
 
-from ..compare.stage import compare_corpus
 from ..core.cache import load_done, mark_done
 from ..core.config import Config, settings_hash
 from ..core.constants import SUMMARY
@@ -397,7 +396,8 @@ def comparison_data(
     lists = pair_lists(matched, rc.pair_min_r, rc.max_pairs)
     causal = {}
     if c.causal_folder is not None:  # the causal check's sampled pairs get pages too
-        causal = causal_pairs(c.causal_folder, compare_corpus(run_path(cfg))[1])
+        texts = CorpusReader(corpus_dir(run_path(cfg))).texts()
+        causal = causal_pairs(c.causal_folder, texts)
         index = {(m[0], m[1]): i for i, m in enumerate(matched)}
         lists["causal"] = [index[k] for k in causal_order(causal) if k in index]
     surface = {
