@@ -49,6 +49,9 @@ class Measurement:
     group_cross: np.ndarray  # [G, pairs] sum of a_i b_j over each group's units
     group_moments: dict[str, np.ndarray] = field(default_factory=dict)  # [G, m] sums, squares
     half_of_group: np.ndarray | None = None  # [G] 0 or 1: the halves of the cross-fitting
+    left_out: dict[bool, list[tuple[np.ndarray, np.ndarray]]] = field(
+        default_factory=dict, repr=False
+    )  # crossfit -> per group left out, both sides' best r (filled by dropped_best)
 
     @property
     def m_a(self) -> int:
@@ -299,17 +302,20 @@ def jackknife(
 def dropped_best(m: Measurement, direction: str, crossfit: bool = False) -> list[np.ndarray]:
     """[G] the direction's best r per latent with each document group left out in turn (best
     partners searched among the candidate pairs, which hold them but where the data barely
-    changes): in-sample, or cross-fitted (crossfit_best)."""
-    out = []
-    for g in range(len(m.group_n)):
-        drop = np.zeros(len(m.group_n), dtype=bool)
-        drop[g] = True
-        if crossfit:
-            best_a, best_b, _, _ = crossfit_best(m, drop)
-        else:
-            best_a, best_b = best_from_candidates(m, candidate_r(m, drop))
-        out.append(best_a if direction == "a_to_b" else best_b)
-    return out
+    changes): in-sample, or cross-fitted (crossfit_best). Both sides' are computed at once
+    and kept on m: the headline's intervals, the presence split and the layers read them."""
+    if crossfit not in m.left_out:
+        both = []
+        for g in range(len(m.group_n)):
+            drop = np.zeros(len(m.group_n), dtype=bool)
+            drop[g] = True
+            if crossfit:
+                best_a, best_b, _, _ = crossfit_best(m, drop)
+            else:
+                best_a, best_b = best_from_candidates(m, candidate_r(m, drop))
+            both.append((best_a, best_b))
+        m.left_out[crossfit] = both
+    return [a if direction == "a_to_b" else b for a, b in m.left_out[crossfit]]
 
 
 def leave_one_out(

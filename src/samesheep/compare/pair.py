@@ -345,7 +345,8 @@ CURVE_GRID = np.round(np.linspace(0, 1, 21), 2)
 class Scale:
     """The trained number of one direction between its fixed-source floor and ceiling, for
     any subset of the source latents, in-sample or cross-fitted, with jackknife intervals
-    (each left-out group's best r computed once and reused for every subset)."""
+    (each left-out group's best r computed once, kept on the measurement, and reused for
+    every subset)."""
 
     def __init__(self, runs: dict[str, Measurement], s: Settings, direction: str) -> None:
         self.s = s
@@ -359,7 +360,6 @@ class Scale:
             m.half_of_group is not None for m, _ in self.runs.values()
         )
         self._best: dict[tuple[str, bool], tuple[np.ndarray, np.ndarray]] = {}
-        self._dropped: dict[tuple[str, bool], list[np.ndarray]] = {}
 
     def best(self, role: str, crossfit: bool) -> tuple[np.ndarray, np.ndarray]:
         if (role, crossfit) not in self._best:
@@ -368,10 +368,8 @@ class Scale:
         return self._best[role, crossfit]
 
     def dropped(self, role: str, crossfit: bool) -> list[np.ndarray]:
-        if (role, crossfit) not in self._dropped:
-            m, d = self.runs[role]
-            self._dropped[role, crossfit] = dropped_best(m, d, crossfit)
-        return self._dropped[role, crossfit]
+        m, d = self.runs[role]
+        return dropped_best(m, d, crossfit)
 
     def numbers(self, crossfit: bool, latents: np.ndarray | None = None) -> dict[str, Any]:
         """Each role's numbers over the source latents `latents` (boolean; None: all), the

@@ -172,7 +172,7 @@ def _moments(x: torch.Tensor, y: sp.csr_matrix, xx: torch.Tensor | None = None) 
     yv = torch.from_numpy(np.asarray(y.sum(0, dtype=np.float64)).ravel()).to(dev)
     y2 = torch.from_numpy(np.asarray(y.multiply(y).sum(0, dtype=np.float64)).ravel()).to(dev)
     xx = (x.T @ x).double() if xx is None else xx
-    return _Moments(float(x.shape[0]), x.double().sum(0), yv, y2, xx, xy.contiguous())
+    return _Moments(float(x.shape[0]), x.sum(0).double(), yv, y2, xx, xy.contiguous())
 
 
 def _ridge_inverse(xx: torch.Tensor, n: float, alpha: float) -> torch.Tensor:
@@ -212,7 +212,7 @@ def _cv_errors(
                     w = inverse @ xy[c, cols]  # [d, block]
                     # sum over the fold of (y - x w)^2 = y'y - 2 w'x'y + w'x'x w
                     fit = torch.addmm(fxy[c, cols], fxx[c, c], w, beta=-2.0)
-                    errors[name][i, cols] += fyy[cols] + (w * fit).sum(0).double()
+                    errors[name][i, cols] += fyy[cols] + torch.linalg.vecdot(w, fit, dim=0).double()
     return errors
 
 
@@ -220,17 +220,26 @@ def _heldout(
     x: torch.Tensor, y: sp.csc_matrix, fit: tuple[torch.Tensor, torch.Tensor], held: _Heldout
 ) -> np.ndarray:
     """[groups, L] the squared error of the probes `fit` (weights [d, L], intercepts [L]) on
-    the held-out units x, y, summed over each document group's units."""
+    the held-out units x, y, summed over each document group's units: per group
+    sum y^2 - 2 sum y p + sum p^2 of the predictions p, the middle term read only where y
+    is not zero (y stays sparse)."""
     w, b = fit
+    dev = x.device
     n = x.shape[0]
-    onehot = torch.zeros(held.n_groups, n, dtype=torch.float32, device=x.device)
-    onehot[torch.from_numpy(held.group).to(x.device), torch.arange(n, device=x.device)] = 1
-    sse = torch.zeros(held.n_groups, w.shape[1], dtype=torch.float64, device=x.device)
+    onehot = torch.zeros(held.n_groups, n, dtype=torch.float32, device=dev)
+    group = torch.from_numpy(held.group).to(dev)
+    onehot[group, torch.arange(n, device=dev)] = 1
+    sse = torch.tensor(held.sums[1], dtype=torch.float64, device=dev)  # [G, L] sum of y^2
     for lo in range(0, w.shape[1], HELDOUT_BLOCK):
         cols = slice(lo, lo + HELDOUT_BLOCK)
-        yd = torch.from_numpy(y[:, cols].toarray()).to(x.device, torch.float32)
-        resid = yd - (x @ w[:, cols] + b[cols])
-        sse[:, cols] = (onehot @ resid.square()).double()
+        p = torch.addmm(b[cols], x, w[:, cols])  # [n, block] the predictions
+        block = y[:, cols].tocoo()
+        r = torch.from_numpy(block.row.astype(np.int64)).to(dev)
+        c = torch.from_numpy(block.col.astype(np.int64)).to(dev)
+        yp = torch.from_numpy(block.data).to(dev, torch.float64) * p[r, c].double()
+        cross = torch.zeros(held.n_groups, p.shape[1], dtype=torch.float64, device=dev)
+        cross.index_put_((group[r], c), yp, accumulate=True)
+        sse[:, cols] += (onehot @ p.square_()).double() - 2 * cross
     return sse.cpu().numpy()
 
 
@@ -260,14 +269,26 @@ def r2_from_sums(sse: np.ndarray, sums: np.ndarray, counts: np.ndarray) -> np.nd
 
 def _standardised(data: ProbeData, device: torch.device | str) -> torch.Tensor:
     """[units, target dims + floor dims] float32: both inputs side by side, each dimension
-    standardised by its mean and deviation over the training units."""
+    standardised by its mean and deviation over the training units (float32 sums, which
+    torch makes pairwise, of a block of units at a time, added in float64)."""
     train = torch.from_numpy(data.doc < data.first_heldout).to(device)
     x = torch.cat([torch.as_tensor(data.x[k], dtype=torch.float32) for k in ("target", "floor")], 1)
     x = x.to(device)
-    mean = x[train].double().mean(0)
-    std = (x[train].double() - mean).square().mean(0).sqrt()
+    blocks = [
+        (x[lo : lo + UNIT_BLOCK], train[lo : lo + UNIT_BLOCK])
+        for lo in range(0, len(x), UNIT_BLOCK)
+    ]
+    n = max(int(train.sum()), 1)
+    mean = sum(xb[tb].sum(0).double() for xb, tb in blocks) / n
+    m32 = mean.float()
+    var = sum((xb[tb] - m32).square().sum(0).double() for xb, tb in blocks) / n
+    std = var.sqrt()
     std = torch.where(std > 0, std, 1.0)
-    return x.sub_(mean.float()).div_(std.float())
+    return x.sub_(m32).div_(std.float())
+
+
+UNIT_BLOCK = 16384
+"""Units standardised at once."""
 
 
 @dataclass
@@ -333,10 +354,10 @@ def _moment_sse(m: _Moments, fit: tuple[torch.Tensor, torch.Tensor]) -> np.ndarr
     sse = (
         m.yy
         - 2 * b * m.sy
-        - 2 * (w64 * m.xy).sum(0)
+        - 2 * torch.linalg.vecdot(w64, m.xy, dim=0)
         + m.n * b * b
         + 2 * b * (m.sx @ w64)
-        + (w64 * gw).sum(0)
+        + torch.linalg.vecdot(w64, gw, dim=0)
     )
     return sse.cpu().numpy()
 
