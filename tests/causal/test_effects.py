@@ -9,6 +9,7 @@ import pytest
 import torch
 from scipy.stats import rankdata
 
+from samesheep.causal import check as check_module
 from samesheep.causal.check import (
     ACTIVATION_ONLY,
     AGREES,
@@ -24,9 +25,11 @@ from samesheep.causal.check import (
 from samesheep.causal.effects import (
     HeldoutTokens,
     Intervention,
+    Job,
     ModelRun,
     next_units,
     stored_states,
+    window_effects,
 )
 from samesheep.causal.sampling import Sample
 from samesheep.data.alignment import align
@@ -145,6 +148,62 @@ def test_effect_per_unit_is_the_next_units_log_probability_change(runs):
     u = np.flatnonzero(nxt.valid)
     span = units.row_a[u + 1] - units.first_a[u + 1] + 1
     assert span.max() >= 1 and len(nxt.targets[0]) == span.sum()
+
+
+def test_the_head_gives_the_same_effects_whatever_it_batches(runs, monkeypatch):
+    run_a, run_b = runs
+    lengths = np.array([len(t) for t in TEXTS])
+    units = align(run_a.tokens.rows, run_b.tokens.rows, lengths)
+    nxt = next_units(units, (run_a.tokens, run_b.tokens))
+    what, other = (0, Intervention("sae", 0)), (1, Intervention("sae", 2))
+    got = []
+    for batch in (10**9, 1):  # every window at once; the head after each window
+        monkeypatch.setattr(check_module, "HEAD_BATCH", batch)
+        check = CausalCheck((run_a, run_b), units, nxt, CheckSettings(max_docs=0, min_units=3))
+        check.read_acts([what, other])
+        comp = Comparison(0, "agreement", what, other)
+        check.choose_units([comp])
+        check.run_effects([comp])
+        got.append((check.effects[what].copy(), check.effects[other].copy()))
+    assert np.abs(got[0][0]).max() > 1e-3
+    for x, y in zip(got[0], got[1], strict=True):
+        np.testing.assert_allclose(x, y, atol=1e-5)
+
+
+def test_targets_before_the_first_firing_read_zero_and_the_rest_match_a_whole_pass(runs):
+    run = runs[0]
+    t, sae = run.tokens, run.saes["sae"]
+    w = int(np.argmax(np.diff(t.bounds)))
+    lo, hi = int(t.bounds[w]), int(t.bounds[w + 1])
+    first = (hi - lo) // 2
+    acts = np.zeros(hi - lo, dtype=np.float32)
+    acts[first:] = np.linspace(0.5, 2.0, hi - lo - first)
+    targets = np.arange(lo + 1, hi)
+    got = window_effects(run, w, [Job(Intervention("sae", 1), acts, targets)])[0]
+    ids = torch.from_numpy(t.ids[lo:hi])[None]
+    change = torch.from_numpy(acts)[:, None] * sae.W_dec[1] / sae.cfg.input_scale
+
+    def hook(_m, _i, output):
+        h = hidden_state(output).clone()
+        h[0] += run.scale * change.to(h.dtype)
+        return (h, *output[1:]) if isinstance(output, tuple) else h
+
+    block = decoder_blocks(run.lm.model)[run.layer]
+    with torch.inference_mode():
+        clean = run.lm.model(input_ids=ids).logits[0].log_softmax(-1)
+        handle = block.register_forward_hook(hook)
+        try:
+            spliced = run.lm.model(input_ids=ids).logits[0].log_softmax(-1)
+        finally:
+            handle.remove()
+    pos = targets - lo - 1
+    want = (spliced[pos, ids[0, pos + 1]] - clean[pos, ids[0, pos + 1]]).double().numpy()
+    before = pos < first
+    assert before.any() and (~before).any()
+    assert np.all(got[before] == 0.0)  # not run: causal attention leaves them as they are
+    assert np.abs(want[before]).max() < 1e-5  # and a whole pass agrees
+    assert np.abs(want[~before]).max() > 1e-2
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-3)
 
 
 def head_direction(run: ModelRun, token: int, size: float) -> torch.Tensor:

@@ -12,7 +12,17 @@ from scipy.stats import rankdata
 
 from ..core.progress import progress
 from ..data.alignment import Units
-from .effects import Intervention, Job, ModelRun, NextUnits, latent_acts, window_effects
+from .effects import (
+    HEAD_BATCH,
+    Intervention,
+    Job,
+    ModelRun,
+    NextUnits,
+    WindowPass,
+    latent_acts,
+    pass_effects,
+    window_pass,
+)
 from .sampling import Sample
 
 KINDS = ("agreement", "floor", "ceiling")
@@ -158,13 +168,20 @@ class CausalCheck:
                     total=total,
                     rate="",
                 )
-                for w, window_jobs in sorted(jobs.items()):
-                    for job, delta in zip(
-                        window_jobs, window_effects(run, w, window_jobs), strict=True
-                    ):
-                        u = np.array([unit_of[r] for r in job.targets.tolist()], dtype=np.int64)
-                        np.add.at(self.effects[(m, job.what)], u, delta)
-                    bar.update(task, advance=len(window_jobs))
+                pending: list[WindowPass] = []
+                windows = sorted(jobs.items())
+                for i, (w, window_jobs) in enumerate(windows):
+                    pending.append(window_pass(run, w, window_jobs))
+                    last = i == len(windows) - 1
+                    if not last and sum(p.positions for p in pending) < HEAD_BATCH:
+                        continue
+                    for p, effects in zip(pending, pass_effects(run, pending), strict=True):
+                        for job, delta in zip(p.jobs, effects, strict=True):
+                            rows = job.targets.tolist()
+                            u = np.array([unit_of[r] for r in rows], dtype=np.int64)
+                            np.add.at(self.effects[(m, job.what)], u, delta)
+                        bar.update(task, advance=len(p.jobs))
+                    pending = []
 
     def agreement(self, c: Comparison) -> float:
         """Pearson r of the two effect profiles over the comparison's units (NaN under

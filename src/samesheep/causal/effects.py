@@ -35,6 +35,10 @@ from ..sae.model import Sae
 
 HEAD_POSITIONS = 256
 """Scored positions whose logits are computed at once (a 262k vocabulary: 256 MiB)."""
+HEAD_BATCH = 2048
+"""Scored positions gathered over windows before the LM head runs on them: with a few
+positions per window the head would read its whole weight (671 MB for a 262k vocabulary)
+for each window."""
 
 
 @dataclass
@@ -193,11 +197,15 @@ class Job:
     targets: np.ndarray  # store rows of the window whose log-probabilities are scored
 
 
-def target_logprobs(run: ModelRun, ids: Tensor, hidden_rows: Tensor, score: Tensor) -> Tensor:
-    """Log-probabilities [scored positions] of each scored position's next token, with the
-    layer's output replaced by hidden_rows [rows, positions, d] (blocks 0..layer replay it)
-    and the LM head run at the scored positions [rows, positions] only. ids [rows,
-    positions + 1]: the input, then one more token, the last position's target."""
+def scored_finals(
+    run: ModelRun, ids: Tensor, hidden_rows: Tensor, score: Tensor
+) -> tuple[Tensor, Tensor, bool]:
+    """(values [scored positions, ...], next tokens [scored positions], whether the values
+    still need the LM head) of one batch of rows, with the layer's output replaced by
+    hidden_rows [rows, positions, d] (blocks 0..layer replay it). The values are the final
+    hidden states where the model type allows the head at chosen positions
+    (HEAD_ONLY_TYPES), else the scored positions' log-probabilities of their next token.
+    ids [rows, positions + 1]: the input, then one more token, the last position's target."""
     model = run.lm.model
     blocks = list(decoder_blocks(model)[: run.layer + 1])
     out = with_hidden(run.template, hidden_rows)
@@ -206,33 +214,71 @@ def target_logprobs(run: ModelRun, ids: Tensor, hidden_rows: Tensor, score: Tens
     with replay(blocks, [out] * len(blocks)):
         if model.config.model_type in HEAD_ONLY_TYPES:
             final = model.base_model(input_ids=ids, use_cache=False).last_hidden_state[score]
-            head: Callable[[Tensor], Tensor] = lambda x: head_logits(model, x)  # noqa: E731
-        else:
-            final = model(input_ids=ids, use_cache=False).logits[score]
-            head = lambda x: x  # noqa: E731
+            return final, targets, True
+        logits = model(input_ids=ids, use_cache=False).logits[score]
+    return next_token_logprobs(logits, targets, lambda x: x), targets, False
+
+
+def next_token_logprobs(
+    finals: Tensor, targets: Tensor, head: Callable[[Tensor], Tensor]
+) -> Tensor:
+    """[positions] log-probability of each target token from its position's logits,
+    head(finals), HEAD_POSITIONS at a time, in float32."""
     parts = []
-    for lo in range(0, final.shape[0], HEAD_POSITIONS):
-        logits = head(final[lo : lo + HEAD_POSITIONS]).float()
+    for lo in range(0, finals.shape[0], HEAD_POSITIONS):
+        logits = head(finals[lo : lo + HEAD_POSITIONS]).float()
         t = targets[lo : lo + HEAD_POSITIONS, None]
         parts.append(logits.gather(1, t)[:, 0] - logits.logsumexp(-1))
-    return torch.cat(parts) if parts else torch.zeros(0, device=ids.device)
+    return torch.cat(parts) if parts else torch.zeros(0, device=finals.device)
+
+
+def changed_targets(job: Job, lo: int) -> np.ndarray:
+    """[targets] bool: the job's targets (store rows; the window starts at row lo) that its
+    intervention can change: those predicted at or after the first position where the
+    latent fires (causal attention: nothing before it changes, so the rest read 0)."""
+    on = np.flatnonzero(job.acts > 0)
+    if not len(on):
+        return np.zeros(len(job.targets), dtype=bool)
+    return job.targets - lo - 1 >= on[0]
+
+
+@dataclass
+class WindowPass:
+    """One window's forward passes up to the LM head: the clean row's and each job's scored
+    positions (values as scored_finals gives them), clean first, then the jobs in `order`."""
+
+    jobs: list[Job]
+    changed: list[np.ndarray]  # per job: the targets it can change (changed_targets)
+    every: np.ndarray  # the clean row's targets: every changed target of the window
+    order: list[int]  # the jobs run, in the order of their rows
+    values: list[Tensor] = field(default_factory=list)  # per batch of rows
+    targets: list[Tensor] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)  # scored positions per row
+    needs_head: bool = True
+
+    @property
+    def positions(self) -> int:
+        return sum(self.sizes)
 
 
 @torch.inference_mode()
-def window_effects(run: ModelRun, w: int, jobs: list[Job]) -> list[np.ndarray]:
-    """Per job, the change in log-probability of each of its target rows (intervened minus
-    clean), in the order of job.targets; the clean run goes through the same replayed path,
-    so an intervention that changes nothing reads 0. Rows run in batches of similar length,
-    each cut after the last position a row of the batch scores (causal attention: later
-    positions change nothing before them)."""
+def window_pass(run: ModelRun, w: int, jobs: list[Job]) -> WindowPass:
+    """The forward passes of one window's jobs and its clean row, up to the LM head. Targets
+    predicted before the first position where the latent fires are not run (they read 0).
+    Rows run in batches of similar length, each cut after the last position a row of the
+    batch scores (later positions change nothing before them)."""
     t, device = run.tokens, run.device
     lo = int(t.bounds[w])
-    every = np.unique(np.concatenate([j.targets for j in jobs]))
+    changed = [changed_targets(j, lo) for j in jobs]
+    live = [k for k in range(len(jobs)) if changed[k].any()]
+    if not live:
+        return WindowPass(jobs, changed, np.zeros(0, dtype=np.int64), [])
+    every = np.unique(np.concatenate([jobs[k].targets[changed[k]] for k in live]))
+    order = sorted(live, key=lambda k: -int(jobs[k].targets[changed[k]].max()))
+    out = WindowPass(jobs, changed, every, order)
     h_all = run.states[w]
     ids_all = torch.from_numpy(t.ids[lo : int(t.bounds[w + 1])]).to(device)
-    order = sorted(range(len(jobs)), key=lambda k: -int(jobs[k].targets.max()))
-    rows = [(every, None)] + [(jobs[k].targets, jobs[k]) for k in order]
-    logprobs: list[Tensor] = []
+    rows = [(every, None)] + [(jobs[k].targets[changed[k]], jobs[k]) for k in order]
     c = 0
     while c < len(rows):
         end = int(rows[c][0].max()) - lo  # rows are sorted by their last target
@@ -249,11 +295,46 @@ def window_effects(run: ModelRun, w: int, jobs: list[Job]) -> list[np.ndarray]:
                 direction = sae.W_dec[job.what.latent].float() / sae.cfg.input_scale
                 hidden[r] += (run.scale * a[:, None] * direction[None, :]).to(h.dtype)
         ids_rows = ids_all[: end + 1].expand(len(chunk), -1)  # inputs, then the last target
-        lp = target_logprobs(run, ids_rows, hidden, score)
-        logprobs += list(lp.float().cpu().split(score.sum(1).tolist()))
-    clean = dict(zip(every.tolist(), logprobs[0].tolist(), strict=True))
-    out: list[np.ndarray] = [np.zeros(0)] * len(jobs)
-    for k, lp in zip(order, logprobs[1:], strict=True):
-        base = np.array([clean[r] for r in jobs[k].targets.tolist()], dtype=np.float64)
-        out[k] = lp.double().numpy() - base
+        values, targets, out.needs_head = scored_finals(run, ids_rows, hidden, score)
+        out.values.append(values)
+        out.targets.append(targets)
+        out.sizes += score.sum(1).tolist()
     return out
+
+
+@torch.inference_mode()
+def pass_effects(run: ModelRun, passes: list[WindowPass]) -> list[list[np.ndarray]]:
+    """Per pass, per job, the change in log-probability of each of its target rows
+    (intervened minus clean), in the order of job.targets. The LM head runs once over the
+    scored positions of every pass (its weight is read once, not once per window)."""
+    values = [v for p in passes for v in p.values]
+    if values:
+        targets = torch.cat([t for p in passes for t in p.targets])
+        if passes[0].needs_head:
+            head: Callable[[Tensor], Tensor] = lambda x: head_logits(run.lm.model, x)  # noqa: E731
+            lp = next_token_logprobs(torch.cat(values), targets, head)
+        else:
+            lp = torch.cat(values)
+        per_row = lp.float().cpu().split([n for p in passes for n in p.sizes])
+    else:
+        per_row = ()
+    out = []
+    it = iter(per_row)
+    for p in passes:
+        effects = [np.zeros(len(j.targets)) for j in p.jobs]
+        if p.order:
+            clean = dict(zip(p.every.tolist(), next(it).tolist(), strict=True))
+            for k in p.order:
+                job_lp = next(it)
+                targets = p.jobs[k].targets[p.changed[k]]
+                base = np.array([clean[r] for r in targets.tolist()], dtype=np.float64)
+                effects[k][p.changed[k]] = job_lp.double().numpy() - base
+        out.append(effects)
+    return out
+
+
+def window_effects(run: ModelRun, w: int, jobs: list[Job]) -> list[np.ndarray]:
+    """Per job, the change in log-probability of each of its target rows (intervened minus
+    clean), in the order of job.targets; the clean run goes through the same replayed path,
+    so an intervention that changes nothing reads 0."""
+    return pass_effects(run, [window_pass(run, w, jobs)])[0]
