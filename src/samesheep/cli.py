@@ -68,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
         ("layers", "compare every layer of each pair of models on held-out hidden states"),
         ("interpret", "explain latents with a language model and score every label"),
         ("causal", "ablate a sample of matched pairs in both models and compare the effects"),
+        ("dictionaries", "compare PCA, ICA and NMF dictionaries of each pair as the SAEs are"),
         ("report", "write the run's static site (report/index.html) from its files"),
     ]:
         _common(sub.add_parser(name, help=text, description=text))
@@ -117,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                 "layers": pipeline.layers_stage,
                 "interpret": pipeline.interpret_stage,
                 "causal": pipeline.causal_stage,
+                "dictionaries": pipeline.dictionaries_stage,
                 "report": pipeline.report_stage,
             }[args.command]
             stage(cfg)

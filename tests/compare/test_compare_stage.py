@@ -286,3 +286,34 @@ def test_without_probes_the_comparison_has_no_labels(run, env, tmp_path):
     assert "presence" not in pq.read_table(out / "partners.parquet").column_names
     res = cli("compare", *args, env=env)  # back as the module's other tests expect it
     assert res.returncode == 0, res.stderr
+
+
+def test_dictionaries_go_through_the_comparison_and_skip_when_unchanged(run, env):
+    _, run_dir, args, _ = run
+    fast = ("--set", "dictionaries.max_iter=50")
+    res = cli("dictionaries", *args, *fast, env=env)
+    assert res.returncode == 0, res.stderr
+    out = run_dir / "compare" / "llama0__gpt20" / "dictionaries.json"
+    record = json.loads(out.read_text())
+    assert set(record["methods"]) == {"pca", "ica", "nmf"}
+    for method, entry in record["methods"].items():
+        assert entry["width"] == 32, method  # the tiny models' hidden width
+        for direction in ("a_to_b", "b_to_a"):
+            ans = entry["answer"][direction]
+            # fixed source: number, floor and ceiling judge the same latents
+            assert ans["raw"]["judged"] == ans["floor"]["judged"] == ans["ceiling"]["judged"]
+            assert ans["raw"]["judged"] > 0, method
+            assert 0 <= ans["raw"]["share_r0.5"] <= 1 and "share_r0.5" in ans["normalised"]
+    assert record["sae"]["a_to_b"]["raw"]["judged"] > 0
+    text = flat(res.stderr)
+    assert "Dictionaries of" in text and "ICA" in text and "normalised" in text
+    before = out.stat().st_mtime_ns
+    res = cli("dictionaries", *args, *fast, env=env)
+    assert res.returncode == 0, res.stderr
+    assert "unchanged, skipped" in flat(res.stderr) and out.stat().st_mtime_ns == before
+
+
+def test_an_unknown_dictionary_is_one_line(run, env):
+    res = cli("dictionaries", *run[2], "--set", 'dictionaries.methods="pca,svd"', env=env)
+    assert_one_line_error(res)
+    assert "dictionaries.methods" in res.stderr

@@ -79,6 +79,24 @@ def unit_codes(
     return sp.csr_matrix((top, (u[new], j[new])), shape=(len(first), n_latents))
 
 
+DENSE = 0.05
+"""Share of non-zero codes above which two code matrices are multiplied as dense float64
+arrays (dictionaries whose codes are mostly non-zero: PCA, ICA); scipy's sparse product
+would take minutes there."""
+
+
+def is_dense(x: sp.spmatrix) -> bool:
+    """Whether more than DENSE of x's entries are non-zero."""
+    return x.nnz > DENSE * max(x.shape[0], 1) * x.shape[1]
+
+
+def products(x: sp.spmatrix, y: sp.spmatrix) -> np.ndarray:
+    """[x's columns, y's columns] x' y, dense."""
+    if is_dense(x) and is_dense(y):
+        return x.toarray().astype(np.float64).T @ y.toarray().astype(np.float64)
+    return (x.T @ y).toarray()
+
+
 def text_sums(x: sp.csr_matrix, text: np.ndarray, n_texts: int) -> sp.csr_matrix:
     """[n_texts, latents]: per text, the codes summed over its units, divided by sqrt(n_t) (so
     that a product of two of them is sum_t S_a S_b / n_t)."""
@@ -176,14 +194,14 @@ def correlation_blocks(
         rows = slice(lo, min(lo + block, a.shape[1]))
         views = {}
         if parts:
-            crosses = [(ah[:, rows].T @ bh).toarray() for ah, bh, _, _ in parts]
+            crosses = [products(ah[:, rows], bh) for ah, bh, _, _ in parts]
             raw = crosses[0] + crosses[1]
             for name, cross, (_, _, mah, mbh) in zip(HALVES, crosses, parts, strict=True):
                 views[name] = pearson(cross, mah, mbh, "raw", rows)
         else:
-            raw = (a_csc[:, rows].T @ b).toarray()
+            raw = products(a_csc[:, rows], b)
         if text is not None:
-            tok = (ta_csc[:, rows].T @ tb).toarray()
+            tok = products(ta_csc[:, rows], tb)
             views["residual"] = pearson(raw - tok, ma, mb, "residual", rows)
             views["token"] = pearson(tok, ma, mb, "token", rows)
         views["raw"] = pearson(raw, ma, mb, "raw", rows)

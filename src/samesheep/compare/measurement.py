@@ -17,7 +17,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..data.alignment import Units
-from .correlation import HALVES, VIEWS, TopPartners, correlation_blocks
+from .correlation import HALVES, VIEWS, TopPartners, correlation_blocks, is_dense, products
 from .matching import candidate_pairs
 
 DIRECTIONS = ("a_to_b", "b_to_a")
@@ -134,6 +134,7 @@ def group_sums(
     cross = np.zeros((n_groups, len(ci)))
     sizes = {"sa": a.shape[1], "qa": a.shape[1], "sb": b.shape[1], "qb": b.shape[1]}
     mom = {k: np.zeros((n_groups, m)) for k, m in sizes.items()}
+    dense = is_dense(a) and is_dense(b)
     for g in range(n_groups):
         rows = np.flatnonzero(group == g)
         ag, bg = a[rows], b[rows]
@@ -141,7 +142,9 @@ def group_sums(
         mom["qa"][g] = np.asarray(ag.multiply(ag).sum(0)).ravel()
         mom["sb"][g] = np.asarray(bg.sum(0)).ravel()
         mom["qb"][g] = np.asarray(bg.multiply(bg).sum(0)).ravel()
-        if len(ci):
+        if len(ci) and dense:  # every product, then the candidates' (no [rows, pairs] copy)
+            cross[g] = products(ag, bg)[ci, cj]
+        elif len(ci):
             cross[g] = np.asarray(ag[:, ci].multiply(bg[:, cj]).sum(0)).ravel()
     return n, cross, mom
 

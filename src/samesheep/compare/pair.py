@@ -141,23 +141,44 @@ def _side_matrix(side: Side, units: Units, which: str, how: str) -> Any:
 
 
 def run_pair(inp: PairInputs, cfg: CompareConfig) -> dict[str, Any]:
-    """Every measurement of one pair; returns the summary, the tables and the measurements.
-
-    Each direction holds its source latents fixed and changes only the target: A's latents
-    against B's SAE (the number), against the SAE of B's untrained copy (the floor) and
-    against A's second-seed SAE (the ceiling). The two untrained copies' SAEs matched to
-    each other are kept as a diagnostic, and each SAE against its own untrained copy gives,
-    with the floor, every latent's surface score."""
-    s = settings_of(cfg)
+    """Every measurement of one pair of SAEs; returns the units, the measurements, the
+    settings, both sides' unit matrices and the jackknife groups (see measure_pair)."""
     units = common_units(inp, cfg)
     if len(units) < 2 * cfg.min_fires:
         raise SamesheepError(f"only {len(units)} aligned units: too few to compare the models")
-    text, _ = unit_texts(units, inp.texts)
-    groups = document_groups(units, cfg.groups, cfg.seed)
     how = cfg.unit_value
-    a = _side_matrix(inp.a, units, "a", how)
-    b = _side_matrix(inp.b, units, "b", how)
+    mats = {"a": _side_matrix(inp.a, units, "a", how), "b": _side_matrix(inp.b, units, "b", how)}
+    if inp.floor is not None:
+        mats["fa"] = _side_matrix(inp.floor[0], units, "a", how)
+        mats["fb"] = _side_matrix(inp.floor[1], units, "b", how)
+    if inp.ceiling is not None:
+        mats["ca"] = _side_matrix(inp.ceiling[0], units, "a", how)
+        mats["cb"] = _side_matrix(inp.ceiling[1], units, "b", how)
     label = f"compare {inp.a.model} / {inp.b.model}"
+    return measure_pair(mats, units, (inp.texts, inp.n_train_docs), cfg, label)
+
+
+def measure_pair(
+    mats: dict[str, Any],
+    units: Units,
+    corpus: tuple[list[str], int],
+    cfg: CompareConfig,
+    label: str,
+) -> dict[str, Any]:
+    """Every measurement of one pair of dictionaries, from their codes on the units: `mats`
+    {"a", "b"; with the floor "fa", "fb"; with the ceiling "ca", "cb"} [units, latents]
+    CSR; `corpus`: every document's text and the number of training documents.
+
+    Each direction holds its source latents fixed and changes only the target: A's latents
+    against B's dictionary (the number), against that of B's untrained copy (the floor) and
+    against A's second seed (the ceiling). The two untrained copies' dictionaries matched to
+    each other are kept as a diagnostic, and each against its own untrained copy gives, with
+    the floor, every latent's surface score."""
+    s = settings_of(cfg)
+    texts, n_train_docs = corpus
+    text, _ = unit_texts(units, texts)
+    groups = document_groups(units, cfg.groups, cfg.seed)
+    a, b = mats["a"], mats["b"]
     runs: dict[str, Measurement] = {}
 
     def run(name: str, what: str, x: Any, y: Any, grp: Any, full: bool) -> None:
@@ -173,17 +194,15 @@ def run_pair(inp: PairInputs, cfg: CompareConfig) -> dict[str, Any]:
     if len(np.unique(text)) == len(text):
         text = None
     run("raw", f"the trained pair on {len(units):,} units", a, b, groups, True)
-    if inp.floor is not None:
-        fa, fb = inp.floor
-        fa, fb = _side_matrix(fa, units, "a", how), _side_matrix(fb, units, "b", how)
+    if "fa" in mats:
+        fa, fb = mats["fa"], mats["fb"]
         run("floor_a", "A's latents against B's untrained copy (floor)", a, fb, groups, True)
         run("floor_b", "B's latents against A's untrained copy (floor)", b, fa, groups, True)
         run("surface_a", "A's latents against its own untrained copy", a, fa, groups, False)
         run("surface_b", "B's latents against its own untrained copy", b, fb, groups, False)
         run("untrained_pair", "the two untrained copies (diagnostic)", fa, fb, groups, False)
-    if inp.ceiling is not None:
-        ca, cb = inp.ceiling
-        ca, cb = _side_matrix(ca, units, "a", how), _side_matrix(cb, units, "b", how)
+    if "ca" in mats:
+        ca, cb = mats["ca"], mats["cb"]
         run("ceiling_a", "the seed ceiling of A", a, ca, groups, True)
         run("ceiling_b", "the seed ceiling of B", b, cb, groups, True)
     if cfg.null and not single:
@@ -196,7 +215,7 @@ def run_pair(inp: PairInputs, cfg: CompareConfig) -> dict[str, Any]:
             ra, rb = across_documents(units, seed=cfg.seed)
         if len(ra) >= 2 * cfg.min_fires:
             run("across", "the across-document null", a[ra], b[rb], groups[ra], False)
-    heldout = np.flatnonzero(units.doc >= inp.n_train_docs)
+    heldout = np.flatnonzero(units.doc >= n_train_docs)
     if len(heldout) >= 2 * cfg.min_fires:
         run("heldout", "the held-out check", a[heldout], b[heldout], groups[heldout], False)
     return {"units": units, "runs": runs, "settings": s, "a": a, "b": b, "groups": groups}

@@ -4,6 +4,7 @@ fixed-source floors, the seed ceilings and the nulls, and the answer on one scal
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,17 +50,20 @@ from ..features.stage import codes_key
 from ..lm.models import model_depth, resolve_layer
 from ..lm.stage import check_layers
 from ..sae.codes import Encoding, stream_codes
+from ..sae.dictionaries import DictionarySettings
 from ..sae.model import concat_codes
 from ..sae.saelens import load_sae
 from ..sae.stage import layer_store, trained_key
 from ..sae.training import token_filter
 from .correlation import UNIT_VALUES
+from .dictionaries import FitPlan, compare_dictionary
 from .pair import (
     SURFACE_R,
     PairInputs,
     Side,
     answer,
     by_topic,
+    common_units,
     families_table,
     geometry,
     headline_table,
@@ -293,3 +297,119 @@ def _compare_pair(cfg: Config, inp: Any, out: Path, key: str, device: Any) -> di
     summary = mark_done(out / SUMMARY, summary, [out / name for name in tables])
     say(summary["answer"])
     return summary
+
+
+DICTIONARIES = "dictionaries.json"
+"""Beside a comparison's summary: the same comparison of PCA, ICA and NMF dictionaries."""
+DICTIONARIES_VERSION = 1
+
+
+def dictionaries_stage(cfg: Config) -> dict[tuple[str, str], dict[str, Any]]:
+    """PCA, ICA and NMF dictionaries of every compared pair (at the first layer setting), run
+    through the comparison the SAEs went through, with the same floors and ceilings; writes
+    compare/<A>__<B>/dictionaries.json (skipped where unchanged). Returns {(A, B): record}."""
+    run = prepare_run_dir(cfg)
+    check_layers(cfg)
+    pairs = compare_pairs(cfg)
+    if not pairs:
+        say("dictionaries: the run has one model, nothing to compare")
+        return {}
+    if not (cfg.compare.floor and cfg.compare.ceiling and comparing(cfg)):
+        raise SamesheepError(
+            "the dictionaries need the floor and the ceiling: set compare.floor and "
+            "compare.ceiling to true and run `samesheep run` first"
+        )
+    corpus = read_json(corpus_manifest(run))
+    if not corpus:
+        raise SamesheepError(f"no corpus in {corpus_dir(run)}: run `samesheep run` first")
+    info, texts, n_train = compare_corpus(run)
+    device = choose_device(cfg.features.device)
+    reader = SideReader(cfg, device, choose_dtype(cfg.features.dtype, device), n_train, info)
+    dc = cfg.dictionaries
+    spec = cfg.layers[0]
+    results = {}
+    for a, b in pairs:
+        la = resolve_layer(spec, model_depth(a, cfg.trust_remote_code))
+        lb = resolve_layer(spec, model_depth(b, cfg.trust_remote_code))
+        out = compare_folder(cfg, a, b, la, lb)
+        compared = read_json(out / SUMMARY, corrupt_is_missing=True)
+        if not isinstance(compared, dict):
+            raise SamesheepError(
+                f"no comparison of {a} and {b} in {out}: run `samesheep compare` first"
+            )
+        key = settings_hash(
+            DICTIONARIES_VERSION, compared.get("key"), dataclasses.asdict(dc), corpus["hash"]
+        )
+        old = load_done(out / DICTIONARIES, key)
+        if old:
+            say(f"dictionaries {a} / {b}: unchanged, skipped")
+        else:
+            old = _dictionaries_pair(cfg, reader, (a, b, la, lb), (texts, key, compared))
+        for line in dictionary_lines(old):
+            say(line)
+        results[(a, b)] = old
+    record_config(cfg)
+    return results
+
+
+def _dictionaries_pair(
+    cfg: Config, reader: SideReader, pair: tuple[str, str, int, int], ctx: tuple
+) -> dict[str, Any]:
+    a, b, la, lb = pair
+    texts, key, compared = ctx
+    dc = cfg.dictionaries
+    out = compare_folder(cfg, a, b, la, lb)
+    unmark(out / DICTIONARIES)
+    inp, _ = _pair_inputs(reader, (a, b), (la, lb), texts)
+    units = common_units(inp, cfg.compare)
+    fa, fb = inp.floor  # type: ignore[misc]
+    hidden = {
+        role: side.store.rows(rows).numpy()  # type: ignore[union-attr]
+        for role, side, rows in (
+            ("a", inp.a, units.row_a),
+            ("b", inp.b, units.row_b),
+            ("fa", fa, units.row_a),
+            ("fb", fb, units.row_b),
+        )
+    }
+    plan = FitPlan(dc.fit_units, dc.seed)
+    methods = {}
+    for m in dc.method_list:
+        s = DictionarySettings(m, dc.width, dc.max_iter, dc.seed)
+        done = compare_dictionary(hidden, units, (texts, reader.n_train), cfg.compare, s, plan)
+        methods[m] = {
+            **{k: v for k, v in done.items() if k != "headline"},
+            "answer": {d: done["headline"]["raw"][d]["answer"] for d in ("a_to_b", "b_to_a")},
+        }
+    record = {
+        "key": key,
+        "model_a": a,
+        "model_b": b,
+        "layer_a": la,
+        "layer_b": lb,
+        "units": len(units),
+        "sae": {d: compared["headline"]["raw"][d]["answer"] for d in ("a_to_b", "b_to_a")},
+        "methods": methods,
+        "settings": dataclasses.asdict(dc),
+    }
+    return mark_done(out / DICTIONARIES, record)
+
+
+def dictionary_lines(record: dict[str, Any], key: str = "share_r0.5") -> list[str]:
+    """One line per dictionary and direction: its share with a partner at r >= 0.5 against
+    its floor and ceiling, and the normalised score with its interval."""
+    a, b = record["model_a"], record["model_b"]
+    rows = [("SAE", record["sae"])] + [
+        (m.upper(), v["answer"]) for m, v in record["methods"].items()
+    ]
+    lines = [f"Dictionaries of {a} and {b} (share of latents with a partner at r >= 0.5):"]
+    for name, answers in rows:
+        for d, (x, y) in (("a_to_b", (a, b)), ("b_to_a", (b, a))):
+            e = answers[d]
+            lo, hi = e.get("intervals", {}).get(key, {}).get("normalised", [math.nan] * 2)
+            lines.append(
+                f"  {name:4s} {x} -> {y}: {e['raw'][key]:.2f} (floor {e['floor'][key]:.2f}, "
+                f"ceiling {e['ceiling'][key]:.2f}); normalised {e['normalised'][key]:.2f} "
+                f"(95% CI {lo:.2f} to {hi:.2f})"
+            )
+    return lines

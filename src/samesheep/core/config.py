@@ -388,6 +388,41 @@ class CausalConfig:
 
 
 @dataclass
+class DictionariesConfig:
+    """Dictionaries that are not SAEs (`samesheep dictionaries`, not part of `samesheep
+    run`): PCA, FastICA and NMF of both models, compared by the same code as the SAEs, with
+    the same fixed-source floors and ceilings."""
+
+    methods: str = "pca,ica,nmf"
+    """Comma-separated, from pca, ica, nmf."""
+    width: int = 0
+    """Components; 0: the hidden width (PCA and ICA allow no more)."""
+    fit_units: int = 20_000
+    """Training units each dictionary is fitted on at most (drawn at random); every unit is
+    encoded."""
+    max_iter: int = 200
+    """Iterations of ICA, passes of NMF, at most."""
+    seed: int = 0
+    """Seed of the fits (the ceiling's ICA and NMF use seed + 1)."""
+
+    def __post_init__(self) -> None:
+        known = ("pca", "ica", "nmf")
+        wrong = [m for m in self.method_list if m not in known]
+        if wrong or not self.method_list:
+            raise SamesheepError(
+                f"dictionaries.methods must name some of {', '.join(known)}, got {self.methods!r}"
+            )
+        if self.width < 0 or self.fit_units < 2 or self.max_iter < 1:
+            raise SamesheepError(
+                "dictionaries.width must be >= 0, fit_units >= 2 and max_iter >= 1"
+            )
+
+    @property
+    def method_list(self) -> list[str]:
+        return [m.strip() for m in self.methods.split(",") if m.strip()]
+
+
+@dataclass
 class Config:
     """A whole run: models, layers, corpus and per-stage settings."""
 
@@ -414,6 +449,7 @@ class Config:
     interpret: InterpretConfig = field(default_factory=InterpretConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     causal: CausalConfig = field(default_factory=CausalConfig)
+    dictionaries: DictionariesConfig = field(default_factory=DictionariesConfig)
 
 
 _SECTIONS = {
@@ -426,6 +462,7 @@ _SECTIONS = {
     "interpret": InterpretConfig,
     "report": ReportConfig,
     "causal": CausalConfig,
+    "dictionaries": DictionariesConfig,
 }
 
 

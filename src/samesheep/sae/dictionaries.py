@@ -1,0 +1,113 @@
+"""Dictionaries that are not sparse autoencoders: PCA, FastICA and NMF, fitted with
+scikit-learn on a model's hidden states. The comparison runs them through exactly the code
+it runs the SAEs through, so a reader sees what the sparse dictionary adds on the same scale.
+
+Width: the hidden width for PCA and ICA (they allow no more); NMF could go wider, but is
+given the same width so the three differ by method only. PCA and ICA directions have no
+sign of their own: each is turned so that its codes are right-skewed on the fitting units
+(the convention for ICA; a feature that fires rarely and strongly then reads positive), so
+two fits of one direction agree in sign. NMF reads the hidden states shifted by their
+minimum over the fitting units (NMF needs non-negative input; lower values are clipped).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.decomposition import FastICA, IncrementalPCA, MiniBatchNMF
+from sklearn.exceptions import ConvergenceWarning
+
+from ..core.errors import SamesheepError
+
+METHODS = ("pca", "ica", "nmf")
+
+
+@dataclass(frozen=True)
+class DictionarySettings:
+    """How one dictionary is fitted."""
+
+    method: str
+    width: int = 0
+    """Components; 0: the hidden width (PCA and ICA allow no more)."""
+    max_iter: int = 200
+    """Iterations of ICA and passes over the fitting units of NMF at most."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise SamesheepError(
+                f"unknown dictionary {self.method!r}: choose from {', '.join(METHODS)}"
+            )
+        if self.width < 0 or self.max_iter < 1:
+            raise SamesheepError("a dictionary's width must be >= 0 and max_iter >= 1")
+
+
+@dataclass
+class Dictionary:
+    """A fitted dictionary: its estimator, how inputs are shifted first, and the sign of
+    each component."""
+
+    settings: DictionarySettings
+    estimator: object
+    shift: np.ndarray  # [d] subtracted from the inputs before the estimator reads them
+    sign: np.ndarray  # [width] +1 or -1
+    converged: bool
+
+    @property
+    def width(self) -> int:
+        return len(self.sign)
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        """[units, width] float32 codes of the hidden states x [units, d]."""
+        z = self._input(x)
+        return (self.estimator.transform(z) * self.sign).astype(np.float32)  # type: ignore[attr-defined]
+
+    def _input(self, x: np.ndarray) -> np.ndarray:
+        z = np.asarray(x, dtype=np.float32) - self.shift
+        return np.clip(z, 0.0, None) if self.settings.method == "nmf" else z
+
+
+def fit_dictionary(x: np.ndarray, s: DictionarySettings) -> Dictionary:
+    """The dictionary `s.method` fitted on the hidden states x [units, d]."""
+    x = np.asarray(x, dtype=np.float32)
+    n, d = x.shape
+    width = s.width or d
+    if s.method in ("pca", "ica"):
+        width = min(width, d)
+    if n < max(2, width if s.method == "pca" else 2):
+        raise SamesheepError(
+            f"{n} units are too few to fit a {s.method.upper()} dictionary of width {width}"
+        )
+    shift = x.min(0) if s.method == "nmf" else np.zeros(d, dtype=np.float32)
+    if s.method == "pca":
+        est = IncrementalPCA(n_components=width, batch_size=max(width, 4096))
+    elif s.method == "ica":
+        est = FastICA(
+            n_components=width,
+            whiten="unit-variance",
+            whiten_solver="eigh",
+            max_iter=s.max_iter,
+            tol=1e-3,
+            random_state=s.seed,
+        )
+    else:
+        est = MiniBatchNMF(
+            n_components=width, batch_size=2048, max_iter=s.max_iter, random_state=s.seed
+        )
+    z = x - shift
+    if s.method == "nmf":
+        z = np.clip(z, 0.0, None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        est.fit(z)
+    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    sign = np.ones(width, dtype=np.float32)
+    out = Dictionary(s, est, shift.astype(np.float32), sign, converged)
+    if s.method != "nmf":
+        codes = out.encode(x)
+        centred = codes - codes.mean(0)
+        skew = (centred**3).mean(0)
+        out.sign = np.where(skew < 0, -1.0, 1.0).astype(np.float32)
+    return out
