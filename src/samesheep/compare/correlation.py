@@ -85,26 +85,49 @@ arrays (dictionaries whose codes are mostly non-zero: PCA, ICA); scipy's sparse 
 would take minutes there."""
 
 
-def is_dense(x: sp.spmatrix) -> bool:
-    """Whether more than DENSE of x's entries are non-zero."""
+Codes = sp.csr_matrix | np.ndarray
+"""[units, latents] codes: sparse (SAEs), or a dense array (PCA, ICA, NMF: mostly non-zero,
+where scipy's sparse operations would take minutes)."""
+
+
+def is_dense(x: Codes) -> bool:
+    """Whether x is a dense array, or more than DENSE of its entries are non-zero."""
+    if not sp.issparse(x):
+        return True
     return x.nnz > DENSE * max(x.shape[0], 1) * x.shape[1]
 
 
-def products(x: sp.spmatrix, y: sp.spmatrix) -> np.ndarray:
-    """[x's columns, y's columns] x' y, dense."""
+def square_sums(x: Codes) -> np.ndarray:
+    """[latents] the sum of each column's squares."""
+    if sp.issparse(x):
+        return np.asarray(x.multiply(x).sum(0)).ravel()
+    return np.einsum("ij,ij->j", x, x, dtype=np.float64)
+
+
+def column_major(x: Codes) -> Codes:
+    """x in the layout that slices columns fast."""
+    return x.tocsc() if sp.issparse(x) else x
+
+
+def products(x: Codes, y: Codes) -> np.ndarray:
+    """[x's columns, y's columns] x' y, dense (a dense float64 product where both are dense)."""
     if is_dense(x) and is_dense(y):
-        return x.toarray().astype(np.float64).T @ y.toarray().astype(np.float64)
-    return (x.T @ y).toarray()
+        xd = x.toarray() if sp.issparse(x) else x
+        yd = y.toarray() if sp.issparse(y) else y
+        return xd.astype(np.float64, copy=False).T @ yd.astype(np.float64, copy=False)
+    out = x.T @ y
+    return out.toarray() if sp.issparse(out) else np.asarray(out)
 
 
-def text_sums(x: sp.csr_matrix, text: np.ndarray, n_texts: int) -> sp.csr_matrix:
+def text_sums(x: Codes, text: np.ndarray, n_texts: int) -> Codes:
     """[n_texts, latents]: per text, the codes summed over its units, divided by sqrt(n_t) (so
     that a product of two of them is sum_t S_a S_b / n_t)."""
     counts = np.bincount(text, minlength=n_texts).astype(np.float64)
     group = sp.csr_matrix(
         (1.0 / np.sqrt(counts[text]), (text, np.arange(len(text)))), shape=(n_texts, len(text))
     )
-    return (group @ x).tocsr()
+    out = group @ x
+    return out.tocsr() if sp.issparse(out) else np.asarray(out)
 
 
 @dataclass
@@ -116,10 +139,10 @@ class Moments:
     squares: dict[str, np.ndarray]
 
     @classmethod
-    def of(cls, x: sp.csr_matrix, per_text: sp.csr_matrix) -> Moments:
-        total = np.asarray(x.sum(0)).ravel()
-        sq = np.asarray(x.multiply(x).sum(0)).ravel()
-        sq_text = np.asarray(per_text.multiply(per_text).sum(0)).ravel()
+    def of(cls, x: Codes, per_text: Codes) -> Moments:
+        total = np.asarray(x.sum(0, dtype=np.float64)).ravel()
+        sq = square_sums(x)
+        sq_text = square_sums(per_text)
         return cls(
             n=x.shape[0],
             sums={"raw": total, "residual": np.zeros_like(total), "token": total},
@@ -165,8 +188,8 @@ HALVES = ("half0", "half1")
 
 
 def correlation_blocks(
-    a: sp.csr_matrix,
-    b: sp.csr_matrix,
+    a: Codes,
+    b: Codes,
     text: np.ndarray | None,
     visit: Callable[[slice, dict[str, np.ndarray]], None],
     block: int = 0,
@@ -182,14 +205,14 @@ def correlation_blocks(
     ta = text_sums(a, text, n_texts) if text is not None else sp.csr_matrix(a.shape)
     tb = text_sums(b, text, n_texts) if text is not None else sp.csr_matrix(b.shape)
     ma, mb = Moments.of(a, ta), Moments.of(b, tb)
-    a_csc, ta_csc = a.tocsc(), ta.tocsc()
+    a_csc, ta_csc = column_major(a), column_major(ta)
     parts = []  # per half: (a's columns, b, a's moments, b's moments)
     if half is not None:
         for h in (0, 1):
             rows_h = np.flatnonzero(half == h)
             ah, bh = a[rows_h], b[rows_h]
             empty_a, empty_b = sp.csr_matrix(ah.shape), sp.csr_matrix(bh.shape)
-            parts.append((ah.tocsc(), bh, Moments.of(ah, empty_a), Moments.of(bh, empty_b)))
+            parts.append((column_major(ah), bh, Moments.of(ah, empty_a), Moments.of(bh, empty_b)))
     for lo in range(0, a.shape[1], block):
         rows = slice(lo, min(lo + block, a.shape[1]))
         views = {}

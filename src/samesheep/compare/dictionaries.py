@@ -3,8 +3,10 @@ go through (measure_pair, headline_table), with the same fixed-source floors and
 
 - the number: A's dictionary against B's, on the aligned units;
 - the floor: against the same dictionary fitted on B's untrained copy;
-- the ceiling: against A's dictionary fitted again, with another seed (ICA, NMF) or, for
-  PCA (which has no seed), on the other half of the training documents.
+- the ceiling: against A's dictionary fitted again: ICA with another seed (its unmixing
+  starts at random); PCA (which has no seed) and NMF (whose start is the data's SVD, so
+  another seed finds the same factors: a ceiling of 1.00 on the default run) on the other
+  half of the training documents, where the main fit reads the first half.
 
 Every dictionary is fitted on the training units (at most `fit_units` of them, drawn at
 random) at the unit's last token, where the SAE comparison reads its codes, and encodes
@@ -18,13 +20,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
 
 from ..core.config import CompareConfig
 from ..core.progress import step
 from ..data.alignment import Units
 from ..sae.dictionaries import DictionarySettings, fit_dictionary
 from .pair import headline_table, measure_pair
+
+HALVED = ("pca", "nmf")
+"""Methods whose ceiling is a fit on the other half of the training documents (their fit
+does not depend on a seed); the others' is a fit with another seed."""
 
 
 @dataclass(frozen=True)
@@ -63,29 +68,30 @@ def dictionary_matrices(
     n_train_docs: int,
     s: DictionarySettings,
     plan: FitPlan,
-) -> tuple[dict[str, sp.csr_matrix], dict[str, Any]]:
-    """({"a", "b", "fa", "fb", "ca", "cb"}: [units, width] CSR codes of every unit, fit
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """({"a", "b", "fa", "fb", "ca", "cb"}: [units, width] codes of every unit, fit
     details): each role's dictionary fitted on its hidden states `hidden[role]`
     [units, d] and encoding every unit; "ca", "cb" are the ceilings (another seed, or for
-    PCA the other half of the training documents, where the main fit reads the first)."""
+    HALVED methods the other half of the training documents, where the main fit reads the
+    first)."""
     everything, halves = fit_rows(units, n_train_docs, plan)
-    if s.method == "pca":
+    if s.method in HALVED:
         main_rows, ceiling_rows = halves
         ceiling = s
     else:
         main_rows = ceiling_rows = everything
         ceiling = DictionarySettings(s.method, s.width, s.max_iter, s.seed + 1)
-    mats: dict[str, sp.csr_matrix] = {}
-    details: dict[str, Any] = {"fit_units": len(main_rows), "converged": {}}
+    mats: dict[str, np.ndarray] = {}
+    details: dict[str, Any] = {"fit_units": len(main_rows), "converged": {}, "width": {}}
     for role in ("a", "b", "fa", "fb", "ca", "cb"):
         source = role[-1] if role.startswith("c") else role
         rows, settings = (ceiling_rows, ceiling) if role.startswith("c") else (main_rows, s)
         with step(f"{s.method.upper()} dictionary of {role}"):
             x = hidden[source]
             d = fit_dictionary(x[rows], settings)
-            mats[role] = sp.csr_matrix(d.encode(x))
+            mats[role] = d.encode(x)  # dense: the comparison takes dense products
         details["converged"][role] = d.converged
-        details["width"] = d.width
+        details["width"][role] = d.width
     return mats, details
 
 

@@ -14,10 +14,18 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-import scipy.sparse as sp
 
 from ..data.alignment import Units
-from .correlation import HALVES, VIEWS, TopPartners, correlation_blocks, is_dense, products
+from .correlation import (
+    HALVES,
+    VIEWS,
+    Codes,
+    TopPartners,
+    correlation_blocks,
+    is_dense,
+    products,
+    square_sums,
+)
 from .matching import candidate_pairs
 
 DIRECTIONS = ("a_to_b", "b_to_a")
@@ -63,8 +71,8 @@ class Measurement:
 
 
 def measure(
-    a: sp.csr_matrix,
-    b: sp.csr_matrix,
+    a: Codes,
+    b: Codes,
     text: np.ndarray | None,
     group: np.ndarray,
     s: Settings,
@@ -121,8 +129,8 @@ def group_halves(n_groups: int) -> np.ndarray:
 
 
 def group_sums(
-    a: sp.csr_matrix,
-    b: sp.csr_matrix,
+    a: Codes,
+    b: Codes,
     group: np.ndarray,
     n_groups: int,
     ci: np.ndarray,
@@ -138,10 +146,10 @@ def group_sums(
     for g in range(n_groups):
         rows = np.flatnonzero(group == g)
         ag, bg = a[rows], b[rows]
-        mom["sa"][g] = np.asarray(ag.sum(0)).ravel()
-        mom["qa"][g] = np.asarray(ag.multiply(ag).sum(0)).ravel()
-        mom["sb"][g] = np.asarray(bg.sum(0)).ravel()
-        mom["qb"][g] = np.asarray(bg.multiply(bg).sum(0)).ravel()
+        mom["sa"][g] = np.asarray(ag.sum(0, dtype=np.float64)).ravel()
+        mom["qa"][g] = square_sums(ag)
+        mom["sb"][g] = np.asarray(bg.sum(0, dtype=np.float64)).ravel()
+        mom["qb"][g] = square_sums(bg)
         if len(ci) and dense:  # every product, then the candidates' (no [rows, pairs] copy)
             cross[g] = products(ag, bg)[ci, cj]
         elif len(ci):

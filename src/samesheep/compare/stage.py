@@ -375,7 +375,7 @@ def _dictionaries_pair(
     plan = FitPlan(dc.fit_units, dc.seed)
     methods = {}
     for m in dc.method_list:
-        s = DictionarySettings(m, dc.width, dc.max_iter, dc.seed)
+        s = DictionarySettings(m, dc.width, dc.nmf_passes if m == "nmf" else dc.ica_iter, dc.seed)
         done = compare_dictionary(hidden, units, (texts, reader.n_train), cfg.compare, s, plan)
         methods[m] = {
             **{k: v for k, v in done.items() if k != "headline"},

@@ -397,13 +397,16 @@ class DictionariesConfig:
     """Comma-separated, from pca, ica, nmf."""
     width: int = 0
     """Components; 0: the hidden width (PCA and ICA allow no more)."""
-    fit_units: int = 20_000
+    fit_units: int = 10_000
     """Training units each dictionary is fitted on at most (drawn at random); every unit is
     encoded."""
-    max_iter: int = 200
-    """Iterations of ICA, passes of NMF, at most."""
+    ica_iter: int = 100
+    """FastICA's iterations at most (each costs about 2 x 2 x units x width^2 flops)."""
+    nmf_passes: int = 20
+    """NMF's passes over the fitting units at most, and its iterations when it encodes."""
     seed: int = 0
-    """Seed of the fits (the ceiling's ICA and NMF use seed + 1)."""
+    """Seed of the fits (the ceiling's ICA uses seed + 1; PCA's and NMF's ceilings are fits
+    on the other half of the training documents)."""
 
     def __post_init__(self) -> None:
         known = ("pca", "ica", "nmf")
@@ -412,9 +415,9 @@ class DictionariesConfig:
             raise SamesheepError(
                 f"dictionaries.methods must name some of {', '.join(known)}, got {self.methods!r}"
             )
-        if self.width < 0 or self.fit_units < 2 or self.max_iter < 1:
+        if self.width < 0 or self.fit_units < 2 or min(self.ica_iter, self.nmf_passes) < 1:
             raise SamesheepError(
-                "dictionaries.width must be >= 0, fit_units >= 2 and max_iter >= 1"
+                "dictionaries.width must be >= 0, fit_units >= 2, ica_iter and nmf_passes >= 1"
             )
 
     @property

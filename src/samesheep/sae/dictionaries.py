@@ -16,7 +16,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.decomposition import FastICA, IncrementalPCA, MiniBatchNMF
+from sklearn.decomposition import PCA, FastICA, MiniBatchNMF
 from sklearn.exceptions import ConvergenceWarning
 
 from ..core.errors import SamesheepError
@@ -31,8 +31,9 @@ class DictionarySettings:
     method: str
     width: int = 0
     """Components; 0: the hidden width (PCA and ICA allow no more)."""
-    max_iter: int = 200
-    """Iterations of ICA and passes over the fitting units of NMF at most."""
+    max_iter: int = 100
+    """ICA's iterations, or NMF's passes over the fitting units (and its iterations when it
+    encodes), at most."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -82,7 +83,8 @@ def fit_dictionary(x: np.ndarray, s: DictionarySettings) -> Dictionary:
         )
     shift = x.min(0) if s.method == "nmf" else np.zeros(d, dtype=np.float32)
     if s.method == "pca":
-        est = IncrementalPCA(n_components=width, batch_size=max(width, 4096))
+        # the covariance's eigenvectors: one [d, d] matrix, whatever the number of units
+        est = PCA(n_components=width, svd_solver="covariance_eigh")
     elif s.method == "ica":
         est = FastICA(
             n_components=width,
@@ -94,7 +96,11 @@ def fit_dictionary(x: np.ndarray, s: DictionarySettings) -> Dictionary:
         )
     else:
         est = MiniBatchNMF(
-            n_components=width, batch_size=2048, max_iter=s.max_iter, random_state=s.seed
+            n_components=width,
+            batch_size=2048,
+            max_iter=s.max_iter,
+            transform_max_iter=s.max_iter,
+            random_state=s.seed,
         )
     z = x - shift
     if s.method == "nmf":
