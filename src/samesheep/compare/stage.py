@@ -187,6 +187,18 @@ def _pair_inputs(
     return PairInputs(side_a, side_b, floor, ceiling, texts, reader.n_train), keys
 
 
+def _reading(cfg: Config, run: Path) -> tuple[dict[str, Any], list[str], SideReader]:
+    """(the run's corpus manifest, every document's text, the reader of comparison sides),
+    or a one-line error where the run has no corpus."""
+    corpus = read_json(corpus_manifest(run))
+    if not corpus:
+        raise SamesheepError(f"no corpus in {corpus_dir(run)}: run `samesheep run` first")
+    info, texts, n_train = compare_corpus(run)
+    device = choose_device(cfg.features.device)
+    reader = SideReader(cfg, device, choose_dtype(cfg.features.dtype, device), n_train, info)
+    return corpus, texts, reader
+
+
 def compare_stage(cfg: Config) -> dict[tuple[str, str, int], dict[str, Any]]:
     """Compare every pair of models: their SAEs' features on aligned units, with the
     random-weights floor, the nulls and the seed ceilings (skipped when unchanged). Returns
@@ -202,12 +214,7 @@ def compare_stage(cfg: Config) -> dict[tuple[str, str, int], dict[str, Any]]:
     if not pairs:
         say("compare: the run has one model, nothing to compare")
         return {}
-    corpus = read_json(corpus_manifest(run))
-    if not corpus:
-        raise SamesheepError(f"no corpus in {corpus_dir(run)}: run `samesheep run` first")
-    info, texts, n_train = compare_corpus(run)
-    device = choose_device(cfg.features.device)
-    reader = SideReader(cfg, device, choose_dtype(cfg.features.dtype, device), n_train, info)
+    corpus, texts, reader = _reading(cfg, run)
     settings = {
         k: v for k, v in dataclasses.asdict(cfg.compare).items() if k not in NOT_IN_COMPARE_KEY
     }
@@ -319,12 +326,7 @@ def dictionaries_stage(cfg: Config) -> dict[tuple[str, str], dict[str, Any]]:
             "the dictionaries need the floor and the ceiling: set compare.floor and "
             "compare.ceiling to true and run `samesheep run` first"
         )
-    corpus = read_json(corpus_manifest(run))
-    if not corpus:
-        raise SamesheepError(f"no corpus in {corpus_dir(run)}: run `samesheep run` first")
-    info, texts, n_train = compare_corpus(run)
-    device = choose_device(cfg.features.device)
-    reader = SideReader(cfg, device, choose_dtype(cfg.features.dtype, device), n_train, info)
+    corpus, texts, reader = _reading(cfg, run)
     dc = cfg.dictionaries
     spec = cfg.layers[0]
     results = {}
