@@ -24,8 +24,9 @@ from pathlib import Path
 
 import torch
 
-from samesheep.compare.stage import DICTIONARIES, dictionaries_stage, dictionary_lines
+from samesheep.compare.stage import dictionaries_stage, dictionary_lines
 from samesheep.core import config as config_mod
+from samesheep.core.constants import DICTIONARIES
 from samesheep.core.device import machine_lines, set_threads
 from samesheep.core.plan import compare_pairs
 from samesheep.core.rundir import compare_folder

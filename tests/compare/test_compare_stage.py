@@ -311,6 +311,14 @@ def test_dictionaries_go_through_the_comparison_and_skip_when_unchanged(run, env
     res = cli("dictionaries", *args, *fast, env=env)
     assert res.returncode == 0, res.stderr
     assert "unchanged, skipped" in flat(res.stderr) and out.stat().st_mtime_ns == before
+    # the report shows them beside the SAE pair, and rebuilds when they change
+    res = cli("report", *args, env=env)
+    assert res.returncode == 0, res.stderr
+    index = (run_dir / "report" / "index.html").read_text()
+    assert "Dictionaries that are not SAEs" in index
+    table = index[index.index('class="numbers dictionaries"') :].split("</table>")[0]
+    assert table.count("<tr>") == 1 + 4 * 2  # header; SAE, PCA, ICA, NMF in both directions
+    assert ">ICA<" in table and ">SAE<" in table
 
 
 def test_an_unknown_dictionary_is_one_line(run, env):

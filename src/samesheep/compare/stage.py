@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from ..core.cache import load_done, mark_done, unmark
 from ..core.config import Config, settings_hash
-from ..core.constants import SUMMARY
+from ..core.constants import DICTIONARIES, SUMMARY
 from ..core.device import choose_device, choose_dtype
 from ..core.errors import SamesheepError
 from ..core.files import atomic_path, read_json
@@ -306,8 +306,6 @@ def _compare_pair(cfg: Config, inp: Any, out: Path, key: str, device: Any) -> di
     return summary
 
 
-DICTIONARIES = "dictionaries.json"
-"""Beside a comparison's summary: the same comparison of PCA, ICA and NMF dictionaries."""
 DICTIONARIES_VERSION = 1
 
 

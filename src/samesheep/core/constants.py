@@ -19,3 +19,7 @@ SPLITS = ("train", "heldout")
 SUMMARY = "summary.json"
 """The file a stage writes last in a folder: its presence (with the right key) marks the
 folder done."""
+
+DICTIONARIES = "dictionaries.json"
+"""Beside a comparison's summary: the same comparison of PCA, ICA and NMF dictionaries
+(`samesheep dictionaries`; its done marker)."""

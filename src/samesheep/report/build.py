@@ -25,7 +25,7 @@ from safetensors.numpy import load_file
 
 from ..core.cache import load_done, mark_done
 from ..core.config import Config, settings_hash
-from ..core.constants import SUMMARY
+from ..core.constants import DICTIONARIES, SUMMARY
 from ..core.errors import SamesheepError
 from ..core.files import pid_temporary, read_json
 from ..core.plan import compare_pairs, sae_runs
@@ -95,6 +95,7 @@ class ComparisonPage:
     summary: dict[str, Any]
     causal_folder: Path | None = None  # where `samesheep causal` has run for the pair
     causal: dict[str, Any] | None = None  # its summary
+    dictionaries: dict[str, Any] | None = None  # `samesheep dictionaries`, where it has run
 
 
 def short_name(source: str) -> str:
@@ -143,6 +144,7 @@ def report_stage(cfg: Config) -> Path:
             causal_at = causal_folder(cfg, a, b, la, lb)
             page.causal = causal_summary(causal_at)
             page.causal_folder = causal_at if page.causal else None
+            page.dictionaries = read_json(folder / DICTIONARIES, corrupt_is_missing=True) or None
             comparisons.append(page)
 
     for sae in saes.values():  # every input checked before any work starts
@@ -156,6 +158,7 @@ def report_stage(cfg: Config) -> Path:
     ]
     inputs += [c.summary.get("key") for c in comparisons]
     inputs += [c.causal.get("key") for c in comparisons if c.causal]  # where it has run
+    inputs += [c.dictionaries.get("key") for c in comparisons if c.dictionaries]
     layer_folders = {}  # per pair of models whose layers stage has run
     for a, b in compare_pairs(cfg):
         done = read_json(pair_folder(cfg, a, b) / "layers.json", corrupt_is_missing=True)
@@ -450,6 +453,9 @@ def comparison_data(
         "pair_block": rc.pair_block,
         "map": coords is not None,
         "causal": c.causal.get("answer", "") if c.causal else "",
+        "dictionaries": (
+            overview.dictionary_rows(c.dictionaries, c.a.name, c.b.name) if c.dictionaries else []
+        ),
         **overview.comparison_view(c.summary, c.a.name, c.b.name),
     }
 

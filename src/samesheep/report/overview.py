@@ -110,6 +110,21 @@ def scale_cells(n: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def dictionary_rows(record: dict[str, Any], a: str, b: str) -> list[dict[str, Any]]:
+    """Table rows of `samesheep dictionaries` (dictionaries.json): the SAE pair, then each
+    dictionary that is not an SAE, per direction, with scale_cells' numbers."""
+    answers = [("SAE", record.get("sae", {}))]
+    answers += [(m.upper(), v.get("answer", {})) for m, v in record.get("methods", {}).items()]
+    rows = []
+    for name, by_direction in answers:
+        for d, (x, y) in _names(a, b).items():
+            if d in by_direction:
+                rows.append(
+                    {"name": name, "direction": f"{x} → {y}", **scale_cells(by_direction[d])}
+                )
+    return rows
+
+
 def in_sample(e: dict[str, Any]) -> dict[str, Any]:
     """A direction's in-sample numbers (every partner chosen and measured on all the
     documents) in the shape of its `answer`."""
