@@ -319,6 +319,13 @@ def test_dictionaries_go_through_the_comparison_and_skip_when_unchanged(run, env
     table = index[index.index('class="numbers dictionaries"') :].split("</table>")[0]
     assert table.count("<tr>") == 1 + 4 * 2  # header; SAE, PCA, ICA, NMF in both directions
     assert ">ICA<" in table and ">SAE<" in table
+    # made beside another comparison (its SAE row would be stale): the report leaves it out
+    record = json.loads(out.read_text())
+    out.write_text(json.dumps({**record, "compare_key": "an older comparison"}))
+    res = cli("report", *args, env=env)
+    assert res.returncode == 0, res.stderr
+    assert "Dictionaries that are not SAEs" not in (run_dir / "report" / "index.html").read_text()
+    out.write_text(json.dumps(record))
 
 
 def test_an_unknown_dictionary_is_one_line(run, env):

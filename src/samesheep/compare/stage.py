@@ -306,7 +306,8 @@ def _compare_pair(cfg: Config, inp: Any, out: Path, key: str, device: Any) -> di
     return summary
 
 
-DICTIONARIES_VERSION = 1
+DICTIONARIES_VERSION = 2
+"""Bump when the dictionaries stage changes what it writes for the same inputs."""
 
 
 def dictionaries_stage(cfg: Config) -> dict[tuple[str, str], dict[str, Any]]:
@@ -355,6 +356,9 @@ def dictionaries_stage(cfg: Config) -> dict[tuple[str, str], dict[str, Any]]:
 def _dictionaries_pair(
     cfg: Config, reader: SideReader, pair: tuple[str, str, int, int], ctx: tuple
 ) -> dict[str, Any]:
+    """Fit and compare every method's dictionaries of one pair; dictionaries.json, written
+    last, marks it done. `ctx`: every document's text, the key, the SAE comparison's
+    summary (its answer is the table's first row)."""
     a, b, la, lb = pair
     texts, key, compared = ctx
     dc = cfg.dictionaries
@@ -388,6 +392,7 @@ def _dictionaries_pair(
         "layer_a": la,
         "layer_b": lb,
         "units": len(units),
+        "compare_key": compared.get("key"),  # the SAE comparison its first row was read from
         "sae": {d: compared["headline"]["raw"][d]["answer"] for d in ("a_to_b", "b_to_a")},
         "methods": methods,
         "settings": dataclasses.asdict(dc),

@@ -144,7 +144,9 @@ def report_stage(cfg: Config) -> Path:
             causal_at = causal_folder(cfg, a, b, la, lb)
             page.causal = causal_summary(causal_at)
             page.causal_folder = causal_at if page.causal else None
-            page.dictionaries = read_json(folder / DICTIONARIES, corrupt_is_missing=True) or None
+            done = read_json(folder / DICTIONARIES, corrupt_is_missing=True)
+            if isinstance(done, dict) and done.get("compare_key") == summary.get("key"):
+                page.dictionaries = done  # not one made beside an older comparison
             comparisons.append(page)
 
     for sae in saes.values():  # every input checked before any work starts
