@@ -82,30 +82,41 @@ def model_run(folder, layer: int, directions: list[torch.Tensor], scale: float =
     return run
 
 
+def hooked_pass(run: ModelRun, ids: torch.Tensor, change) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities [positions, vocab] of a whole forward pass of ids [1, positions],
+    clean and with change(block `layer`'s output [positions, d]) added to that output."""
+    block = decoder_blocks(run.lm.model)[run.layer]
+
+    def hook(_m, _i, output):
+        h = hidden_state(output).clone()
+        h[0] += change(h[0]).to(h.dtype)
+        return (h, *output[1:]) if isinstance(output, tuple) else h
+
+    with torch.inference_mode():
+        clean = run.lm.model(input_ids=ids).logits[0].log_softmax(-1)
+        handle = block.register_forward_hook(hook)
+        try:
+            spliced = run.lm.model(input_ids=ids).logits[0].log_softmax(-1)
+        finally:
+            handle.remove()
+    return clean, spliced
+
+
 def brute_force(run: ModelRun, latent: int) -> dict[int, float]:
     """{store row of a target: change of its log-probability}, from whole forward passes of
     each window with the latent's contribution removed by a hook on block `layer`."""
     t, sae = run.tokens, run.saes["sae"]
-    block = decoder_blocks(run.lm.model)[run.layer]
     out = {}
     for w in range(t.windows):
         lo, hi = int(t.bounds[w]), int(t.bounds[w + 1])
         ids = torch.from_numpy(t.ids[lo:hi])[None]
         keep = torch.from_numpy(t.keep[lo:hi])
 
-        def hook(_m, _i, output, keep=keep):
-            h = hidden_state(output).clone()
-            a = sae.encode(h[0].float())[:, latent] * keep
-            h[0] += run.scale * a[:, None] * sae.W_dec[latent] / sae.cfg.input_scale
-            return (h, *output[1:]) if isinstance(output, tuple) else h
+        def change(h, keep=keep):
+            a = sae.encode(h.float())[:, latent] * keep
+            return run.scale * a[:, None] * sae.W_dec[latent] / sae.cfg.input_scale
 
-        with torch.inference_mode():
-            clean = run.lm.model(input_ids=ids).logits[0].log_softmax(-1)
-            handle = block.register_forward_hook(hook)
-            try:
-                spliced = run.lm.model(input_ids=ids).logits[0].log_softmax(-1)
-            finally:
-                handle.remove()
+        clean, spliced = hooked_pass(run, ids, change)
         for p in range(hi - lo - 1):
             target = int(ids[0, p + 1])
             out[lo + p + 1] = float(spliced[p, target] - clean[p, target])
@@ -181,21 +192,8 @@ def test_targets_before_the_first_firing_read_zero_and_the_rest_match_a_whole_pa
     targets = np.arange(lo + 1, hi)
     got = window_effects(run, w, [Job(Intervention("sae", 1), acts, targets)])[0]
     ids = torch.from_numpy(t.ids[lo:hi])[None]
-    change = torch.from_numpy(acts)[:, None] * sae.W_dec[1] / sae.cfg.input_scale
-
-    def hook(_m, _i, output):
-        h = hidden_state(output).clone()
-        h[0] += run.scale * change.to(h.dtype)
-        return (h, *output[1:]) if isinstance(output, tuple) else h
-
-    block = decoder_blocks(run.lm.model)[run.layer]
-    with torch.inference_mode():
-        clean = run.lm.model(input_ids=ids).logits[0].log_softmax(-1)
-        handle = block.register_forward_hook(hook)
-        try:
-            spliced = run.lm.model(input_ids=ids).logits[0].log_softmax(-1)
-        finally:
-            handle.remove()
+    change = run.scale * torch.from_numpy(acts)[:, None] * sae.W_dec[1] / sae.cfg.input_scale
+    clean, spliced = hooked_pass(run, ids, lambda _h: change)
     pos = targets - lo - 1
     want = (spliced[pos, ids[0, pos + 1]] - clean[pos, ids[0, pos + 1]]).double().numpy()
     before = pos < first

@@ -43,9 +43,9 @@ class FitPlan:
 def fit_rows(
     units: Units, n_train_docs: int, plan: FitPlan
 ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
-    """(units the main dictionaries are fitted on, units PCA's ceiling is fitted on): the
-    training units, and for PCA the training documents split into two halves at random;
-    each at most plan.fit_units, drawn at random."""
+    """(the training units, the training units split by document into two halves at random:
+    the main fit and the ceiling of the HALVED methods), each at most plan.fit_units, drawn
+    at random."""
     rng = np.random.default_rng(plan.seed)
     train = np.flatnonzero(units.doc < n_train_docs)
     docs = np.unique(units.doc[train])

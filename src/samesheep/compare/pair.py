@@ -167,7 +167,8 @@ def measure_pair(
 ) -> dict[str, Any]:
     """Every measurement of one pair of dictionaries, from their codes on the units: `mats`
     {"a", "b"; with the floor "fa", "fb"; with the ceiling "ca", "cb"} [units, latents]
-    CSR; `corpus`: every document's text and the number of training documents.
+    (CSR, or dense arrays: see correlation.Codes); `corpus`: every document's text and the
+    number of training documents.
 
     Each direction holds its source latents fixed and changes only the target: A's latents
     against B's dictionary (the number), against that of B's untrained copy (the floor) and

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .constants import UNITS
+from .constants import DICTIONARY_METHODS, UNITS
 from .errors import SamesheepError
 
 
@@ -409,11 +409,11 @@ class DictionariesConfig:
     on the other half of the training documents)."""
 
     def __post_init__(self) -> None:
-        known = ("pca", "ica", "nmf")
-        wrong = [m for m in self.method_list if m not in known]
+        wrong = [m for m in self.method_list if m not in DICTIONARY_METHODS]
         if wrong or not self.method_list:
             raise SamesheepError(
-                f"dictionaries.methods must name some of {', '.join(known)}, got {self.methods!r}"
+                f"dictionaries.methods must name some of {', '.join(DICTIONARY_METHODS)}, "
+                f"got {self.methods!r}"
             )
         if self.width < 0 or self.fit_units < 2 or min(self.ica_iter, self.nmf_passes) < 1:
             raise SamesheepError(

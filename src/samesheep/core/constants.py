@@ -20,6 +20,9 @@ SUMMARY = "summary.json"
 """The file a stage writes last in a folder: its presence (with the right key) marks the
 folder done."""
 
+DICTIONARY_METHODS = ("pca", "ica", "nmf")
+"""The dictionaries that are not SAEs (`samesheep dictionaries`)."""
+
 DICTIONARIES = "dictionaries.json"
 """Beside a comparison's summary: the same comparison of PCA, ICA and NMF dictionaries
 (`samesheep dictionaries`; its done marker)."""

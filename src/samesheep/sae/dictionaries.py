@@ -19,9 +19,8 @@ import numpy as np
 from sklearn.decomposition import PCA, FastICA, MiniBatchNMF
 from sklearn.exceptions import ConvergenceWarning
 
+from ..core.constants import DICTIONARY_METHODS
 from ..core.errors import SamesheepError
-
-METHODS = ("pca", "ica", "nmf")
 
 
 @dataclass(frozen=True)
@@ -37,9 +36,9 @@ class DictionarySettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
+        if self.method not in DICTIONARY_METHODS:
             raise SamesheepError(
-                f"unknown dictionary {self.method!r}: choose from {', '.join(METHODS)}"
+                f"unknown dictionary {self.method!r}: choose from {', '.join(DICTIONARY_METHODS)}"
             )
         if self.width < 0 or self.max_iter < 1:
             raise SamesheepError("a dictionary's width must be >= 0 and max_iter >= 1")
@@ -102,15 +101,11 @@ def fit_dictionary(x: np.ndarray, s: DictionarySettings) -> Dictionary:
             transform_max_iter=s.max_iter,
             random_state=s.seed,
         )
-    z = x - shift
-    if s.method == "nmf":
-        z = np.clip(z, 0.0, None)
+    out = Dictionary(s, est, shift.astype(np.float32), np.ones(width, dtype=np.float32), True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
-        est.fit(z)
-    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
-    sign = np.ones(width, dtype=np.float32)
-    out = Dictionary(s, est, shift.astype(np.float32), sign, converged)
+        est.fit(out._input(x))
+    out.converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
     if s.method != "nmf":
         codes = out.encode(x)
         centred = codes - codes.mean(0)
