@@ -69,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
         ("interpret", "explain latents with a language model and score every label"),
         ("causal", "ablate a sample of matched pairs in both models and compare the effects"),
         ("dictionaries", "compare PCA, ICA and NMF dictionaries of each pair as the SAEs are"),
+        ("crosscode", "train a crosscoder of each pair on aligned units: shared and own latents"),
         ("report", "write the run's static site (report/index.html) from its files"),
     ]:
         _common(sub.add_parser(name, help=text, description=text))
@@ -119,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                 "interpret": pipeline.interpret_stage,
                 "causal": pipeline.causal_stage,
                 "dictionaries": pipeline.dictionaries_stage,
+                "crosscode": pipeline.crosscode_stage,
                 "report": pipeline.report_stage,
             }[args.command]
             stage(cfg)

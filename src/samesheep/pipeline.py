@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .causal.stage import causal_stage
+from .compare.crosscode import crosscode_stage
 from .compare.stage import compare_stage, dictionaries_stage
 from .core.config import Config, to_toml
 from .core.errors import SamesheepError
@@ -31,6 +32,7 @@ __all__ = [
     "causal_stage",
     "compare_stage",
     "corpus_stage",
+    "crosscode_stage",
     "dictionaries_stage",
     "extract_stage",
     "features_stage",

@@ -332,3 +332,45 @@ def test_an_unknown_dictionary_is_one_line(run, env):
     res = cli("dictionaries", *run[2], "--set", 'dictionaries.methods="pca,svd"', env=env)
     assert_one_line_error(res)
     assert "dictionaries.methods" in res.stderr
+
+
+def test_crosscoder_of_the_pair_with_its_floor_ceiling_and_tie_back(run, env):
+    _, run_dir, args, _ = run
+    fast = ("--set", "crosscode.train_units=20000")
+    res = cli("crosscode", *args, *fast, env=env)
+    assert res.returncode == 0, res.stderr
+    out = run_dir / "compare" / "llama0__gpt20"
+    record = json.loads((out / "crosscoder.json").read_text())
+    assert [m.rsplit("/", 1)[-1] for m in record["models"]] == ["llama0", "gpt20"]
+    assert set(record["roles"]) == {"main", "floor", "ceiling"}
+    assert record["training_units"] + record["heldout_units"] == record["units"]
+    for role, entry in record["roles"].items():
+        assert entry["live"] > 0, role
+        assert abs(sum(entry["shares"].values()) - 1) < 1e-9
+        assert all(0 <= f < 2 for f in entry["fvu"]), role
+        assert (out / "crosscoder" / role / "crosscoder.safetensors").is_file()
+    # the floor's second model is the untrained copy; the ceiling's a rotation of the first
+    assert f"random:{record['models'][1]} only" in record["roles"]["floor"]["shares"]
+    assert set(record["own_sae_fvu"]) == set(record["models"])
+    s = record["shared"]
+    for name in ("raw", "floor", "ceiling"):
+        lo, hi = s[name]["interval"]
+        assert lo <= s[name]["share"] <= hi
+    table = record["tie_back"]["table"]
+    for name, row in table.items():
+        assert row["sae_partners_agree"] + row["another_partner"] + row["no_partner"] == (
+            row["latents"]
+        ), name
+    text = flat(res.stderr)
+    assert "Crosscoder of" in text and "normalised" in text and "with its own SAE" in text
+    before = (out / "crosscoder.json").stat().st_mtime_ns
+    res = cli("crosscode", *args, *fast, env=env)
+    assert res.returncode == 0, res.stderr
+    assert "unchanged, skipped" in flat(res.stderr)
+    assert (out / "crosscoder.json").stat().st_mtime_ns == before
+
+
+def test_bad_crosscode_settings_are_one_line(run, env):
+    res = cli("crosscode", *run[2], "--set", "crosscode.dedicated=0.7", env=env)
+    assert_one_line_error(res)
+    assert "crosscode.dedicated" in res.stderr

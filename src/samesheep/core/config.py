@@ -426,6 +426,45 @@ class DictionariesConfig:
 
 
 @dataclass
+class CrosscodeConfig:
+    """A crosscoder (`samesheep crosscode`, not part of `samesheep run`): one BatchTopK
+    dictionary over the models' activations on aligned units, a decoder per model, trained
+    with the train section's optimizer settings; beside the same crosscoder of A and B's
+    untrained copy (the floor) and of A and a random rotation of A (the ceiling)."""
+
+    width: int = 0
+    """Latents; 0: train.expansion_factor times the models' mean hidden width."""
+    k: int = 0
+    """Active latents per unit, on average over a batch; 0: train.k."""
+    train_units: int = 500_000
+    """Units to train each crosscoder on (the training units are passed over several
+    times)."""
+    dedicated: float = 0.0
+    """Share of the latents reserved to each model (its decoder alone; arXiv 2602.11729)."""
+    all_models: bool = False
+    """One crosscoder over every model of the run (on the units every pair with the first
+    model shares) instead of one per compared pair."""
+    exclusive: float = 0.7
+    """A latent belongs to one model where that model's relative decoder norm
+    ||d_i|| / sum_j ||d_j|| is at least this."""
+    shared: float = 0.3
+    """A latent is shared where every model's relative decoder norm is at least this times
+    2 / models (two models: between 0.3 and 0.7)."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.width < 0 or self.k < 0 or self.train_units < 1:
+            raise SamesheepError("crosscode.width and k must be >= 0, train_units >= 1")
+        if not 0 <= self.dedicated < 0.5:
+            raise SamesheepError(f"crosscode.dedicated must lie in [0, 0.5), got {self.dedicated}")
+        if not 0 < self.shared <= 0.5 <= self.exclusive < 1:
+            raise SamesheepError(
+                "crosscode thresholds: need 0 < shared <= 0.5 <= exclusive < 1, got "
+                f"shared {self.shared}, exclusive {self.exclusive}"
+            )
+
+
+@dataclass
 class Config:
     """A whole run: models, layers, corpus and per-stage settings."""
 
@@ -453,6 +492,7 @@ class Config:
     report: ReportConfig = field(default_factory=ReportConfig)
     causal: CausalConfig = field(default_factory=CausalConfig)
     dictionaries: DictionariesConfig = field(default_factory=DictionariesConfig)
+    crosscode: CrosscodeConfig = field(default_factory=CrosscodeConfig)
 
 
 _SECTIONS = {
@@ -466,6 +506,7 @@ _SECTIONS = {
     "report": ReportConfig,
     "causal": CausalConfig,
     "dictionaries": DictionariesConfig,
+    "crosscode": CrosscodeConfig,
 }
 
 

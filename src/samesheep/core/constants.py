@@ -26,3 +26,7 @@ DICTIONARY_METHODS = ("pca", "ica", "nmf")
 DICTIONARIES = "dictionaries.json"
 """Beside a comparison's summary: the same comparison of PCA, ICA and NMF dictionaries
 (`samesheep dictionaries`; its done marker)."""
+
+CROSSCODER = "crosscoder.json"
+"""Beside a comparison's summary: the crosscoder's shared and model-specific latents against
+their floor and ceiling (`samesheep crosscode`; its done marker)."""

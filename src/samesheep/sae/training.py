@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -317,9 +317,15 @@ def steer(coefficient: float, l0: float, target: float) -> float:
 
 
 def train_step(
-    state: TrainState, x: torch.Tensor, cfg: TrainConfig, dtype: torch.dtype, total: int
+    state: TrainState,
+    x: torch.Tensor,
+    cfg: TrainConfig,
+    dtype: torch.dtype,
+    total: int,
+    forward: Callable[[Sae, torch.Tensor, StepSettings], ForwardOutput] = train_forward,
 ) -> ForwardOutput:
-    """One optimizer step on a batch of raw activations [tokens, d_in]."""
+    """One optimizer step on a batch of raw activations [tokens, d_in] (`forward`: the
+    training pass, the SAE's architecture's unless another is given, as the crosscoder's)."""
     sae = state.sae
     x = x.to(state.since_fired.device, non_blocking=True).float() * sae.cfg.input_scale
     settings = StepSettings(
@@ -329,7 +335,7 @@ def train_step(
         sparsity_coefficient=state.coefficient,
         target_l0=target_l0(cfg),
     )
-    out = train_forward(sae, x, settings)
+    out = forward(sae, x, settings)
     if not torch.isfinite(out.loss):
         raise SamesheepError(
             f"training diverged at step {state.step} (loss {out.loss.item()}): lower train.lr"

@@ -1,0 +1,424 @@
+"""The crosscode stage: a crosscoder of every compared pair (or of every model at once), on
+the aligned units, beside its fixed-source floor and ceiling, tied back to the SAE
+comparison. Writes compare/<A>__<B>/crosscoder.json (its done marker) and each crosscoder
+under compare/<A>__<B>/crosscoder/<role>/."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from ..core.cache import load_done, mark_done, unmark
+from ..core.config import Config, settings_hash
+from ..core.constants import CROSSCODER, SUMMARY
+from ..core.device import set_threads
+from ..core.errors import SamesheepError
+from ..core.files import read_json
+from ..core.plan import compare_pairs, comparing, random_copy
+from ..core.progress import say, step
+from ..core.rundir import (
+    MAIN_SAE,
+    compare_folder,
+    corpus_dir,
+    corpus_manifest,
+    layer_dir,
+    layer_name,
+    prepare_run_dir,
+    record_config,
+    run_path,
+    sae_dir,
+    safe_name,
+)
+from ..data.alignment import TokenRows, align
+from ..data.store import Store
+from ..lm.models import model_depth, resolve_layer
+from ..lm.stage import check_layers
+from ..sae.crosscoder import (
+    WEIGHTS,
+    Crosscoder,
+    CrosscoderShape,
+    CrosscodeSettings,
+    Workplace,
+    load_crosscoder,
+    train_crosscoder,
+)
+from ..sae.saelens import load_sae
+from ..sae.stage import NOT_IN_TRAIN_KEY, layer_store
+from ..sae.training import token_filter
+from .correlation import TopPartners, correlation_blocks, gather_rows
+from .crosscoder import (
+    Thresholds,
+    class_names,
+    class_shares,
+    fires,
+    fvu_each,
+    latent_classes,
+    sae_fvu,
+    shared_share,
+)
+from .pair import HEADLINE_R
+from .stage import compare_corpus
+
+CROSSCODE_VERSION = 1
+"""Bump when the stage changes what it writes for the same inputs."""
+ROLES = ("main", "floor", "ceiling")
+STATE = "state.json"
+"""A trained crosscoder's done marker, in its folder: its key and training summary."""
+NOT_IN_TRAINING = ("exclusive", "shared", "all_models")
+"""crosscode settings that change the reading of a crosscoder, not the crosscoder."""
+
+
+@dataclasses.dataclass
+class Group:
+    """The models one crosscoder reads, their aligned units and activations there."""
+
+    models: list[str]
+    layers: list[int]
+    stores: list[Store]
+    floors: list[Store]  # the untrained copies of every model but the first
+    rows: list[np.ndarray]  # [units] store row of each unit's last token, per model
+    floor_rows: list[np.ndarray]
+    doc: np.ndarray  # [units] global document number
+
+
+def crosscode_stage(cfg: Config) -> dict[tuple[str, ...], dict[str, Any]]:
+    """Train and read the crosscoders of the run (at the first layer setting), skipped where
+    unchanged. Returns {models: record}."""
+    run = prepare_run_dir(cfg)
+    check_layers(cfg)
+    pairs = compare_pairs(cfg)
+    if not pairs:
+        say("crosscode: the run has one model, nothing to compare")
+        return {}
+    if not (cfg.compare.floor and comparing(cfg)):
+        raise SamesheepError(
+            "the crosscoder's floor needs the untrained copies: set compare.floor to true and "
+            "run `samesheep run` first"
+        )
+    corpus = read_json(corpus_manifest(run))
+    if not corpus:
+        raise SamesheepError(f"no corpus in {corpus_dir(run)}: run `samesheep run` first")
+    info, texts, n_train = compare_corpus(run)
+    lengths = np.array([len(t) for t in texts], dtype=np.int64)
+    groups = [tuple(cfg.models)] if cfg.crosscode.all_models else pairs
+    set_threads(cfg.train.threads)
+    results = {}
+    for models in groups:
+        layers = [
+            resolve_layer(cfg.layers[0], model_depth(m, cfg.trust_remote_code)) for m in models
+        ]
+        out = group_folder(cfg, list(models), layers)
+        compared = read_json(out / SUMMARY, corrupt_is_missing=True) if len(models) == 2 else {}
+        if len(models) == 2 and not isinstance(compared, dict):
+            raise SamesheepError(
+                f"no comparison of {models[0]} and {models[1]} in {out}: run `samesheep compare` "
+                "first"
+            )
+        group = read_group(cfg, list(models), layers, (lengths, n_train))
+        for store in group.stores + group.floors:
+            info.check(store)
+        key = settings_hash(
+            CROSSCODE_VERSION,
+            training_key(cfg, group, corpus["hash"]),
+            dataclasses.asdict(cfg.crosscode),
+            (compared or {}).get("key"),
+        )
+        record = load_done(out / CROSSCODER, key)
+        if record:
+            say(f"crosscode {' / '.join(models)}: unchanged, skipped")
+        else:
+            unmark(out / CROSSCODER)
+            record = crosscode_group(cfg, group, out, (key, corpus["hash"], n_train))
+        for line in crosscoder_lines(record):
+            say(line)
+        results[tuple(models)] = record
+    record_config(cfg)
+    return results
+
+
+def group_folder(cfg: Config, models: list[str], layers: list[int]) -> Path:
+    """Where a crosscoder's results go: the pair's comparison folder, or for three or more
+    models compare/<m1>__<m2>__...."""
+    if len(models) == 2:
+        return compare_folder(cfg, models[0], models[1], layers[0], layers[1])
+    out = run_path(cfg) / "compare" / "__".join(safe_name(m) for m in models)
+    return out / "__".join(layer_name(L) for L in layers) if len(cfg.layers) > 1 else out
+
+
+def read_group(
+    cfg: Config, models: list[str], layers: list[int], corpus: tuple[np.ndarray, int]
+) -> Group:
+    """The models' stores and the units every model shares with the first (a unit of several
+    models is a span that is a unit of each pair with the first model), kept where the
+    untrained copies keep their tokens too."""
+    lengths, n_train = corpus
+    stores = [layer_store(cfg, m, L) for m, L in zip(models, layers, strict=True)]
+    floors = [
+        layer_store(cfg, random_copy(m), L) for m, L in zip(models[1:], layers[1:], strict=True)
+    ]
+    token_rows = [TokenRows.of(s, token_filter(s, cfg.train), n_train) for s in stores + floors]
+    first, others, floor_rows = (
+        token_rows[0],
+        token_rows[1 : len(models)],
+        token_rows[len(models) :],
+    )
+    per_pair = []
+    for rows, floor in zip(others, floor_rows, strict=True):
+        units = align(first, rows, lengths, cfg.compare.after_break)
+        keep = floor.gid[units.row_b] >= 0
+        per_pair.append((units.row_a[keep], units.start[keep], units.row_b[keep], units.doc[keep]))
+    row_a, start, _, doc = per_pair[0]
+    span = row_a * (int(lengths.max(initial=0)) + 1) + start  # a unit: its last row and start
+    keep = np.ones(len(row_a), dtype=bool)
+    matched = []
+    for ra, st, rb, _ in per_pair:
+        other = ra * (int(lengths.max(initial=0)) + 1) + st
+        _common, here, there = np.intersect1d(span, other, assume_unique=True, return_indices=True)
+        hit = np.zeros(len(span), dtype=bool)
+        hit[here] = True
+        keep &= hit
+        full = np.full(len(span), -1, dtype=np.int64)
+        full[here] = rb[there]
+        matched.append(full)
+    rows = [row_a[keep]] + [m[keep] for m in matched]
+    if len(rows[0]) < 2:
+        raise SamesheepError(f"{' / '.join(models)} share {len(rows[0])} aligned units: too few")
+    return Group(models, layers, stores, floors, rows, rows[1:], doc[keep])
+
+
+def training_key(cfg: Config, group: Group, corpus_hash: str) -> str:
+    """What every crosscoder of the group is trained from: the stores, the units, the train
+    and crosscode settings."""
+    train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in NOT_IN_TRAIN_KEY}
+    cross = {k: v for k, v in dataclasses.asdict(cfg.crosscode).items() if k not in NOT_IN_TRAINING}
+    stores = [s.manifest["key"] for s in group.stores + group.floors]
+    return settings_hash(CROSSCODE_VERSION, stores, len(group.doc), train, cross, corpus_hash)
+
+
+def role_blocks(group: Group, seed: int) -> dict[str, list[torch.Tensor]]:
+    """Each role's activations per model [units, d_i]: the models (main); the first model
+    with the others' untrained copies (floor); the first model with random rotations of
+    itself (ceiling: models that represent exactly what it does)."""
+    main = [s.rows(r) for s, r in zip(group.stores, group.rows, strict=True)]
+    floor = [main[0]] + [s.rows(r) for s, r in zip(group.floors, group.floor_rows, strict=True)]
+    ceiling = [main[0]]
+    for j in range(1, len(main)):
+        g = torch.Generator().manual_seed(seed * 1000 + j)
+        q, _ = torch.linalg.qr(torch.randn(main[0].shape[1], main[0].shape[1], generator=g))
+        ceiling.append(main[0] @ q)
+    return {"main": main, "floor": floor, "ceiling": ceiling}
+
+
+def crosscode_group(cfg: Config, group: Group, out: Path, ctx: tuple) -> dict[str, Any]:
+    """Train (or load) the three crosscoders of a group, read them and write crosscoder.json.
+    `ctx`: (the record's key, the corpus hash, training documents)."""
+    key, corpus_hash, n_train = ctx
+    xc = cfg.crosscode
+    blocks = role_blocks(group, xc.seed)
+    train_rows = np.flatnonzero(group.doc < n_train)
+    held = torch.from_numpy(group.doc >= n_train)
+    widths = tuple(b.shape[1] for b in blocks["main"])
+    d_sae = xc.width or round(cfg.train.expansion_factor * float(np.mean(widths)))
+    base = training_key(cfg, group, corpus_hash)
+    t = Thresholds(xc.exclusive, xc.shared)
+    m = len(group.models)
+    roles, read = {}, {}
+    for role in ROLES:
+        shape = CrosscoderShape(
+            tuple(b.shape[1] for b in blocks[role]), d_sae, xc.k or cfg.train.k, xc.dedicated
+        )
+        settings = CrosscodeSettings(shape, xc.train_units, xc.seed)
+        place = Workplace(
+            out / "crosscoder" / role, settings_hash(base, role), f"crosscoder ({role})"
+        )
+        cc, summary = trained(cfg, blocks[role], train_rows, settings, place)
+        codes = cc.encode(blocks[role])
+        fired = fires(codes, d_sae)
+        live = fired >= cfg.compare.min_fires
+        classes = latent_classes(cc.relative_norms().cpu().numpy(), t)
+        read["raw" if role == "main" else role] = (classes, live)
+        with step(f"crosscoder ({role}): held-out reconstruction"):
+            fvu = fvu_each(cc, [b[held] for b in blocks[role]])
+        roles[role] = {
+            "live": int(live.sum()),
+            "shares": dict(
+                zip(
+                    class_names(_names(group, role)),
+                    class_shares(classes, live, m).tolist(),
+                    strict=True,
+                )
+            ),
+            "fvu": fvu,
+            "relative_norm_histogram": np.histogram(
+                cc.relative_norms().cpu().numpy()[live, 0], bins=20, range=(0, 1)
+            )[0].tolist(),
+            "training": summary,
+        }
+        if role == "main":
+            main_cc, main_codes = cc, codes
+    own = own_sae_fvu(cfg, group, [b[held] for b in blocks["main"]])
+    record = {
+        "key": key,
+        "models": group.models,
+        "layers": group.layers,
+        "units": len(group.doc),
+        "training_units": len(train_rows),
+        "heldout_units": int(held.sum()),
+        "width": d_sae,
+        "k": xc.k or cfg.train.k,
+        "dedicated": xc.dedicated,
+        "thresholds": dataclasses.asdict(t),
+        "min_fires": cfg.compare.min_fires,
+        "roles": roles,
+        "shared": shared_share(read, m, xc.seed),
+        "own_sae_fvu": own,
+    }
+    if m == 2:
+        record["tie_back"] = tie_back(cfg, group, out, (main_cc, main_codes, read["raw"]))
+    return mark_done(out / CROSSCODER, record)
+
+
+def _names(group: Group, role: str) -> list[str]:
+    first, others = group.models[0], group.models[1:]
+    if role == "floor":
+        return [first, *(random_copy(o) for o in others)]
+    if role == "ceiling":
+        return [first, *(f"{first} rotated {j}" for j in range(1, len(group.models)))]
+    return group.models
+
+
+def trained(
+    cfg: Config,
+    blocks: list[torch.Tensor],
+    rows: np.ndarray,
+    s: CrosscodeSettings,
+    place: Workplace,
+) -> tuple[Crosscoder, dict[str, Any]]:
+    """A crosscoder trained under place.key: loaded where done, else trained (resuming)."""
+    marker, weights = place.folder / STATE, place.folder / WEIGHTS
+    done = load_done(marker, place.key)
+    if done:
+        try:
+            return load_crosscoder(weights), done["summary"]
+        except SamesheepError:
+            pass  # unreadable: train again (from the checkpoint)
+    cc, summary = train_crosscoder(blocks, rows, cfg.train, s, place)
+    cc.save(weights)
+    mark_done(marker, {"key": place.key, "summary": summary}, [weights])
+    rate = summary["units_per_second"]
+    say(
+        f"{place.label}: {s.shape.d_sae:,} latents, {summary['units']:,} units"
+        + (f" at {rate:,.0f} units/s" if rate else "")
+    )
+    return cc, summary
+
+
+def own_sae_fvu(cfg: Config, group: Group, held: list[torch.Tensor]) -> dict[str, float]:
+    """Each model's own SAE's FVU on the same held-out units (at the unit's last token)."""
+    out = {}
+    for model, layer, x in zip(group.models, group.layers, held, strict=True):
+        sae = load_sae(sae_dir(layer_dir(run_path(cfg), model, layer), MAIN_SAE), d_in=x.shape[1])
+        out[model] = sae_fvu(sae, x)
+    return out
+
+
+def tie_back(cfg: Config, group: Group, out: Path, main: tuple) -> dict[str, Any]:
+    """For the crosscoder's live latents of each class: how often the first model's SAE
+    latent that best follows it (by correlation over the units) has, in the compare stage,
+    the second model's SAE latent that best follows it as its partner at r >= HEADLINE_R;
+    how often that partner is another latent; how often it has none."""
+    cc, codes, (classes, live) = main
+    n = len(group.doc)
+    every = np.arange(n)
+    x = gather_rows(codes, every, cc.shape.d_sae)
+    best = []
+    for model, layer, store, rows in zip(
+        group.models, group.layers, group.stores, group.rows, strict=True
+    ):
+        sae = load_sae(
+            sae_dir(layer_dir(run_path(cfg), model, layer), MAIN_SAE), d_in=store.d_model
+        )
+        with step(f"crosscoder: the SAE latents of {model} that follow its latents"):
+            with torch.no_grad():
+                y = gather_rows(sae.encode_sparse(store.rows(rows)), every, sae.cfg.d_sae)
+            best.append(best_followers(x, y))
+    partners = pq.read_table(out / "partners.parquet", columns=["side", "latent", "partner", "r"])
+    side = np.asarray(partners.column("side").to_pylist())
+    a_rows = side == "a"
+    latent = partners.column("latent").to_numpy()[a_rows]
+    partner = np.full(cc_width_of(latent), -1)
+    r = np.zeros(cc_width_of(latent))
+    partner[latent] = partners.column("partner").to_numpy()[a_rows]
+    r[latent] = partners.column("r").to_numpy()[a_rows]
+    (sa, ra), (sb, rb) = best
+    strong = r[sa] >= HEADLINE_R
+    agree = strong & (partner[sa] == sb)
+    names = class_names(group.models)
+    table = {}
+    for c, name in enumerate(names[:3]):
+        pick = live & (classes == c)
+        table[name] = {
+            "latents": int(pick.sum()),
+            "sae_partners_agree": int((pick & agree).sum()),
+            "another_partner": int((pick & strong & ~agree).sum()),
+            "no_partner": int((pick & ~strong).sum()),
+            "median_r_a": float(np.median(ra[pick])) if pick.any() else math.nan,
+            "median_r_b": float(np.median(rb[pick])) if pick.any() else math.nan,
+        }
+    return {"threshold": HEADLINE_R, "table": table}
+
+
+def best_followers(x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(for each column of x: the column of y whose values correlate best with it over the
+    rows, and that r), from CSR matrices [units, columns]."""
+    top = TopPartners(x.shape[1], y.shape[1], 1)
+    correlation_blocks(x, y, None, lambda r, v: top.add(r, v["raw"]))
+    top.finish()
+    return top.a_idx[:, 0], top.a_val[:, 0]
+
+
+def cc_width_of(latent: np.ndarray) -> int:
+    return int(latent.max()) + 1 if len(latent) else 0
+
+
+def crosscoder_lines(record: dict[str, Any]) -> list[str]:
+    """The headline lines of a crosscoder record."""
+    models = record["models"]
+    s = record["shared"]
+    main = record["roles"]["main"]
+
+    def pct(x: float) -> str:
+        return f"{100 * x:.0f}%"
+
+    lo, hi = s["raw"]["interval"]
+    lines = [
+        f"Crosscoder of {' / '.join(models)} ({record['width']:,} latents, k {record['k']}, "
+        f"{main['live']:,} live): {pct(s['raw']['share'])} shared (95% CI {pct(lo)}-{pct(hi)}); "
+        f"floor {pct(s['floor']['share'])}, ceiling {pct(s['ceiling']['share'])}",
+    ]
+    if "normalised" in s:
+        n = s["normalised"]
+        lo, hi = n["interval"]
+        lines.append(f"  normalised {n['score']:.2f} (95% CI {lo:.2f} to {hi:.2f})")
+    only = ", ".join(f"{k} {pct(v)}" for k, v in main["shares"].items() if k.endswith(" only"))
+    lines.append(f"  {only}")
+    for i, model in enumerate(models):
+        lines.append(
+            f"  {model}: held-out FVU {main['fvu'][i]:.3f} with the crosscoder, "
+            f"{record['own_sae_fvu'][model]:.3f} with its own SAE"
+        )
+    if "tie_back" in record:
+        for name, row in record["tie_back"]["table"].items():
+            lines.append(
+                f"  {name}: {row['latents']:,} latents; their best SAE latents are partners in "
+                f"the SAE comparison for {row['sae_partners_agree']:,}, another partner "
+                f"{row['another_partner']:,}, none at r >= {record['tie_back']['threshold']} "
+                f"{row['no_partner']:,}"
+            )
+    return lines
