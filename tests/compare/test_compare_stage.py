@@ -4,6 +4,7 @@ floor (random-weights copies), nulls and seed ceilings; the files; one-line erro
 from __future__ import annotations
 
 import json
+import math
 
 import pyarrow.parquet as pq
 import pytest
@@ -352,14 +353,19 @@ def test_crosscoder_of_the_pair_with_its_floor_ceiling_and_tie_back(run, env):
     # the floor's second model is the untrained copy; the ceiling's a rotation of the first
     assert f"random:{record['models'][1]} only" in record["roles"]["floor"]["shares"]
     assert set(record["own_sae_fvu"]) == set(record["models"])
+    assert set(record["ce_loss_recovered"]) == set(record["models"])
+    for ce in record["ce_loss_recovered"].values():
+        assert ce["scored_tokens"] > 0 and ce["ce_zero"] != ce["ce_clean"]
+        assert math.isfinite(ce["crosscoder"]) and math.isfinite(ce["own_sae"])
     s = record["shared"]
     for name in ("raw", "floor", "ceiling"):
         lo, hi = s[name]["interval"]
         assert lo <= s[name]["share"] <= hi
     table = record["tie_back"]["table"]
     for name, row in table.items():
-        assert row["sae_partners_agree"] + row["another_partner"] + row["no_partner"] == (
-            row["latents"]
+        assert (
+            row["sae_partners_agree"] + row["another_partner"] + row["no_partner"]
+            == (row["latents"])
         ), name
     text = flat(res.stderr)
     assert "Crosscoder of" in text and "normalised" in text and "with its own SAE" in text
@@ -368,6 +374,21 @@ def test_crosscoder_of_the_pair_with_its_floor_ceiling_and_tie_back(run, env):
     assert res.returncode == 0, res.stderr
     assert "unchanged, skipped" in flat(res.stderr)
     assert (out / "crosscoder.json").stat().st_mtime_ns == before
+    # the report shows it beside the comparison its tie back read, and not beside another
+    res = cli("report", *args, env=env)
+    assert res.returncode == 0, res.stderr
+    index = (run_dir / "report" / "index.html").read_text()
+    assert "the crosscoder</h3>" in index
+    table = index[index.index('class="numbers crosscoder"') :].split("</table>")[0]
+    assert table.count("<tr>") == 1 + 3  # header; trained pair, floor, ceiling
+    assert "untrained copy" in table and "rotation" in table
+    assert 'class="numbers crosscoder-tie"' in index
+    record = json.loads((out / "crosscoder.json").read_text())
+    (out / "crosscoder.json").write_text(json.dumps({**record, "compare_key": "older"}))
+    res = cli("report", *args, env=env)
+    assert res.returncode == 0, res.stderr
+    assert "the crosscoder</h3>" not in (run_dir / "report" / "index.html").read_text()
+    (out / "crosscoder.json").write_text(json.dumps(record))
 
 
 def test_bad_crosscode_settings_are_one_line(run, env):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from samesheep.compare.crosscode import units_of_all
 from samesheep.compare.crosscoder import Thresholds, latent_classes, shared_share
 from samesheep.core.config import TrainConfig
 from samesheep.core.errors import SamesheepError
@@ -188,3 +189,16 @@ def test_bad_shapes_fail_in_one_line(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"not a file")
     with pytest.raises(SamesheepError, match="unreadable"):
         load_crosscoder(tmp_path / "bad.safetensors")
+
+
+def test_units_of_three_tokenizations_are_the_spans_all_share():
+    """ "unbelievable cat!" cut three ways: A in pieces, B whole words, C joins " cat!"; a
+    unit of the three is a span that is a unit of A-B and of A-C."""
+    a = rows_of([(0, 2), (2, 12), (12, 16), (16, 17)])
+    b = rows_of([(0, 12), (12, 16), (16, 17)])
+    c = rows_of([(0, 12), (12, 17)])
+    rows, doc = units_of_all(a, [b, c], np.array([17]), after_break=4)
+    # A-B units: "unbelievable", " cat", "!"; A-C: "unbelievable", " cat!"
+    assert [r.tolist() for r in rows] == [[2], [1], [1]] and doc.tolist() == [0]
+    rows, _ = units_of_all(a, [b], np.array([17]), after_break=4)
+    assert [r.tolist() for r in rows] == [[2, 3, 4], [1, 2, 3]]

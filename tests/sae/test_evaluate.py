@@ -3,6 +3,7 @@ tiny models."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -14,10 +15,11 @@ from helpers import write_corpus
 from samesheep.core.errors import SamesheepError
 from samesheep.data.corpus import Document, read_documents
 from samesheep.data.store import TOKEN_SCHEMA, Store, StoreWriter, TokenFilter
-from samesheep.lm.extraction import Window, bos_prefix, windows_of
+from samesheep.lm.extraction import Window, bos_prefix, length_batches, windows_of
 from samesheep.lm.models import capture, decoder_blocks, load_model
 from samesheep.sae.evaluation import (
     ReconstructionStats,
+    SpliceAt,
     SpliceSettings,
     batch_tensors,
     reconstruction_metrics,
@@ -492,3 +494,44 @@ def test_with_hidden_keeps_structure():
 def test_too_short_documents_are_an_error(llama):
     with pytest.raises(SamesheepError, match="no positions"):
         run(llama, Identity(), [Document("d", "a")])
+
+
+def test_splicing_given_vectors_at_chosen_positions(llama, documents):
+    """SpliceAt puts the given vectors exactly at the chosen (document, window, position)s,
+    nowhere else; given the clean states there, nothing changes."""
+    seen = []
+
+    def record(_module, args, kwargs):
+        seen.append((args[0] if args else kwargs["hidden_states"]).clone())
+
+    docs = [documents[0], documents[7]]
+    prefix = bos_prefix(llama.tokenizer, "auto")
+    windows = windows_of(list(enumerate(docs)), llama.tokenizer, prefix, 64)
+    chosen = [(w.doc_index, w.window, p) for w in windows for p in range(1, len(w.ids), 3)]
+    rows = {key: j for j, key in enumerate(chosen)}
+    given = torch.randn(len(chosen), 32, generator=torch.Generator().manual_seed(0))
+    settings = SpliceSettings(prefix, 64, 256, at=SpliceAt(rows, given))
+    handle = decoder_blocks(llama.model)[2].register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        got = spliced_metrics(llama, 1, Identity(), docs, settings, "cpu")
+    finally:
+        handle.remove()
+    clean, spliced = seen[0], seen[1]
+    (batch,) = length_batches(windows, 256)  # one batch: the rows of the states seen
+    ids, _, _ = batch_tensors(windows, batch, pad=0)
+    mask, values = SpliceAt(rows, given).batch(windows, batch, ids.shape[1])
+    assert int(mask.sum()) == len(chosen)
+    changed = (spliced != clean).any(-1)
+    assert changed.shape == mask.shape  # one batch, the windows in the same order
+    assert torch.equal(changed, mask)
+    assert torch.allclose(spliced[mask], values[mask])
+    assert got["kl_spliced"] > 0
+    # the clean states themselves at the chosen positions: the spliced run is the clean run
+    states = torch.zeros_like(given)
+    for i, w in enumerate(batch):
+        for p in range(1, len(windows[w].ids), 3):
+            states[rows[(windows[w].doc_index, windows[w].window, p)]] = clean[i, p]
+    same = dataclasses.replace(settings, at=SpliceAt(rows, states))
+    again = spliced_metrics(llama, 1, Identity(), docs, same, "cpu")
+    assert again["ce_spliced"] == pytest.approx(again["ce_clean"], rel=1e-6)
+    assert again["kl_spliced"] == pytest.approx(0, abs=1e-6)

@@ -17,7 +17,7 @@ import torch
 from ..core.cache import load_done, mark_done, unmark
 from ..core.config import Config, settings_hash
 from ..core.constants import CROSSCODER, SUMMARY
-from ..core.device import set_threads
+from ..core.device import choose_device, choose_dtype, set_threads
 from ..core.errors import SamesheepError
 from ..core.files import read_json
 from ..core.plan import compare_pairs, comparing, random_copy
@@ -35,9 +35,9 @@ from ..core.rundir import (
     sae_dir,
     safe_name,
 )
-from ..data.alignment import TokenRows, align
+from ..data.alignment import TokenRows, align, same_tokens
 from ..data.store import Store
-from ..lm.models import model_depth, resolve_layer
+from ..lm.models import load_model, model_depth, resolve_layer
 from ..lm.stage import check_layers
 from ..sae.crosscoder import (
     WEIGHTS,
@@ -48,8 +48,9 @@ from ..sae.crosscoder import (
     load_crosscoder,
     train_crosscoder,
 )
+from ..sae.evaluation import SpliceAt, spliced_metrics
 from ..sae.saelens import load_sae
-from ..sae.stage import NOT_IN_TRAIN_KEY, layer_store
+from ..sae.stage import NOT_IN_TRAIN_KEY, layer_store, splice_documents, splice_settings
 from ..sae.training import token_filter
 from .correlation import TopPartners, correlation_blocks, gather_rows
 from .crosscoder import (
@@ -65,8 +66,10 @@ from .crosscoder import (
 from .pair import HEADLINE_R
 from .stage import compare_corpus
 
-CROSSCODE_VERSION = 1
-"""Bump when the stage changes what it writes for the same inputs."""
+CROSSCODE_VERSION = 2
+"""Bump when the stage changes what it writes for the same crosscoders."""
+TRAINING_VERSION = 1
+"""Bump when training changes the crosscoders it makes for the same settings."""
 ROLES = ("main", "floor", "ceiling")
 STATE = "state.json"
 """A trained crosscoder's done marker, in its folder: its key and training summary."""
@@ -82,6 +85,7 @@ class Group:
     layers: list[int]
     stores: list[Store]
     floors: list[Store]  # the untrained copies of every model but the first
+    token_rows: list[TokenRows]  # every model's token rows (the units' windows and positions)
     rows: list[np.ndarray]  # [units] store row of each unit's last token, per model
     floor_rows: list[np.ndarray]
     doc: np.ndarray  # [units] global document number
@@ -134,7 +138,8 @@ def crosscode_stage(cfg: Config) -> dict[tuple[str, ...], dict[str, Any]]:
             say(f"crosscode {' / '.join(models)}: unchanged, skipped")
         else:
             unmark(out / CROSSCODER)
-            record = crosscode_group(cfg, group, out, (key, corpus["hash"], n_train))
+            ctx = (key, corpus["hash"], n_train, (compared or {}).get("key"))
+            record = crosscode_group(cfg, group, out, ctx)
         for line in crosscoder_lines(record):
             say(line)
         results[tuple(models)] = record
@@ -168,28 +173,45 @@ def read_group(
         token_rows[1 : len(models)],
         token_rows[len(models) :],
     )
-    per_pair = []
-    for rows, floor in zip(others, floor_rows, strict=True):
-        units = align(first, rows, lengths, cfg.compare.after_break)
-        keep = floor.gid[units.row_b] >= 0
-        per_pair.append((units.row_a[keep], units.start[keep], units.row_b[keep], units.doc[keep]))
-    row_a, start, _, doc = per_pair[0]
-    span = row_a * (int(lengths.max(initial=0)) + 1) + start  # a unit: its last row and start
-    keep = np.ones(len(row_a), dtype=bool)
-    matched = []
-    for ra, st, rb, _ in per_pair:
-        other = ra * (int(lengths.max(initial=0)) + 1) + st
-        _common, here, there = np.intersect1d(span, other, assume_unique=True, return_indices=True)
-        hit = np.zeros(len(span), dtype=bool)
-        hit[here] = True
-        keep &= hit
-        full = np.full(len(span), -1, dtype=np.int64)
-        full[here] = rb[there]
-        matched.append(full)
-    rows = [row_a[keep]] + [m[keep] for m in matched]
+    for rows, floor, model in zip(others, floor_rows, models[1:], strict=True):
+        if not same_tokens(rows, floor):
+            raise SamesheepError(
+                f"the stores of {model} and {random_copy(model)} hold different tokens: "
+                "extract both again with the same settings"
+            )
+    rows, doc = units_of_all(first, others, lengths, cfg.compare.after_break)
+    kept = np.ones(len(doc), dtype=bool)  # the untrained copies have their own outlier limits
+    for r, floor in zip(rows[1:], floor_rows, strict=True):
+        kept &= floor.gid[r] >= 0
+    rows, doc = [r[kept] for r in rows], doc[kept]
     if len(rows[0]) < 2:
         raise SamesheepError(f"{' / '.join(models)} share {len(rows[0])} aligned units: too few")
-    return Group(models, layers, stores, floors, rows, rows[1:], doc[keep])
+    return Group(models, layers, stores, floors, token_rows[: len(models)], rows, rows[1:], doc)
+
+
+def units_of_all(
+    first: TokenRows, others: list[TokenRows], lengths: np.ndarray, after_break: int
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """([store rows of each unit's last token, per model], [units] global document): the
+    spans that are units of every pair (first model, another model), in the first model's
+    order."""
+    width = int(lengths.max(initial=0)) + 1
+    keep, matched, base = None, [], None
+    for rows in others:
+        units = align(first, rows, lengths, after_break)
+        span = units.row_a * width + units.start  # a unit: its last row and its start
+        if base is None:
+            base = (span, units.row_a, units.doc)
+            keep = np.ones(len(span), dtype=bool)
+        _, here, there = np.intersect1d(base[0], span, assume_unique=True, return_indices=True)
+        hit = np.zeros(len(base[0]), dtype=bool)
+        hit[here] = True
+        keep &= hit
+        full = np.full(len(base[0]), -1, dtype=np.int64)
+        full[here] = units.row_b[there]
+        matched.append(full)
+    assert base is not None and keep is not None, "a crosscoder reads two or more models"
+    return [base[1][keep]] + [m[keep] for m in matched], base[2][keep]
 
 
 def training_key(cfg: Config, group: Group, corpus_hash: str) -> str:
@@ -198,7 +220,7 @@ def training_key(cfg: Config, group: Group, corpus_hash: str) -> str:
     train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in NOT_IN_TRAIN_KEY}
     cross = {k: v for k, v in dataclasses.asdict(cfg.crosscode).items() if k not in NOT_IN_TRAINING}
     stores = [s.manifest["key"] for s in group.stores + group.floors]
-    return settings_hash(CROSSCODE_VERSION, stores, len(group.doc), train, cross, corpus_hash)
+    return settings_hash(TRAINING_VERSION, stores, len(group.doc), train, cross, corpus_hash)
 
 
 def role_blocks(group: Group, seed: int) -> dict[str, list[torch.Tensor]]:
@@ -217,8 +239,9 @@ def role_blocks(group: Group, seed: int) -> dict[str, list[torch.Tensor]]:
 
 def crosscode_group(cfg: Config, group: Group, out: Path, ctx: tuple) -> dict[str, Any]:
     """Train (or load) the three crosscoders of a group, read them and write crosscoder.json.
-    `ctx`: (the record's key, the corpus hash, training documents)."""
-    key, corpus_hash, n_train = ctx
+    `ctx`: (the record's key, the corpus hash, training documents, the key of the SAE
+    comparison the tie back reads, None for three or more models)."""
+    key, corpus_hash, n_train, ctx_compare_key = ctx
     xc = cfg.crosscode
     blocks = role_blocks(group, xc.seed)
     train_rows = np.flatnonzero(group.doc < n_train)
@@ -263,6 +286,8 @@ def crosscode_group(cfg: Config, group: Group, out: Path, ctx: tuple) -> dict[st
         if role == "main":
             main_cc, main_codes = cc, codes
     own = own_sae_fvu(cfg, group, [b[held] for b in blocks["main"]])
+    recon = main_cc.reconstruct(main_cc.encode([b[held] for b in blocks["main"]]))
+    spliced = spliced_scores(cfg, group, [r.cpu() for r in recon], n_train)
     record = {
         "key": key,
         "models": group.models,
@@ -278,6 +303,8 @@ def crosscode_group(cfg: Config, group: Group, out: Path, ctx: tuple) -> dict[st
         "roles": roles,
         "shared": shared_share(read, m, xc.seed),
         "own_sae_fvu": own,
+        "compare_key": ctx_compare_key,
+        "ce_loss_recovered": spliced,
     }
     if m == 2:
         record["tie_back"] = tie_back(cfg, group, out, (main_cc, main_codes, read["raw"]))
@@ -325,6 +352,63 @@ def own_sae_fvu(cfg: Config, group: Group, held: list[torch.Tensor]) -> dict[str
     for model, layer, x in zip(group.models, group.layers, held, strict=True):
         sae = load_sae(sae_dir(layer_dir(run_path(cfg), model, layer), MAIN_SAE), d_in=x.shape[1])
         out[model] = sae_fvu(sae, x)
+    return out
+
+
+def spliced_scores(
+    cfg: Config, group: Group, recon: list[torch.Tensor], n_train: int
+) -> dict[str, dict[str, Any]]:
+    """Each model's CE loss recovered with the crosscoder's reconstruction `recon` (of the
+    held-out units, per model) spliced in at the held-out units' last tokens, and with its
+    own SAE's at the same positions (zero-ablation there is the scores' 0), on the first
+    train.splice_tokens held-out tokens. {} where train.splice_tokens is 0."""
+    if cfg.train.splice_tokens <= 0:
+        return {}
+    device = choose_device(cfg.train.device)
+    dtype = choose_dtype(cfg.extract.dtype, device)
+    held = group.doc >= n_train
+    out = {}
+    for i, (model, layer, store) in enumerate(
+        zip(group.models, group.layers, group.stores, strict=True)
+    ):
+        tr, rows = group.token_rows[i], group.rows[i][held]
+        keys = zip(
+            (tr.doc[rows] - n_train).tolist(),
+            tr.window[rows].tolist(),
+            tr.position[rows].tolist(),
+            strict=True,
+        )
+        at = {key: j for j, key in enumerate(keys)}
+        settings = splice_settings(store, token_filter(store, cfg.train))
+        docs = splice_documents(cfg, store)
+        lm = load_model(model, dtype, device, cfg.trust_remote_code)
+        sae = load_sae(
+            sae_dir(layer_dir(run_path(cfg), model, layer), MAIN_SAE),
+            device=device,
+            d_in=store.d_model,
+        )
+        with step(f"crosscoder: {model} with the crosscoder and with its own SAE spliced in"):
+            crossed = spliced_metrics(
+                lm,
+                layer,
+                sae,
+                docs,
+                dataclasses.replace(settings, at=SpliceAt(at, recon[i])),
+                device,
+            )
+            own = spliced_metrics(
+                lm, layer, sae, docs, dataclasses.replace(settings, at=SpliceAt(at)), device
+            )
+        out[model] = {
+            "crosscoder": crossed["ce_loss_score"],
+            "own_sae": own["ce_loss_score"],
+            "ce_clean": own["ce_clean"],
+            "ce_zero": own["ce_zero"],
+            "ce_crosscoder": crossed["ce_spliced"],
+            "ce_own_sae": own["ce_spliced"],
+            "scored_tokens": own["tokens"],
+        }
+        del lm
     return out
 
 
@@ -412,6 +496,11 @@ def crosscoder_lines(record: dict[str, Any]) -> list[str]:
         lines.append(
             f"  {model}: held-out FVU {main['fvu'][i]:.3f} with the crosscoder, "
             f"{record['own_sae_fvu'][model]:.3f} with its own SAE"
+        )
+    for model, ce in record.get("ce_loss_recovered", {}).items():
+        lines.append(
+            f"  {model}: CE loss recovered {100 * ce['crosscoder']:.1f}% with the crosscoder "
+            f"spliced in at the held-out units, {100 * ce['own_sae']:.1f}% with its own SAE there"
         )
     if "tie_back" in record:
         for name, row in record["tie_back"]["table"].items():

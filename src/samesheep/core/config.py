@@ -436,7 +436,7 @@ class CrosscodeConfig:
     """Latents; 0: train.expansion_factor times the models' mean hidden width."""
     k: int = 0
     """Active latents per unit, on average over a batch; 0: train.k."""
-    train_units: int = 500_000
+    train_units: int = 1_000_000
     """Units to train each crosscoder on (the training units are passed over several
     times)."""
     dedicated: float = 0.0

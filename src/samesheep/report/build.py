@@ -25,7 +25,7 @@ from safetensors.numpy import load_file
 
 from ..core.cache import load_done, mark_done
 from ..core.config import Config, settings_hash
-from ..core.constants import DICTIONARIES, SUMMARY
+from ..core.constants import CROSSCODER, DICTIONARIES, SUMMARY
 from ..core.errors import SamesheepError
 from ..core.files import pid_temporary, read_json
 from ..core.plan import compare_pairs, sae_runs
@@ -96,6 +96,7 @@ class ComparisonPage:
     causal_folder: Path | None = None  # where `samesheep causal` has run for the pair
     causal: dict[str, Any] | None = None  # its summary
     dictionaries: dict[str, Any] | None = None  # `samesheep dictionaries`, where it has run
+    crosscoder: dict[str, Any] | None = None  # `samesheep crosscode`, where it has run
 
 
 def short_name(source: str) -> str:
@@ -147,6 +148,9 @@ def report_stage(cfg: Config) -> Path:
             done = read_json(folder / DICTIONARIES, corrupt_is_missing=True)
             if isinstance(done, dict) and done.get("compare_key") == summary.get("key"):
                 page.dictionaries = done  # not one made beside an older comparison
+            done = read_json(folder / CROSSCODER, corrupt_is_missing=True)
+            if isinstance(done, dict) and done.get("compare_key") == summary.get("key"):
+                page.crosscoder = done  # its tie back read this comparison
             comparisons.append(page)
 
     for sae in saes.values():  # every input checked before any work starts
@@ -161,6 +165,7 @@ def report_stage(cfg: Config) -> Path:
     inputs += [c.summary.get("key") for c in comparisons]
     inputs += [c.causal.get("key") for c in comparisons if c.causal]  # where it has run
     inputs += [c.dictionaries.get("key") for c in comparisons if c.dictionaries]
+    inputs += [c.crosscoder.get("key") for c in comparisons if c.crosscoder]
     layer_folders = {}  # per pair of models whose layers stage has run
     for a, b in compare_pairs(cfg):
         done = read_json(pair_folder(cfg, a, b) / "layers.json", corrupt_is_missing=True)
@@ -457,6 +462,9 @@ def comparison_data(
         "causal": c.causal.get("answer", "") if c.causal else "",
         "dictionaries": (
             overview.dictionary_rows(c.dictionaries, c.a.name, c.b.name) if c.dictionaries else []
+        ),
+        "crosscoder": (
+            overview.crosscoder_view(c.crosscoder, c.a.name, c.b.name) if c.crosscoder else None
         ),
         **overview.comparison_view(c.summary, c.a.name, c.b.name),
     }

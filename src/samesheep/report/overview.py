@@ -125,6 +125,90 @@ def dictionary_rows(record: dict[str, Any], a: str, b: str) -> list[dict[str, An
     return rows
 
 
+CROSSCODER_ROLES = (
+    ("raw", "main", "trained pair", "{a} and {b}"),
+    ("floor", "floor", "fixed-source floor", "{a} and {b}'s untrained copy"),
+    ("ceiling", "ceiling", "ceiling", "{a} and a random rotation of {a}"),
+)
+"""The crosscoder's three runs: (key in its shares, role folder, name, what it reads)."""
+
+
+def crosscoder_view(record: dict[str, Any], a: str, b: str) -> dict[str, Any]:
+    """The crosscoder's section (crosscoder.json): per run the share of live latents that
+    are shared, A's only and B's only, with the shared share's interval; the normalised
+    score; each model's held-out FVU against its own SAE's; the tie back to the SAE
+    comparison; the histogram of relative decoder norms."""
+    shared = record["shared"]
+    rows = []
+    for key, role, name, reads in CROSSCODER_ROLES:
+        entry = record["roles"][role]
+        shares = list(entry["shares"].values())
+        rows.append(
+            {
+                "name": name,
+                "reads": reads.format(a=a, b=b),
+                "live": entry["live"],
+                "shared": percent(shared[key]["share"]),
+                "shared_ci": interval(shared[key]["interval"]),
+                "a_only": percent(shares[0]),
+                "b_only": percent(shares[1]),
+                "fvu": " / ".join(number(f, 3) for f in entry["fvu"]),
+            }
+        )
+    n = shared.get("normalised", {})
+    models = record["models"]
+    spliced = record.get("ce_loss_recovered", {})
+    fvu = [
+        {
+            "model": name,
+            "crosscoder": number(record["roles"]["main"]["fvu"][i], 3),
+            "own": number(record["own_sae_fvu"][m], 3),
+            "ce_crosscoder": percent(spliced[m]["crosscoder"]) if m in spliced else DASH,
+            "ce_own": percent(spliced[m]["own_sae"]) if m in spliced else DASH,
+        }
+        for i, (m, name) in enumerate(zip(models, (a, b), strict=True))
+    ]
+    tie = [
+        {"name": name.replace(models[0], a).replace(models[1], b), **row}
+        for name, row in record.get("tie_back", {}).get("table", {}).items()
+    ]
+    hist = record["roles"]["main"]["relative_norm_histogram"]
+    bins = len(hist)
+    series = [
+        Series(
+            "trained pair",
+            COLORS["raw"],
+            [(i, float(c)) for i, c in enumerate(hist)],
+            tips=[
+                f"{c:,} live latents with relative norm {i / bins:.2f}-{(i + 1) / bins:.2f}"
+                for i, c in enumerate(hist)
+            ],
+        )
+    ]
+    cats = [f"{(i + 0.5) / bins:.2f}" for i in range(bins)]
+    plot = bar_plot(
+        cats,
+        series,
+        f"relative decoder norm ||d_{a}|| / (||d_{a}|| + ||d_{b}||)",
+        "live latents",
+        f"Crosscoder latents by relative decoder norm (0: {b} only, 1: {a} only)",
+    )
+    return {
+        "rows": rows,
+        "normalised": number(n.get("score", math.nan), 2),
+        "normalised_ci": interval(n.get("interval"), share=False),
+        "width": record["width"],
+        "k": record["k"],
+        "units": record["training_units"],
+        "heldout": record["heldout_units"],
+        "thresholds": record["thresholds"],
+        "fvu": fvu,
+        "tie_back": tie,
+        "tie_threshold": record.get("tie_back", {}).get("threshold", R),
+        "plot": plot,
+    }
+
+
 def in_sample(e: dict[str, Any]) -> dict[str, Any]:
     """A direction's in-sample numbers (every partner chosen and measured on all the
     documents) in the shape of its `answer`."""

@@ -318,6 +318,11 @@ def _sums(clean: Tensor, others: list[Tensor], targets: Tensor) -> list[float]:
     return total.tolist()
 
 
+def _given(values: Tensor, where: Tensor) -> Callable[[Tensor], Tensor]:
+    """A replacement that puts the given vectors [rows, longest, d] at `where`."""
+    return lambda h: values.to(h.device)[where].to(h.dtype)
+
+
 def _ratio(a: float, b: float) -> float:
     return a / b if b != 0 else math.nan
 
@@ -339,13 +344,40 @@ class SpliceSettings:
     cut them (`prefix` from bos_prefix, then up to `context_length` tokens), run
     `batch_tokens` padded tokens at a time, with the SAE spliced in at the positions
     `token_filter` keeps (None: the default filter), norms compared after rounding to
-    `norm_dtype` (the store's dtype; None: as the model computes them)."""
+    `norm_dtype` (the store's dtype; None: as the model computes them); `at` restricts the
+    splice to chosen positions (and may give the vectors put there)."""
 
     prefix: list[int]
     context_length: int
     batch_tokens: int = 1024
     token_filter: TokenFilter | None = None
     norm_dtype: torch.dtype | None = None
+    at: SpliceAt | None = None
+
+
+@dataclass(frozen=True)
+class SpliceAt:
+    """Splicing at chosen positions only: (document index, window, position) -> a row of
+    `values` [rows, d], the vector put there (None: the SAE's reconstruction of the hidden
+    state there). A crosscoder's reconstruction of one model needs the other model's
+    activations at the same text, so it is computed beforehand, per aligned unit."""
+
+    rows: dict[tuple[int, int, int], int]
+    values: Tensor | None = None
+
+    def batch(self, windows: list[Window], batch: list[int], longest: int) -> tuple:
+        """([rows, longest] bool: the chosen positions of a batch of windows, [rows, longest,
+        d] their vectors or None)."""
+        mask = torch.zeros(len(batch), longest, dtype=torch.bool)
+        index = torch.zeros(len(batch), longest, dtype=torch.long)
+        for r, i in enumerate(batch):
+            w = windows[i]
+            for p in range(len(w.ids)):
+                j = self.rows.get((w.doc_index, w.window, p))
+                if j is not None:
+                    mask[r, p] = True
+                    index[r, p] = j
+        return mask, None if self.values is None else self.values[index]
 
 
 SUM_NAMES = ("ce_clean", "ce_spliced", "kl_spliced", "ce_zero", "kl_zero")
@@ -389,6 +421,10 @@ def spliced_metrics(
             ids, real, splice = (
                 t.to(device) for t in batch_tensors(windows, batch, pad, token_filter)
             )
+            chosen = None
+            if settings.at is not None:
+                only, chosen = settings.at.batch(windows, batch, ids.shape[1])
+                splice &= only.to(device)
             maybe = scored_positions(real, splice)  # before the norm rule: a superset
             if not bool(maybe.any()):
                 continue
@@ -409,7 +445,8 @@ def spliced_metrics(
                 continue
             targets = ids[:, 1:][score[:, :-1]]  # the last column is never scored
             others = []
-            for replace in (reconstruct, torch.zeros_like):
+            spliced = reconstruct if chosen is None else _given(chosen, splice)
+            for replace in (spliced, torch.zeros_like):
                 with replay(prefix_blocks, replayed), splice_block(block, splice, replace):
                     others.append(scored_logits(lm.model, ids, mask, score))
             for name, value in zip(SUM_NAMES, _sums(clean, others, targets), strict=True):

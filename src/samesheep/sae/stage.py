@@ -301,6 +301,16 @@ def _spliced(
 ) -> dict[str, Any]:
     """Spliced metrics on the first held-out documents, up to splice_tokens tokens, on the
     device the SAEs are evaluated on."""
+    settings = splice_settings(store, tokens)
+    docs = splice_documents(cfg, store)
+    out = spliced_metrics(lm, layer, sae, docs, settings, choose_device(cfg.train.device))
+    out["scored_tokens"] = out.pop("tokens")
+    return out
+
+
+def splice_documents(cfg: Config, store: Store) -> list[Any]:
+    """The first held-out documents, up to train.splice_tokens of the store's tokens: where
+    the spliced metrics read."""
     counts: dict[int, int] = {}
     for name in store.shard_names("heldout"):
         table = pq.read_table(store.folder / f"{name}.tokens.parquet", columns=["doc_index"])
@@ -312,15 +322,17 @@ def _spliced(
             break
         docs.append(doc)
         total += counts.get(doc_index, 0)
-    settings = SpliceSettings(
+    return docs
+
+
+def splice_settings(store: Store, tokens: TokenFilter) -> SpliceSettings:
+    """The spliced metrics' windows cut as the store's extraction cut them."""
+    return SpliceSettings(
         list(store.manifest.get("prefix_ids", [])),
         int(store.manifest["context_length"]),
         token_filter=tokens,
         norm_dtype=DTYPES[store.manifest["dtype"]],
     )
-    out = spliced_metrics(lm, layer, sae, docs, settings, choose_device(cfg.train.device))
-    out["scored_tokens"] = out.pop("tokens")
-    return out
 
 
 def format_metrics(m: dict[str, Any]) -> str:
