@@ -91,6 +91,12 @@ def main() -> None:
         f"{rate:,.0f} units/s = {rate:,.0f} tokens/s per model; encoder product "
         f"{gflops:.0f} GFLOP/s, {gflops / bound:.0%} of the {dtype} matmul rate"
     )
+    both = 1 / sum(1 / r for r in sae_rates.values())
+    print(
+        f"crosscoder / both SAEs it stands for (each trained on the same number of tokens): "
+        f"{rate / both:.2f}x ({1e6 / rate:.0f} s per million units against "
+        f"{1e6 / both:.0f} s for a million tokens of each model's SAE)"
+    )
     for model, sae_rate in sae_rates.items():
         ratio = rate / sae_rate
         verdict = "meets" if ratio >= TARGET_RATIO else "misses"

@@ -166,3 +166,14 @@ def test_dense_codes_take_the_dense_products_with_the_same_sums():
         want = (ad[rows][:, ci] * bd[rows][:, cj]).sum(0)
         np.testing.assert_allclose(cross[g], want, rtol=1e-10, atol=1e-9)
         np.testing.assert_allclose(mom["qa"][g], (ad[rows] ** 2).sum(0), rtol=1e-10)
+
+
+def test_nmf_codes_are_what_sklearn_transform_gives():
+    """The NMF encoding computes X H^T and H H^T once; it is MiniBatchNMF.transform."""
+    rng = np.random.default_rng(3)
+    x = (np.abs(rng.normal(size=(3000, 24))) * rng.exponential(size=(1, 24))).astype(np.float32)
+    d = fit_dictionary(x[:1500], DictionarySettings("nmf", 12, 20, 0))
+    want = d.estimator.transform(d._input(x))
+    got = d.encode(x)
+    assert got.dtype == np.float32 and (got >= 0).all()
+    assert np.linalg.norm(got - want) <= 1e-4 * np.linalg.norm(want)

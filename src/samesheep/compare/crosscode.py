@@ -66,13 +66,16 @@ from .crosscoder import (
 from .pair import HEADLINE_R
 from .stage import compare_corpus
 
-CROSSCODE_VERSION = 2
+CROSSCODE_VERSION = 3
 """Bump when the stage changes what it writes for the same crosscoders."""
 TRAINING_VERSION = 1
 """Bump when training changes the crosscoders it makes for the same settings."""
 ROLES = ("main", "floor", "ceiling")
 STATE = "state.json"
 """A trained crosscoder's done marker, in its folder: its key and training summary."""
+SENSITIVITY = (0.3, 0.4, 0.45)
+"""Lower ends of the relative-norm band a latent must lie in to be shared (two models), at
+which the shares are also recorded."""
 NOT_IN_TRAINING = ("exclusive", "shared", "all_models")
 """crosscode settings that change the reading of a crosscoder, not the crosscoder."""
 
@@ -268,8 +271,13 @@ def crosscode_group(cfg: Config, group: Group, out: Path, ctx: tuple) -> dict[st
         read["raw" if role == "main" else role] = (classes, live)
         with step(f"crosscoder ({role}): held-out reconstruction"):
             fvu = fvu_each(cc, [b[held] for b in blocks[role]])
+        rel = cc.relative_norms().cpu().numpy()
         roles[role] = {
             "live": int(live.sum()),
+            "shared_at": {  # the shared share had the band been narrower
+                f"{lo:g}-{1 - lo:g}": float(((rel[live] >= lo * 2 / m).all(1)).mean())
+                for lo in SENSITIVITY
+            },
             "shares": dict(
                 zip(
                     class_names(_names(group, role)),
