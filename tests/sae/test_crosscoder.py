@@ -202,3 +202,31 @@ def test_units_of_three_tokenizations_are_the_spans_all_share():
     assert [r.tolist() for r in rows] == [[2], [1], [1]] and doc.tolist() == [0]
     rows, _ = units_of_all(a, [b], np.array([17]), after_break=4)
     assert [r.tolist() for r in rows] == [[2, 3, 4], [1, 2, 3]]
+
+
+def test_a_killed_training_resumes_to_the_same_crosscoder(tmp_path, monkeypatch):
+    import samesheep.sae.crosscoder as module
+
+    units, hid_a, hid_b, _, _ = planted(2000)
+    blocks = [hid_a[units.row_a], hid_b[units.row_b]]
+    rows = np.arange(1500)
+    tc = TrainConfig(batch_tokens=256, dead_tokens=2048, checkpoint_seconds=0, lr=3e-3)
+    xs = CrosscodeSettings(CrosscoderShape((D_A, D_B), 32, 4), 256 * 40, 0)
+    whole, _ = train_crosscoder(blocks, rows, tc, xs, Workplace(tmp_path / "whole", "k"))
+
+    real_step, calls = module.train_step, []
+
+    def dies_at_25(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 25:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(module, "train_step", dies_at_25)
+    with pytest.raises(KeyboardInterrupt):
+        train_crosscoder(blocks, rows, tc, xs, Workplace(tmp_path / "killed", "k"))
+    monkeypatch.setattr(module, "train_step", real_step)
+    again, summary = train_crosscoder(blocks, rows, tc, xs, Workplace(tmp_path / "killed", "k"))
+    assert summary["resumed"]
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec", "batch_threshold"):
+        assert torch.allclose(getattr(whole.sae, name), getattr(again.sae, name), atol=1e-6), name

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -342,10 +343,7 @@ def test_sink_special_and_padding_stay_clean(llama, documents, bos):
     the clean values. (In the tiny models the BOS embedding is zero, so the shift, not the
     ablation, is what shows a sink left alone.)"""
     seen = []
-
-    def record(_module, args, kwargs):
-        seen.append((args[0] if args else kwargs["hidden_states"]).clone())
-
+    record = recorder(seen)
     docs = [documents[0], documents[7]]  # one window each, of different lengths
     prefix = bos_prefix(llama.tokenizer, "auto") if bos else []  # no BOS: a word at 0
     windows = windows_of(list(enumerate(docs)), llama.tokenizer, prefix, 64)
@@ -367,14 +365,20 @@ def test_sink_special_and_padding_stay_clean(llama, documents, bos):
     assert int(splice.sum()) == sum(len(w.ids) - 1 for w in windows)
 
 
-def test_splice_follows_the_token_filter(llama, documents):
-    """One rule for FVU and the spliced metrics: with skip_special and skip_first off the
-    sink is spliced too, and a norm limit leaves exactly the positions above it clean."""
-    seen = []
+def recorder(seen: list) -> Any:
+    """A forward pre-hook (with kwargs) that appends the block's input hidden states."""
 
     def record(_module, args, kwargs):
         seen.append((args[0] if args else kwargs["hidden_states"]).clone())
 
+    return record
+
+
+def test_splice_follows_the_token_filter(llama, documents):
+    """One rule for FVU and the spliced metrics: with skip_special and skip_first off the
+    sink is spliced too, and a norm limit leaves exactly the positions above it clean."""
+    seen = []
+    record = recorder(seen)
     docs = [documents[0], documents[7]]
     prefix = bos_prefix(llama.tokenizer, "auto")
     windows = windows_of(list(enumerate(docs)), llama.tokenizer, prefix, 64)
@@ -500,10 +504,7 @@ def test_splicing_given_vectors_at_chosen_positions(llama, documents):
     """SpliceAt puts the given vectors exactly at the chosen (document, window, position)s,
     nowhere else; given the clean states there, nothing changes."""
     seen = []
-
-    def record(_module, args, kwargs):
-        seen.append((args[0] if args else kwargs["hidden_states"]).clone())
-
+    record = recorder(seen)
     docs = [documents[0], documents[7]]
     prefix = bos_prefix(llama.tokenizer, "auto")
     windows = windows_of(list(enumerate(docs)), llama.tokenizer, prefix, 64)

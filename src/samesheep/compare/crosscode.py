@@ -49,6 +49,7 @@ from ..sae.crosscoder import (
     train_crosscoder,
 )
 from ..sae.evaluation import SpliceAt, spliced_metrics
+from ..sae.model import SparseCodes
 from ..sae.saelens import load_sae
 from ..sae.stage import NOT_IN_TRAIN_KEY, layer_store, splice_documents, splice_settings
 from ..sae.training import token_filter
@@ -254,7 +255,8 @@ def crosscode_group(cfg: Config, group: Group, out: Path, ctx: tuple) -> dict[st
     base = training_key(cfg, group, corpus_hash)
     t = Thresholds(xc.exclusive, xc.shared)
     m = len(group.models)
-    roles, read = {}, {}
+    roles: dict[str, Any] = {}
+    read: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for role in ROLES:
         shape = CrosscoderShape(
             tuple(b.shape[1] for b in blocks[role]), d_sae, xc.k or cfg.train.k, xc.dedicated
@@ -264,33 +266,11 @@ def crosscode_group(cfg: Config, group: Group, out: Path, ctx: tuple) -> dict[st
             out / "crosscoder" / role, settings_hash(base, role), f"crosscoder ({role})"
         )
         cc, summary = trained(cfg, blocks[role], train_rows, settings, place)
-        codes = cc.encode(blocks[role])
-        fired = fires(codes, d_sae)
-        live = fired >= cfg.compare.min_fires
-        classes = latent_classes(cc.relative_norms().cpu().numpy(), t)
-        read["raw" if role == "main" else role] = (classes, live)
-        with step(f"crosscoder ({role}): held-out reconstruction"):
-            fvu = fvu_each(cc, [b[held] for b in blocks[role]])
-        rel = cc.relative_norms().cpu().numpy()
-        roles[role] = {
-            "live": int(live.sum()),
-            "shared_at": {  # the shared share had the band been narrower
-                f"{lo:g}-{1 - lo:g}": float(((rel[live] >= lo * 2 / m).all(1)).mean())
-                for lo in SENSITIVITY
-            },
-            "shares": dict(
-                zip(
-                    class_names(_names(group, role)),
-                    class_shares(classes, live, m).tolist(),
-                    strict=True,
-                )
-            ),
-            "fvu": fvu,
-            "relative_norm_histogram": np.histogram(
-                cc.relative_norms().cpu().numpy()[live, 0], bins=20, range=(0, 1)
-            )[0].tolist(),
-            "training": summary,
-        }
+        how = Reading(t, cfg.compare.min_fires, _names(group, role))
+        roles[role], read["raw" if role == "main" else role], codes = read_crosscoder(
+            cc, blocks[role], held, how
+        )
+        roles[role]["training"] = summary
         if role == "main":
             main_cc, main_codes = cc, codes
     own = own_sae_fvu(cfg, group, [b[held] for b in blocks["main"]])
@@ -317,6 +297,43 @@ def crosscode_group(cfg: Config, group: Group, out: Path, ctx: tuple) -> dict[st
     if m == 2:
         record["tie_back"] = tie_back(cfg, group, out, (main_cc, main_codes, read["raw"]))
     return mark_done(out / CROSSCODER, record)
+
+
+@dataclasses.dataclass(frozen=True)
+class Reading:
+    """How a crosscoder's latents are read: the class thresholds, the units a latent must
+    fire on to count as live, and the models' names (in the order of its blocks)."""
+
+    thresholds: Thresholds
+    min_fires: int
+    names: list[str]
+
+
+def read_crosscoder(
+    cc: Crosscoder, blocks: list[torch.Tensor], held: torch.Tensor, how: Reading
+) -> tuple[dict[str, Any], tuple[np.ndarray, np.ndarray], SparseCodes]:
+    """(its record: live latents, class shares, the shared share at narrower bands, each
+    model's held-out FVU, the relative-norm histogram; (classes, live); its codes of every
+    unit)."""
+    m = cc.shape.models
+    codes = cc.encode(blocks)
+    live = fires(codes, cc.shape.d_sae) >= how.min_fires
+    rel = cc.relative_norms().cpu().numpy()
+    classes = latent_classes(rel, how.thresholds)
+    with step("crosscoder: held-out reconstruction"):
+        fvu = fvu_each(cc, [b[held] for b in blocks])
+    shares = class_shares(classes, live, m).tolist()
+    entry = {
+        "live": int(live.sum()),
+        "shares": dict(zip(class_names(how.names), shares, strict=True)),
+        "shared_at": {  # the shared share had the band been narrower
+            f"{lo:g}-{1 - lo:g}": float(((rel[live] >= lo * 2 / m).all(1)).mean())
+            for lo in SENSITIVITY
+        },
+        "fvu": fvu,
+        "relative_norm_histogram": np.histogram(rel[live, 0], bins=20, range=(0, 1))[0].tolist(),
+    }
+    return entry, (classes, live), codes
 
 
 def _names(group: Group, role: str) -> list[str]:
