@@ -10,6 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import assert_one_line_error, cli, flat, sets, write_corpus
 
+from samesheep.report import overview
+from samesheep.report.site import percent
+
 
 @pytest.fixture(scope="module")
 def run(tiny_models, tmp_path_factory, env):
@@ -374,6 +377,14 @@ def test_crosscoder_of_the_pair_with_its_floor_ceiling_and_tie_back(run, env):
     assert res.returncode == 0, res.stderr
     assert "unchanged, skipped" in flat(res.stderr)
     assert (out / "crosscoder.json").stat().st_mtime_ns == before
+    # the report's rows read each class by name
+    view = overview.crosscoder_view(record, "A", "B")
+    first, second = record["models"]
+    for row, role in zip(view["rows"], ("main", "floor", "ceiling"), strict=True):
+        shares = record["roles"][role]["shares"]
+        assert row["a_only"] == percent(shares[f"{first} only"])
+        assert row["shared"] == percent(shares["shared"])
+    assert view["rows"][0]["b_only"] == percent(record["roles"]["main"]["shares"][f"{second} only"])
     # the report shows it beside the comparison its tie back read, and not beside another
     res = cli("report", *args, env=env)
     assert res.returncode == 0, res.stderr

@@ -67,7 +67,7 @@ from .crosscoder import (
 from .pair import HEADLINE_R
 from .stage import compare_corpus
 
-CROSSCODE_VERSION = 3
+CROSSCODE_VERSION = 4
 """Bump when the stage changes what it writes for the same crosscoders."""
 TRAINING_VERSION = 1
 """Bump when training changes the crosscoders it makes for the same settings."""
@@ -278,6 +278,7 @@ def crosscode_group(cfg: Config, group: Group, out: Path, ctx: tuple) -> dict[st
     spliced = spliced_scores(cfg, group, [r.cpu() for r in recon], n_train)
     record = {
         "key": key,
+        "version": CROSSCODE_VERSION,
         "models": group.models,
         "layers": group.layers,
         "units": len(group.doc),
@@ -325,6 +326,7 @@ def read_crosscoder(
     shares = class_shares(classes, live, m).tolist()
     entry = {
         "live": int(live.sum()),
+        "classes": class_names(how.names),  # the order of the classes (JSON sorts keys)
         "shares": dict(zip(class_names(how.names), shares, strict=True)),
         "shared_at": {  # the shared share had the band been narrower
             f"{lo:g}-{1 - lo:g}": float(((rel[live] >= lo * 2 / m).all(1)).mean())

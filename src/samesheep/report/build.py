@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from safetensors.numpy import load_file
 
+from ..compare.crosscode import CROSSCODE_VERSION
 from ..core.cache import load_done, mark_done
 from ..core.config import Config, settings_hash
 from ..core.constants import CROSSCODER, DICTIONARIES, SUMMARY
@@ -149,8 +150,12 @@ def report_stage(cfg: Config) -> Path:
             if isinstance(done, dict) and done.get("compare_key") == summary.get("key"):
                 page.dictionaries = done  # not one made beside an older comparison
             done = read_json(folder / CROSSCODER, corrupt_is_missing=True)
-            if isinstance(done, dict) and done.get("compare_key") == summary.get("key"):
-                page.crosscoder = done  # its tie back read this comparison
+            if (
+                isinstance(done, dict)
+                and done.get("compare_key") == summary.get("key")
+                and done.get("version") == CROSSCODE_VERSION
+            ):
+                page.crosscoder = done  # its tie back read this comparison, in this layout
             comparisons.append(page)
 
     for sae in saes.values():  # every input checked before any work starts

@@ -142,7 +142,7 @@ def crosscoder_view(record: dict[str, Any], a: str, b: str) -> dict[str, Any]:
     rows = []
     for key, role, name, reads in CROSSCODER_ROLES:
         entry = record["roles"][role]
-        shares = list(entry["shares"].values())
+        shares = [entry["shares"][name] for name in entry["classes"]]
         rows.append(
             {
                 "name": name,
@@ -199,7 +199,8 @@ def crosscoder_view(record: dict[str, Any], a: str, b: str) -> dict[str, Any]:
         "normalised_ci": interval(n.get("interval"), share=False),
         "width": record["width"],
         "k": record["k"],
-        "units": record["training_units"],
+        "units": record["roles"]["main"]["training"]["units"],
+        "training_units": record["training_units"],
         "heldout": record["heldout_units"],
         "thresholds": record["thresholds"],
         "fvu": fvu,
