@@ -451,6 +451,7 @@ class CrosscodeConfig:
     """A latent is shared where every model's relative decoder norm is at least this times
     2 / models (two models: between 0.3 and 0.7)."""
     seed: int = 0
+    """Seed of the crosscoders' initialisation and batches, and of the ceiling's rotation."""
 
     def __post_init__(self) -> None:
         if self.width < 0 or self.k < 0 or self.train_units < 1:
