@@ -10,7 +10,7 @@ from ..compare.presence import presence_sentence
 from ..core.config import Config, to_toml
 from ..core.files import read_json
 from ..core.rundir import corpus_manifest, run_path, safe_name
-from .plots import COLORS, LineAxes, Series, bar_plot, hbar_plot, line_plot
+from .plots import COLORS, BarAxes, LineAxes, Series, bar_plot, hbar_plot, line_plot
 from .site import DASH, number, percent
 
 R = 0.5  # the headline threshold (comparison.HEADLINE_R)
@@ -172,27 +172,7 @@ def crosscoder_view(record: dict[str, Any], a: str, b: str) -> dict[str, Any]:
         {"name": name.replace(models[0], a).replace(models[1], b), **row}
         for name, row in record.get("tie_back", {}).get("table", {}).items()
     ]
-    hist = record["roles"]["main"]["relative_norm_histogram"]
-    bins = len(hist)
-    series = [
-        Series(
-            "trained pair",
-            COLORS["raw"],
-            [(i, float(c)) for i, c in enumerate(hist)],
-            tips=[
-                f"{c:,} live latents with relative norm {i / bins:.2f}-{(i + 1) / bins:.2f}"
-                for i, c in enumerate(hist)
-            ],
-        )
-    ]
-    cats = [f"{(i + 0.5) / bins:.2f}" for i in range(bins)]
-    plot = bar_plot(
-        cats,
-        series,
-        f"relative decoder norm ||d_{a}|| / (||d_{a}|| + ||d_{b}||)",
-        "live latents",
-        f"Crosscoder latents by relative decoder norm (0: {b} only, 1: {a} only)",
-    )
+    plot = norm_plot(record["roles"], a, b)
     return {
         "rows": rows,
         "normalised": number(n.get("score", math.nan), 2),
@@ -208,6 +188,33 @@ def crosscoder_view(record: dict[str, Any], a: str, b: str) -> dict[str, Any]:
         "tie_threshold": record.get("tie_back", {}).get("threshold", R),
         "plot": plot,
     }
+
+
+def norm_plot(roles: dict[str, Any], a: str, b: str) -> Any:
+    """Each run's live latents by relative decoder norm, in tenths (the record's twentieths
+    summed in twos): the trained pair beside its floor and ceiling."""
+    series = []
+    for _, role, name, _ in CROSSCODER_ROLES:
+        hist = roles[role]["relative_norm_histogram"]
+        tenths = [sum(hist[i : i + 2]) for i in range(0, len(hist), 2)]
+        n = len(tenths)
+        tips = [
+            f"{name}: {c:,} live latents with relative norm {i / n:.1f}-{(i + 1) / n:.1f}"
+            for i, c in enumerate(tenths)
+        ]
+        xy = [(i, float(c)) for i, c in enumerate(tenths)]
+        series.append(Series(name, COLORS[_ROLE_COLOR[role]], xy, tips=tips))
+    return bar_plot(
+        [f"{i / 10:.1f}-{(i + 1) / 10:.1f}" for i in range(10)],
+        series,
+        f"relative decoder norm (1: {a} only, 0: the other)",
+        "live latents",
+        "Crosscoder latents by relative decoder norm",
+        BarAxes(y_percent=False),
+    )
+
+
+_ROLE_COLOR = {"main": "raw", "floor": "floor", "ceiling": "ceiling"}
 
 
 def in_sample(e: dict[str, Any]) -> dict[str, Any]:
