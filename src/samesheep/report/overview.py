@@ -172,7 +172,7 @@ def crosscoder_view(record: dict[str, Any], a: str, b: str) -> dict[str, Any]:
         {"name": name.replace(models[0], a).replace(models[1], b), **row}
         for name, row in record.get("tie_back", {}).get("table", {}).items()
     ]
-    plot = norm_plot(record["roles"], a, b)
+    plot = norm_plot(record["roles"], a)
     return {
         "rows": rows,
         "normalised": number(n.get("score", math.nan), 2),
@@ -190,7 +190,7 @@ def crosscoder_view(record: dict[str, Any], a: str, b: str) -> dict[str, Any]:
     }
 
 
-def norm_plot(roles: dict[str, Any], a: str, b: str) -> Any:
+def norm_plot(roles: dict[str, Any], a: str) -> Any:
     """Each run's live latents by relative decoder norm, in tenths (the record's twentieths
     summed in twos): the trained pair beside its floor and ceiling."""
     series = []
