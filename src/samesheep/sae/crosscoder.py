@@ -25,7 +25,7 @@ import itertools
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -42,15 +42,12 @@ from ..core.errors import SamesheepError
 from ..core.files import atomic_path, remove_stale_temporaries
 from ..core.progress import progress
 from .model import (
-    BatchTopKEncode,
-    EncodeSettings,
     ForwardOutput,
     Sae,
     SaeConfig,
     SparseCodes,
     StepSettings,
-    auxk_loss,
-    fvu_of,
+    batchtopk_forward,
     gather_decode,
 )
 from .training import (
@@ -63,8 +60,8 @@ from .training import (
 )
 
 WEIGHTS = "crosscoder.safetensors"
-"""A crosscoder's file: the joint SAE's tensors, the block scales and the decoder mask, with
-its shape in the metadata."""
+"""A crosscoder's file: the joint SAE's tensors and the block scales, with its shape in the
+metadata (the decoder mask follows from the shape)."""
 
 
 @dataclass(frozen=True)
@@ -175,7 +172,7 @@ class Crosscoder:
         if self.shape.dedicated > 0:
             self.sae.W_dec.register_hook(lambda g: g * self.mask)
 
-    def save(self, path: Path, meta: dict[str, Any] | None = None) -> None:
+    def save(self, path: Path) -> None:
         sae = self.sae
         tensors = {
             "W_enc": sae.W_enc,
@@ -186,9 +183,8 @@ class Crosscoder:
             "scales": self.scales,
         }
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
-        info = {"shape": json.dumps(asdict(self.shape)), **(meta or {})}
         with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=info)
+            save_file(tensors, str(tmp), metadata={"shape": json.dumps(asdict(self.shape))})
 
 
 def load_crosscoder(path: Path, device: torch.device | str = "cpu") -> Crosscoder:
@@ -232,19 +228,21 @@ class CrosscodeSettings:
     seed: int = 0
 
 
-def block_scales(blocks: list[Tensor], rows: np.ndarray) -> Tensor:
-    """[models] scales that bring each block's total variance per unit (the sum of its
-    columns' variances, on the training units `rows`) to the mean width of the blocks: every
-    model then weighs the same in the encoder, and decoder norms compare across models."""
+def block_statistics(blocks: list[Tensor], rows: np.ndarray) -> tuple[Tensor, Tensor]:
+    """([models] scales, [d_in] mean of the scaled inputs) on the training units `rows`: the
+    scales bring each block's total variance per unit (the sum of its columns' variances) to
+    the mean width of the blocks, so every model weighs the same in the encoder and decoder
+    norms compare across models."""
     target = float(np.mean([b.shape[1] for b in blocks]))
-    out = []
+    scales, means = [], []
     for b in blocks:
         x = b[torch.from_numpy(rows)].double()
         variance = float(x.var(0, correction=0).sum())
         if not math.isfinite(variance) or variance <= 0:
             raise SamesheepError("a model's activations do not vary on the training units")
-        out.append(math.sqrt(target / variance))
-    return torch.tensor(out, dtype=torch.float32)
+        scales.append(math.sqrt(target / variance))
+        means.append(x.mean(0) * scales[-1])
+    return torch.tensor(scales, dtype=torch.float32), torch.cat(means).float()
 
 
 def unit_batches(rows: np.ndarray, batch: int, seed: int) -> Iterator[np.ndarray]:
@@ -257,28 +255,11 @@ def unit_batches(rows: np.ndarray, batch: int, seed: int) -> Iterator[np.ndarray
             yield order[i : i + batch]
 
 
-def crosscoder_forward(cc: Crosscoder, x: Tensor, s: StepSettings) -> ForwardOutput:
-    """The training pass on scaled, concatenated units [units, d_in]: BatchTopK over the one
-    encoder, and the loss the sum of every model's FVU (plus AuxK over the concatenation)."""
-    sae = cc.sae
-    how = EncodeSettings(s.dtype, sae.cfg.k)
-    values, latents, offsets = BatchTopKEncode.apply(x, sae.b_dec, sae.W_enc, sae.b_enc, how)
-    err = gather_decode(sae.W_dec, values, latents, offsets) + sae.b_dec - x
-    fvus = torch.stack([fvu_of(err[:, b], x[:, b]) for b in cc.shape.blocks()])
-    aux = auxk_loss(sae, x, err, s.dead, s.dtype)
-    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=x.device)
-    active = values.detach() > 0
-    fired[latents[active]] = True
-    smallest = float(values.detach().min()) if values.numel() else None
-    return ForwardOutput(
-        fvus.sum() + s.auxk_alpha * aux,
-        fvus.detach().mean(),
-        fired,
-        float(active.sum()) / x.shape[0],
-        float(aux.detach()),
-        0.0,
-        smallest,
-    )
+def blocks_forward(shape: CrosscoderShape) -> Callable[[Sae, Tensor, StepSettings], ForwardOutput]:
+    """The training pass on scaled, concatenated units [units, d_in]: the SAE's BatchTopK
+    pass, its loss the sum of every model's FVU (plus AuxK over the concatenation)."""
+    blocks = tuple(shape.blocks())
+    return lambda sae, x, s: batchtopk_forward(sae, x, replace(s, blocks=blocks))
 
 
 def train_crosscoder(
@@ -290,8 +271,8 @@ def train_crosscoder(
 ) -> tuple[Crosscoder, dict[str, Any]]:
     """Train a crosscoder on the units `rows` of every model's activations `blocks` [units,
     d_i] (float, in memory), with the SAE's optimizer, schedule, AuxK and checkpoints (a
-    killed run resumes from work/checkpoint.safetensors to the same result). Returns the
-    crosscoder and a training summary."""
+    killed run resumes from the checkpoint in place.folder, written under place.key, to the
+    same result). Returns the crosscoder and a training summary."""
     device = choose_device(tc.device)
     dtype = choose_dtype(tc.dtype, device)
     if len(rows) < tc.batch_tokens:
@@ -301,11 +282,10 @@ def train_crosscoder(
         )
     tc = _as_batchtopk(tc, xs)
     total = max(xs.train_units, tc.batch_tokens) // tc.batch_tokens
-    scales = block_scales(blocks, rows)
+    scales, mean = block_statistics(blocks, rows)
     cc = Crosscoder(xs.shape, scales, device)
     columns = torch.repeat_interleave(scales, torch.tensor(xs.shape.widths)).to(device)
-    mean = torch.cat([b[torch.from_numpy(rows)].float().mean(0) for b in blocks]).to(device)
-    cc.sae.initialize(torch.Generator().manual_seed(xs.seed), mean * columns)
+    cc.sae.initialize(torch.Generator().manual_seed(xs.seed), mean.to(device))
     with torch.no_grad():
         cc.sae.W_dec.mul_(cc.mask)
         cc.sae.normalize_decoder()
@@ -327,7 +307,7 @@ def train_crosscoder(
     batches = unit_batches(rows, tc.batch_tokens, xs.seed)
     for _ in range(state.step):
         next(batches)
-    forward = lambda sae, x, s: crosscoder_forward(cc, x, s)  # noqa: E731
+    forward = blocks_forward(xs.shape)
     last_save, start, done = time.monotonic(), time.perf_counter(), 0
     with progress() as bar:
         task = bar.add_task(place.label, total=total, completed=state.step, rate="")

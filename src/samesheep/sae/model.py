@@ -506,6 +506,9 @@ class StepSettings:
     sparsity_coefficient: float = 0.0
     target_l0: float = 32.0
     """JumpReLU's L0 penalty is (L0 / target_l0 - 1)^2 (the L0 through the estimator)."""
+    blocks: tuple[slice, ...] | None = None
+    """Column blocks (a crosscoder's models) whose FVUs the loss sums, the output reporting
+    their mean; None: one FVU over every column."""
 
 
 def _fired(d_sae: int, latents: Tensor, device: torch.device) -> Tensor:
@@ -589,12 +592,16 @@ def _sparse_output(
 ) -> ForwardOutput:
     """The training output of sparse codes (CSR, by token; values carry their gradient):
     decoded, with the AuxK loss and, where given, the sparsity penalty (jumprelu, relu) or
-    the smallest kept value (batchtopk)."""
+    the smallest kept value (batchtopk); the FVU per column block where s.blocks says."""
     values, latents, offsets = codes
     err = gather_decode(sae.W_dec, values, latents, offsets) + sae.b_dec - x
-    fvu = fvu_of(err, x)
+    if s.blocks is None:
+        fvu = summed = fvu_of(err, x)
+    else:
+        each = torch.stack([fvu_of(err[:, b], x[:, b]) for b in s.blocks])
+        fvu, summed = each.mean(), each.sum()
     aux = auxk_loss(sae, x, err, s.dead, s.dtype)
-    loss = fvu + s.auxk_alpha * aux
+    loss = summed + s.auxk_alpha * aux
     if penalty is not None:
         loss = loss + s.sparsity_coefficient * penalty
     active = values.detach() > 0
