@@ -28,13 +28,9 @@ VIEWS = ("raw", "residual", "token")
 
 def gather_rows(codes: SparseCodes, rows: np.ndarray, n_latents: int) -> sp.csr_matrix:
     """[len(rows), n_latents] CSR matrix of the codes' rows `rows` (kept-row ids), in order."""
-    offsets = codes.offsets.numpy()
-    lo, hi = offsets[rows], offsets[rows + 1]
-    counts = hi - lo
-    indptr = np.concatenate([[0], np.cumsum(counts)])
-    flat = np.repeat(lo - indptr[:-1], counts) + np.arange(indptr[-1])
+    sub = codes.take(rows)
     return sp.csr_matrix(
-        (codes.values.numpy()[flat].astype(np.float64), codes.latents.numpy()[flat], indptr),
+        (sub.values.numpy().astype(np.float64), sub.latents.numpy(), sub.offsets.numpy()),
         shape=(len(rows), n_latents),
     )
 

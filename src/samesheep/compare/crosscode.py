@@ -49,7 +49,7 @@ from ..sae.crosscoder import (
     train_crosscoder,
 )
 from ..sae.evaluation import SpliceAt, spliced_metrics
-from ..sae.model import SparseCodes
+from ..sae.model import Sae, SparseCodes
 from ..sae.saelens import load_sae
 from ..sae.stage import NOT_IN_TRAIN_KEY, layer_store, splice_documents, splice_settings
 from ..sae.training import token_filter
@@ -122,12 +122,15 @@ def crosscode_stage(cfg: Config) -> dict[tuple[str, ...], dict[str, Any]]:
             resolve_layer(cfg.layers[0], model_depth(m, cfg.trust_remote_code)) for m in models
         ]
         out = group_folder(cfg, list(models), layers)
-        compared = read_json(out / SUMMARY, corrupt_is_missing=True) if len(models) == 2 else {}
-        if len(models) == 2 and not isinstance(compared, dict):
-            raise SamesheepError(
-                f"no comparison of {models[0]} and {models[1]} in {out}: run `samesheep compare` "
-                "first"
-            )
+        compare_key = None  # the SAE comparison a pair's tie back reads
+        if len(models) == 2:
+            compared = read_json(out / SUMMARY, corrupt_is_missing=True)
+            if not isinstance(compared, dict):
+                raise SamesheepError(
+                    f"no comparison of {models[0]} and {models[1]} in {out}: run "
+                    "`samesheep compare` first"
+                )
+            compare_key = compared.get("key")
         group = read_group(cfg, list(models), layers, (lengths, n_train))
         for store in group.stores + group.floors:
             info.check(store)
@@ -135,14 +138,14 @@ def crosscode_stage(cfg: Config) -> dict[tuple[str, ...], dict[str, Any]]:
             CROSSCODE_VERSION,
             training_key(cfg, group, corpus["hash"]),
             dataclasses.asdict(cfg.crosscode),
-            (compared or {}).get("key"),
+            compare_key,
         )
         record = load_done(out / CROSSCODER, key)
         if record:
             say(f"crosscode {' / '.join(models)}: unchanged, skipped")
         else:
             unmark(out / CROSSCODER)
-            ctx = (key, corpus["hash"], n_train, (compared or {}).get("key"))
+            ctx = (key, corpus["hash"], n_train, compare_key)
             record = crosscode_group(cfg, group, out, ctx)
         for line in crosscoder_lines(record):
             say(line)
@@ -249,7 +252,7 @@ def crosscode_group(cfg: Config, group: Group, out: Path, ctx: tuple) -> dict[st
     xc = cfg.crosscode
     blocks = role_blocks(group, xc.seed)
     train_rows = np.flatnonzero(group.doc < n_train)
-    held = torch.from_numpy(group.doc >= n_train)
+    held = torch.from_numpy(np.flatnonzero(group.doc >= n_train))
     widths = tuple(b.shape[1] for b in blocks["main"])
     d_sae = xc.width or round(cfg.train.expansion_factor * float(np.mean(widths)))
     base = training_key(cfg, group, corpus_hash)
@@ -273,9 +276,15 @@ def crosscode_group(cfg: Config, group: Group, out: Path, ctx: tuple) -> dict[st
         roles[role]["training"] = summary
         if role == "main":
             main_cc, main_codes = cc, codes
-    own = own_sae_fvu(cfg, group, [b[held] for b in blocks["main"]])
-    recon = main_cc.reconstruct(main_cc.encode([b[held] for b in blocks["main"]]))
-    spliced = spliced_scores(cfg, group, [r.cpu() for r in recon], n_train)
+    saes = own_saes(cfg, group)
+    with torch.no_grad():
+        sae_codes = [sae.encode_sparse(x) for sae, x in zip(saes, blocks["main"], strict=True)]
+    own = {
+        model: sae_fvu(sae, x[held], c.take(held))
+        for model, sae, x, c in zip(group.models, saes, blocks["main"], sae_codes, strict=True)
+    }
+    recon = main_cc.reconstruct(main_codes.take(held))
+    spliced = spliced_scores(cfg, group, saes, [r.cpu() for r in recon], n_train)
     record = {
         "key": key,
         "version": CROSSCODE_VERSION,
@@ -283,7 +292,7 @@ def crosscode_group(cfg: Config, group: Group, out: Path, ctx: tuple) -> dict[st
         "layers": group.layers,
         "units": len(group.doc),
         "training_units": len(train_rows),
-        "heldout_units": int(held.sum()),
+        "heldout_units": len(held),
         "width": d_sae,
         "k": xc.k or cfg.train.k,
         "dedicated": xc.dedicated,
@@ -296,7 +305,9 @@ def crosscode_group(cfg: Config, group: Group, out: Path, ctx: tuple) -> dict[st
         "ce_loss_recovered": spliced,
     }
     if m == 2:
-        record["tie_back"] = tie_back(cfg, group, out, (main_cc, main_codes, read["raw"]))
+        followed = [(c, sae.cfg.d_sae) for c, sae in zip(sae_codes, saes, strict=True)]
+        main = (main_codes, main_cc.shape.d_sae, read["raw"])
+        record["tie_back"] = tie_back(out, group.models, main, followed)
     return mark_done(out / CROSSCODER, record)
 
 
@@ -314,15 +325,15 @@ def read_crosscoder(
     cc: Crosscoder, blocks: list[torch.Tensor], held: torch.Tensor, how: Reading
 ) -> tuple[dict[str, Any], tuple[np.ndarray, np.ndarray], SparseCodes]:
     """(its record: live latents, class shares, the shared share at narrower bands, each
-    model's held-out FVU, the relative-norm histogram; (classes, live); its codes of every
-    unit)."""
+    model's FVU on the units `held`, the relative-norm histogram; (classes, live); its codes
+    of every unit)."""
     m = cc.shape.models
     codes = cc.encode(blocks)
     live = fires(codes, cc.shape.d_sae) >= how.min_fires
     rel = cc.relative_norms().cpu().numpy()
     classes = latent_classes(rel, how.thresholds)
     with step("crosscoder: held-out reconstruction"):
-        fvu = fvu_each(cc, [b[held] for b in blocks])
+        fvu = fvu_each(cc, [b[held] for b in blocks], codes.take(held))
     shares = class_shares(classes, live, m).tolist()
     entry = {
         "live": int(live.sum()),
@@ -373,21 +384,20 @@ def trained(
     return cc, summary
 
 
-def own_sae_fvu(cfg: Config, group: Group, held: list[torch.Tensor]) -> dict[str, float]:
-    """Each model's own SAE's FVU on the same held-out units (at the unit's last token)."""
-    out = {}
-    for model, layer, x in zip(group.models, group.layers, held, strict=True):
-        sae = load_sae(sae_dir(layer_dir(run_path(cfg), model, layer), MAIN_SAE), d_in=x.shape[1])
-        out[model] = sae_fvu(sae, x)
-    return out
+def own_saes(cfg: Config, group: Group) -> list[Sae]:
+    """Each model's own SAE, on the CPU."""
+    return [
+        load_sae(sae_dir(layer_dir(run_path(cfg), model, layer), MAIN_SAE), d_in=store.d_model)
+        for model, layer, store in zip(group.models, group.layers, group.stores, strict=True)
+    ]
 
 
 def spliced_scores(
-    cfg: Config, group: Group, recon: list[torch.Tensor], n_train: int
+    cfg: Config, group: Group, saes: list[Sae], recon: list[torch.Tensor], n_train: int
 ) -> dict[str, dict[str, Any]]:
     """Each model's CE loss recovered with the crosscoder's reconstruction `recon` (of the
     held-out units, per model) spliced in at the held-out units' last tokens, and with its
-    own SAE's at the same positions (zero-ablation there is the scores' 0), on the first
+    own SAE (`saes`) at the same positions (zero-ablation there is the scores' 0), on the first
     train.splice_tokens held-out tokens. {} where train.splice_tokens is 0."""
     if cfg.train.splice_tokens <= 0:
         return {}
@@ -409,11 +419,7 @@ def spliced_scores(
         settings = splice_settings(store, token_filter(store, cfg.train))
         docs = splice_documents(cfg, store)
         lm = load_model(model, dtype, device, cfg.trust_remote_code)
-        sae = load_sae(
-            sae_dir(layer_dir(run_path(cfg), model, layer), MAIN_SAE),
-            device=device,
-            d_in=store.d_model,
-        )
+        sae = saes[i].to(device)
         with step(f"crosscoder: {model} with the crosscoder and with its own SAE spliced in"):
             crossed = spliced_metrics(
                 lm,
@@ -439,40 +445,37 @@ def spliced_scores(
     return out
 
 
-def tie_back(cfg: Config, group: Group, out: Path, main: tuple) -> dict[str, Any]:
+def tie_back(
+    out: Path,
+    models: list[str],
+    main: tuple[SparseCodes, int, tuple[np.ndarray, np.ndarray]],
+    followed: list[tuple[SparseCodes, int]],
+) -> dict[str, Any]:
     """For the crosscoder's live latents of each class: how often the first model's SAE
-    latent that best follows it (by correlation over the units) has, in the compare stage,
-    the second model's SAE latent that best follows it as its partner at r >= HEADLINE_R;
-    how often that partner is another latent; how often it has none."""
-    cc, codes, (classes, live) = main
-    n = len(group.doc)
-    every = np.arange(n)
-    x = gather_rows(codes, every, cc.shape.d_sae)
+    latent that best follows it (by correlation over the units) has, in the compare stage
+    (partners.parquet in `out`), the second model's SAE latent that best follows it as its
+    partner at r >= HEADLINE_R; how often that partner is another latent; how often it has
+    none. `main`: the crosscoder's codes of every unit, its width, (classes, live);
+    `followed`: each model's SAE codes of the same units and its width."""
+    codes, width, (classes, live) = main
+    every = np.arange(codes.tokens)
+    x = gather_rows(codes, every, width)
     best = []
-    for model, layer, store, rows in zip(
-        group.models, group.layers, group.stores, group.rows, strict=True
-    ):
-        sae = load_sae(
-            sae_dir(layer_dir(run_path(cfg), model, layer), MAIN_SAE), d_in=store.d_model
-        )
+    for model, (sae_codes, d_sae) in zip(models, followed, strict=True):
         with step(f"crosscoder: the SAE latents of {model} that follow its latents"):
-            with torch.no_grad():
-                y = gather_rows(sae.encode_sparse(store.rows(rows)), every, sae.cfg.d_sae)
-            best.append(best_followers(x, y))
+            best.append(best_followers(x, gather_rows(sae_codes, every, d_sae)))
+    (sa, ra), (sb, rb) = best
     partners = pq.read_table(out / "partners.parquet", columns=["side", "latent", "partner", "r"])
-    side = np.asarray(partners.column("side").to_pylist())
-    a_rows = side == "a"
+    a_rows = np.asarray(partners.column("side").to_pylist()) == "a"
     latent = partners.column("latent").to_numpy()[a_rows]
-    partner = np.full(cc_width_of(latent), -1)
-    r = np.zeros(cc_width_of(latent))
+    d_a = followed[0][1]
+    partner, r = np.full(d_a, -1), np.zeros(d_a)
     partner[latent] = partners.column("partner").to_numpy()[a_rows]
     r[latent] = partners.column("r").to_numpy()[a_rows]
-    (sa, ra), (sb, rb) = best
     strong = r[sa] >= HEADLINE_R
     agree = strong & (partner[sa] == sb)
-    names = class_names(group.models)
     table = {}
-    for c, name in enumerate(names[:3]):
+    for c, name in enumerate(class_names(models)[:3]):
         pick = live & (classes == c)
         table[name] = {
             "latents": int(pick.sum()),
@@ -492,10 +495,6 @@ def best_followers(x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
     correlation_blocks(x, y, None, lambda r, v: top.add(r, v["raw"]))
     top.finish()
     return top.a_idx[:, 0], top.a_val[:, 0]
-
-
-def cc_width_of(latent: np.ndarray) -> int:
-    return int(latent.max()) + 1 if len(latent) else 0
 
 
 def crosscoder_lines(record: dict[str, Any]) -> list[str]:

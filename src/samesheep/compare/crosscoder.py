@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..sae.crosscoder import Crosscoder
+from ..sae.evaluation import ReconstructionStats
 from ..sae.model import Sae, SparseCodes
 
 BOOTSTRAP = 2000
@@ -108,19 +109,22 @@ def fires(codes: SparseCodes, d_sae: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def fvu_each(cc: Crosscoder, blocks: list[torch.Tensor]) -> list[float]:
-    """Each model's FVU with the crosscoder's reconstruction, on the units given."""
-    recon = cc.reconstruct(cc.encode(blocks))
-    return [_fvu(x.float(), r.cpu()) for x, r in zip(blocks, recon, strict=True)]
+def fvu_each(cc: Crosscoder, blocks: list[torch.Tensor], codes: SparseCodes) -> list[float]:
+    """Each model's FVU with the crosscoder's reconstruction from `codes`, its codes of the
+    same units."""
+    recon = cc.reconstruct(codes)
+    return [held_fvu(x, r, codes, cc.shape.d_sae) for x, r in zip(blocks, recon, strict=True)]
 
 
 @torch.no_grad()
-def sae_fvu(sae: Sae, x: torch.Tensor) -> float:
-    """An SAE's FVU on the same units (its codes at the unit's last token)."""
-    return _fvu(x.float(), sae(x).cpu())
+def sae_fvu(sae: Sae, x: torch.Tensor, codes: SparseCodes) -> float:
+    """An SAE's FVU on units x from its codes of them (at the unit's last token)."""
+    return held_fvu(x, sae.decode_sparse(codes), codes, sae.cfg.d_sae)
 
 
-def _fvu(x: torch.Tensor, recon: torch.Tensor) -> float:
-    x64 = x.double()
-    err = (x64 - recon.double()).pow(2).sum()
-    return float(err / (x64 - x64.mean(0)).pow(2).sum().clamp_min(1e-12))
+def held_fvu(x: torch.Tensor, recon: torch.Tensor, codes: SparseCodes, d_sae: int) -> float:
+    """FVU as the SAE evaluation defines it (ReconstructionStats: squared error over squared
+    deviations from the per-dimension mean, in float64)."""
+    stats = ReconstructionStats(x.shape[1], d_sae)
+    stats.update(x.float(), recon.float(), codes)
+    return stats.result()["fvu"]

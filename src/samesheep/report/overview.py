@@ -130,7 +130,8 @@ CROSSCODER_ROLES = (
     ("floor", "floor", "fixed-source floor", "{a} and {b}'s untrained copy"),
     ("ceiling", "ceiling", "ceiling", "{a} and a random rotation of {a}"),
 )
-"""The crosscoder's three runs: (key in its shares, role folder, name, what it reads)."""
+"""The crosscoder's three runs: (key in its shares and in COLORS, role folder, name, what it
+reads)."""
 
 
 def crosscoder_view(record: dict[str, Any], a: str, b: str) -> dict[str, Any]:
@@ -142,7 +143,7 @@ def crosscoder_view(record: dict[str, Any], a: str, b: str) -> dict[str, Any]:
     rows = []
     for key, role, name, reads in CROSSCODER_ROLES:
         entry = record["roles"][role]
-        shares = [entry["shares"][name] for name in entry["classes"]]
+        shares = [entry["shares"][c] for c in entry["classes"]]
         rows.append(
             {
                 "name": name,
@@ -194,7 +195,7 @@ def norm_plot(roles: dict[str, Any], a: str) -> Any:
     """Each run's live latents by relative decoder norm, in tenths (the record's twentieths
     summed in twos): the trained pair beside its floor and ceiling."""
     series = []
-    for _, role, name, _ in CROSSCODER_ROLES:
+    for key, role, name, _ in CROSSCODER_ROLES:
         hist = roles[role]["relative_norm_histogram"]
         tenths = [sum(hist[i : i + 2]) for i in range(0, len(hist), 2)]
         n = len(tenths)
@@ -203,7 +204,7 @@ def norm_plot(roles: dict[str, Any], a: str) -> Any:
             for i, c in enumerate(tenths)
         ]
         xy = [(i, float(c)) for i, c in enumerate(tenths)]
-        series.append(Series(name, COLORS[_ROLE_COLOR[role]], xy, tips=tips))
+        series.append(Series(name, COLORS[key], xy, tips=tips))
     return bar_plot(
         [f"{i / 10:.1f}-{(i + 1) / 10:.1f}" for i in range(10)],
         series,
@@ -212,9 +213,6 @@ def norm_plot(roles: dict[str, Any], a: str) -> Any:
         "Crosscoder latents by relative decoder norm",
         BarAxes(y_percent=False),
     )
-
-
-_ROLE_COLOR = {"main": "raw", "floor": "floor", "ceiling": "ceiling"}
 
 
 def in_sample(e: dict[str, Any]) -> dict[str, Any]:

@@ -77,7 +77,7 @@ def nmf_codes(est: MiniBatchNMF, z: np.ndarray) -> np.ndarray:
     """What MiniBatchNMF.transform computes (its multiplicative updates of W with the
     components H fixed, from the same start, to the same stopping rule; squared loss, no
     regularisation), with X H^T and H H^T computed once instead of at every iteration, in
-    torch: about 3x faster on 138k units at width 640 (48 s to 16 s)."""
+    torch: 48 s to 33 s on the default run's 138k units at width 640."""
     if est.alpha_W or est._beta_loss != 2:
         return est.transform(z).astype(np.float32)  # what the shortcut does not cover
     x = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))
@@ -89,9 +89,9 @@ def nmf_codes(est: MiniBatchNMF, z: np.ndarray) -> np.ndarray:
     for _ in range(est._transform_max_iter):
         denominator = w @ hht
         denominator[denominator == 0] = eps
-        step = numerator / denominator
-        change = float(torch.linalg.vector_norm(w * step - w))
-        w = w * step
+        updated = w * (numerator / denominator)
+        change = float(torch.linalg.vector_norm(updated - w))
+        w = updated
         if est.tol > 0 and change / float(torch.linalg.vector_norm(w)) <= est.tol:
             break
     return w.numpy()

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -88,6 +89,17 @@ class SparseCodes(NamedTuple):
     def rows(self) -> Tensor:
         """[nnz] int64: the token (row) of each entry."""
         return csr_rows(self.offsets)
+
+    def take(self, rows: np.ndarray | Tensor) -> SparseCodes:
+        """The codes of the tokens `rows`, in that order."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.offsets.device)
+        lo = self.offsets[rows]
+        counts = self.offsets[rows + 1] - lo
+        offsets = torch.zeros(len(rows) + 1, dtype=torch.long, device=lo.device)
+        offsets[1:] = counts.cumsum(0)
+        flat = torch.repeat_interleave(lo - offsets[:-1], counts)
+        flat += torch.arange(int(offsets[-1]), device=lo.device)
+        return SparseCodes(self.values[flat], self.latents[flat], offsets)
 
     def to_dense(self, d_sae: int) -> Tensor:
         """[tokens, d_sae] float32."""
